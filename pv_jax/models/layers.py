@@ -1,0 +1,160 @@
+"""Layer factories shared by every network: NHWC convolutions, linears and norms.
+
+Every network names its submodules exactly as the PyTorch reference names them
+(``down_blocks.0.resnets.1.conv1``), so that weight import is a short table of rules
+(``pv_jax.weights.convert``) and never a hand-written key map per network.
+
+Parameters carry *logical* axis names (``embed``, ``heads``, ``mlp``, ``conv_in``, ...) through
+``nnx.with_partitioning(..., eager_sharding=False)``: nothing is placed on a mesh at build time;
+the training code maps the names onto mesh axes with one rule table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = jnp.dtype | type
+
+# Logical axis names used across the package (the training issue maps them onto mesh axes).
+EMBED = "embed"  # model width of a linear's input
+MLP = "mlp"  # model width of a linear's output (hidden, ffn)
+HEADS = "heads"  # attention heads x head dim
+CONV_IN = "conv_in"
+CONV_OUT = "conv_out"
+VOCAB = "vocab"
+NORM = "norm"
+
+
+def _partitioned(init: nnx.Initializer, axes: Sequence[str | None]) -> nnx.Initializer:
+    """Attach logical axis names to an initialiser without sharding eagerly."""
+    return nnx.with_partitioning(init, tuple(axes), eager_sharding=False)
+
+
+def conv(
+    in_ch: int,
+    out_ch: int,
+    kernel: int,
+    *,
+    rngs: nnx.Rngs,
+    stride: int = 1,
+    padding: int | Sequence[tuple[int, int]] | None = None,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+) -> nnx.Conv:
+    """A 2-D NHWC convolution with torch's default 'same-size for stride 1' padding."""
+    if padding is None:
+        padding = kernel // 2
+    if isinstance(padding, int):
+        padding = ((padding, padding), (padding, padding))
+    return nnx.Conv(
+        in_ch,
+        out_ch,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=tuple(padding),
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=_partitioned(nnx.initializers.lecun_normal(), (None, None, CONV_IN, CONV_OUT)),
+        bias_init=_partitioned(nnx.initializers.zeros_init(), (CONV_OUT,)),
+        rngs=rngs,
+    )
+
+
+def linear(
+    in_f: int,
+    out_f: int,
+    *,
+    rngs: nnx.Rngs,
+    use_bias: bool = True,
+    axes: tuple[str | None, str | None] = (EMBED, MLP),
+    dtype: Dtype = jnp.float32,
+) -> nnx.Linear:
+    """A dense layer whose kernel is (in, out) with logical axes ``axes``."""
+    return nnx.Linear(
+        in_f,
+        out_f,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=_partitioned(nnx.initializers.lecun_normal(), axes),
+        bias_init=_partitioned(nnx.initializers.zeros_init(), (axes[1],)),
+        rngs=rngs,
+    )
+
+
+def group_norm(
+    channels: int, groups: int, eps: float, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32
+) -> nnx.GroupNorm:
+    """GroupNorm with torch semantics (two-pass variance for fp32 parity)."""
+    return nnx.GroupNorm(
+        channels,
+        num_groups=groups,
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        use_fast_variance=False,
+        scale_init=_partitioned(nnx.initializers.ones_init(), (NORM,)),
+        bias_init=_partitioned(nnx.initializers.zeros_init(), (NORM,)),
+        rngs=rngs,
+    )
+
+
+def layer_norm(
+    features: int, eps: float, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32
+) -> nnx.LayerNorm:
+    """LayerNorm with torch semantics (two-pass variance for fp32 parity)."""
+    return nnx.LayerNorm(
+        features,
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        use_fast_variance=False,
+        scale_init=_partitioned(nnx.initializers.ones_init(), (NORM,)),
+        bias_init=_partitioned(nnx.initializers.zeros_init(), (NORM,)),
+        rngs=rngs,
+    )
+
+
+def embed(num: int, features: int, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32) -> nnx.Embed:
+    """A lookup table (vocab or positions) of shape (num, features)."""
+    return nnx.Embed(
+        num,
+        features,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        embedding_init=_partitioned(nnx.initializers.normal(0.02), (VOCAB, EMBED)),
+        rngs=rngs,
+    )
+
+
+def param(
+    rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], std: float = 0.02
+) -> nnx.Param:
+    """A free-standing parameter (e.g. CLIP's class embedding) with logical axes."""
+    init = _partitioned(nnx.initializers.normal(std), axes)
+    return nnx.Param(init(rngs.params(), shape, jnp.float32))
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str):
+    """The activation function called ``name`` in a diffusers/transformers config."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}"
+        ) from None
