@@ -512,4 +512,6 @@ def _block_kind(kind: str, cross: str, plain: str) -> bool:
 
 def _maybe_remat(enabled: bool, fn):
     # Rematerialise per block: activations inside a block are recomputed in the backward pass.
-    return nnx.remat(fn) if enabled else fn
+    # NNX modules are pytrees, so plain jax.checkpoint applies (nnx.remat would try to write
+    # state back across trace levels when the caller is itself a jax transform).
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable) if enabled else fn

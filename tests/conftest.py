@@ -1,0 +1,85 @@
+"""Shared helpers for the parity tests: tiny PyTorch reference models and layout conversions."""
+
+from __future__ import annotations
+
+import os
+
+# Tests run on the CPU with float32 matmuls at full precision (parity is measured in fp32).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+torch.set_num_threads(2)
+
+# Tiny configs that keep every structural feature of the SD networks.
+TINY_UNET_SD1 = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    attention_head_dim=2,
+    cross_attention_dim=24,
+    norm_num_groups=8,
+)
+# SD 2.x style: per-block heads, linear projections, upcast attention, other time embedding.
+TINY_UNET_SD2 = dict(
+    TINY_UNET_SD1,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    attention_head_dim=(2, 4, 4),
+    use_linear_projection=True,
+    upcast_attention=True,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    cross_attention_dim=32,
+)
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=32,
+)
+
+
+def perturb_(module: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """Add noise to every weight (diffusers zero-initialises some layers) and set eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return module.eval()
+
+
+def torch_source(module: torch.nn.Module, prefix: str = "") -> dict:
+    """A lazy tensor source over a torch module's state dict."""
+    return {prefix + k: (lambda v=v: v.detach().numpy()) for k, v in module.state_dict().items()}
+
+
+def to_nhwc(x: np.ndarray) -> np.ndarray:
+    """NCHW -> NHWC."""
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+
+
+def to_nchw(x) -> np.ndarray:
+    """NHWC (numpy or jax) -> NCHW numpy."""
+    return np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2))
+
+
+@pytest.fixture
+def rng() -> np.random.RandomState:
+    """A fixed numpy random state."""
+    return np.random.RandomState(0)
