@@ -34,6 +34,77 @@ def _partitioned(init: nnx.Initializer, axes: Sequence[str | None]) -> nnx.Initi
     return nnx.with_partitioning(init, tuple(axes), eager_sharding=False)
 
 
+# Below this many output pixels per image, "auto" runs a KxK convolution on the CPU as one
+# matmul over gathered patches (im2col): XLA's CPU convolution reaches only 20-45 GFLOP/s on
+# SD's 8x8 and 4x4 feature maps with 1280 channels, im2col 100-120 (bench/unet.py).
+IM2COL_MAX_PIXELS = 1024
+
+
+class Conv2d(nnx.Module):
+    """A 2-D NHWC convolution (kernel HWIO) with a choice of CPU-friendly implementations.
+
+    ``impl``: ``"xla"`` (``lax.conv_general_dilated``), ``"im2col"`` (patches @ kernel), or
+    ``"auto"`` (im2col on the CPU for small feature maps, XLA otherwise). 1x1 convolutions are
+    always a plain matmul.
+    """
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel: int,
+        *,
+        stride: int = 1,
+        padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0)),
+        use_bias: bool = True,
+        impl: str = "auto",
+        dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if impl not in ("auto", "xla", "im2col"):
+            raise ValueError(f"unknown conv impl {impl!r}; choose auto, xla or im2col")
+        k_init = _partitioned(nnx.initializers.lecun_normal(), (None, None, CONV_IN, CONV_OUT))
+        self.kernel = nnx.Param(k_init(rngs.params(), (kernel, kernel, in_ch, out_ch)))
+        b_init = _partitioned(nnx.initializers.zeros_init(), (CONV_OUT,))
+        self.bias = nnx.Param(b_init(rngs.params(), (out_ch,))) if use_bias else None
+        self.stride = stride
+        self.padding = tuple(tuple(p) for p in padding)
+        self.impl = impl
+        self.dtype = dtype
+
+    def _use_im2col(self, out_pixels: int) -> bool:
+        if self.impl == "auto":
+            return jax.default_backend() == "cpu" and out_pixels < IM2COL_MAX_PIXELS
+        return self.impl == "im2col"
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (B, H, W, C_in) -> (B, H', W', C_out)."""
+        w = self.kernel.get_value().astype(self.dtype)
+        x = x.astype(self.dtype)
+        kh, kw, cin, cout = w.shape
+        s = self.stride
+        (pt, pb), (pl, pr) = self.padding
+        b, h, wd, _ = x.shape
+        ho, wo = (h + pt + pb - kh) // s + 1, (wd + pl + pr - kw) // s + 1
+        if kh == kw == 1 and s == 1 and not any(sum(self.padding, ())):
+            y = x @ w[0, 0]
+        elif self._use_im2col(ho * wo):
+            xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+            cols = [
+                xp[:, dy : dy + s * (ho - 1) + 1 : s, dx : dx + s * (wo - 1) + 1 : s, :]
+                for dy in range(kh)
+                for dx in range(kw)
+            ]
+            y = jnp.concatenate(cols, axis=-1) @ w.reshape(kh * kw * cin, cout)
+        else:
+            y = jax.lax.conv_general_dilated(
+                x, w, (s, s), self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+        if self.bias is not None:
+            y = y + self.bias.get_value().astype(self.dtype)
+        return y
+
+
 def conv(
     in_ch: int,
     out_ch: int,
@@ -43,24 +114,23 @@ def conv(
     stride: int = 1,
     padding: int | Sequence[tuple[int, int]] | None = None,
     use_bias: bool = True,
+    impl: str = "auto",
     dtype: Dtype = jnp.float32,
-) -> nnx.Conv:
+) -> Conv2d:
     """A 2-D NHWC convolution with torch's default 'same-size for stride 1' padding."""
     if padding is None:
         padding = kernel // 2
     if isinstance(padding, int):
         padding = ((padding, padding), (padding, padding))
-    return nnx.Conv(
+    return Conv2d(
         in_ch,
         out_ch,
-        (kernel, kernel),
-        strides=(stride, stride),
+        kernel,
+        stride=stride,
         padding=tuple(padding),
         use_bias=use_bias,
+        impl=impl,
         dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=_partitioned(nnx.initializers.lecun_normal(), (None, None, CONV_IN, CONV_OUT)),
-        bias_init=_partitioned(nnx.initializers.zeros_init(), (CONV_OUT,)),
         rngs=rngs,
     )
 

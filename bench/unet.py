@@ -1,0 +1,123 @@
+"""Benchmark: SD1.5 UNet forward, ours (jitted JAX) vs diffusers (PyTorch), same random weights.
+
+    python bench/unet.py                 # latents 32x32 and 64x64
+    python bench/unet.py --latent 32     # one setting
+
+Prints one JSON object per setting (keys: latent, batch, ours_s, torch_s, ratio, compile_s,
+gflops_per_s, peak_rss_gib, ...). fp32, batch 2, context 77x768, PyTorch on 2 threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from diffusers import UNet2DConditionModel as TorchUNet
+from flax import nnx
+
+from pv_jax.models.unet import UNet2DConditionModel, UNetConfig
+from pv_jax.weights.convert import load_into
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far (GiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def timed(fn, repeats: int) -> list[float]:
+    """Wall times of ``repeats`` calls."""
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def xla_flops(compiled) -> float:
+    """FLOPs of a compiled computation from XLA's cost analysis."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0]
+    return float(cost.get("flops", float("nan")))
+
+
+def main() -> None:
+    """Run the benchmark settings and print JSON lines."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--latent", type=int, action="append", help="latent size (default: 32 and 64)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--attention", default="auto", help="attention kernel (see pv_jax.models.attention)")
+    p.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads")
+    p.add_argument("--skip-torch", action="store_true", help="time ours only")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = UNetConfig()  # SD 1.5
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    ref = TorchUNet(**cfg.to_diffusers()).eval()
+    sd = {k: (lambda v=v: v.detach().numpy()) for k, v in ref.state_dict().items()}
+    abstract = nnx.eval_shape(
+        lambda: UNet2DConditionModel(cfg, attention=args.attention, rngs=nnx.Rngs(0))
+    )
+    ours = load_into(abstract, sd, what="SD1.5 UNet")
+    import_s = time.perf_counter() - t0
+    print(f"built both UNets and imported weights in {import_s:.1f}s", file=sys.stderr)
+
+    graphdef, state = nnx.split(ours)
+
+    @jax.jit
+    def forward(state, x, t, ctx):
+        return nnx.merge(graphdef, state)(x, t, ctx)
+
+    for latent in args.latent or [32, 64]:
+        r = np.random.RandomState(0)
+        x = r.randn(args.batch, 4, latent, latent).astype(np.float32)
+        ctx = r.randn(args.batch, 77, 768).astype(np.float32)
+        t = np.full((args.batch,), 500, np.int64)
+        xj, ctxj, tj = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(ctx), jnp.asarray(t)
+
+        t0 = time.perf_counter()
+        compiled = forward.lower(state, xj, tj, ctxj).compile()
+        compile_s = time.perf_counter() - t0
+        flops = xla_flops(compiled)
+        out = compiled(state, xj, tj, ctxj).block_until_ready()  # warm-up
+        ours_s = statistics.median(
+            timed(lambda: compiled(state, xj, tj, ctxj).block_until_ready(), args.repeats)
+        )
+        row = {
+            "latent": latent,
+            "batch": args.batch,
+            "attention": args.attention,
+            "ours_s": round(ours_s, 3),
+            "compile_s": round(compile_s, 2),
+            "gflops": round(flops / 1e9, 1),
+            "gflops_per_s": round(flops / 1e9 / ours_s, 1),
+        }
+        if not args.skip_torch:
+            with torch.inference_mode():
+                tx, tt, tc = torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx)
+                want = ref(tx, tt, tc).sample.numpy()  # warm-up
+                torch_s = statistics.median(timed(lambda: ref(tx, tt, tc), args.repeats))
+            got = np.asarray(out).transpose(0, 3, 1, 2)
+            row.update(
+                torch_s=round(torch_s, 3),
+                ratio=round(ours_s / torch_s, 3),
+                max_abs_diff=float(np.abs(got - want).max()),
+            )
+        row.update(peak_rss_gib=round(peak_rss_gib(), 2), import_s=round(import_s, 1))
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
