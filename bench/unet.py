@@ -5,6 +5,7 @@
 
 Prints one JSON object per setting (keys: latent, batch, ours_s, torch_s, ratio, compile_s,
 gflops_per_s, peak_rss_gib, ...). fp32, batch 2, context 77x768, PyTorch on 2 threads.
+On a GPU machine: ``--dtype bfloat16 --attention cudnn`` (PyTorch then runs on CUDA in bf16 too).
 """
 
 from __future__ import annotations
@@ -32,14 +33,18 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def timed(fn, repeats: int) -> list[float]:
-    """Wall times of ``repeats`` calls."""
+def timed(fn, args: tuple, repeats: int) -> list[float]:
+    """Wall times of ``repeats`` calls of ``fn(*args)``."""
     out = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
+        fn(*args)
         out.append(time.perf_counter() - t0)
     return out
+
+
+def _ready(fn, *args):
+    return fn(*args).block_until_ready()
 
 
 def xla_flops(compiled) -> float:
@@ -56,9 +61,12 @@ def main() -> None:
     p.add_argument("--latent", type=int, action="append", help="latent size (default: 32 and 64)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--attention", default="auto", help="attention kernel (see pv_jax.models.attention)")
+    p.add_argument(
+        "--attention", default="auto", help="attention kernel (see pv_jax.models.attention)"
+    )
     p.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads")
     p.add_argument("--skip-torch", action="store_true", help="time ours only")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cfg = UNetConfig()  # SD 1.5
@@ -67,14 +75,23 @@ def main() -> None:
     torch.manual_seed(0)
     ref = TorchUNet(**cfg.to_diffusers()).eval()
     sd = {k: (lambda v=v: v.detach().numpy()) for k, v in ref.state_dict().items()}
+    dtype = jnp.dtype(args.dtype)
     abstract = nnx.eval_shape(
-        lambda: UNet2DConditionModel(cfg, attention=args.attention, rngs=nnx.Rngs(0))
+        lambda: UNet2DConditionModel(cfg, dtype=dtype, attention=args.attention, rngs=nnx.Rngs(0))
     )
     ours = load_into(abstract, sd, what="SD1.5 UNet")
     import_s = time.perf_counter() - t0
     print(f"built both UNets and imported weights in {import_s:.1f}s", file=sys.stderr)
 
     graphdef, state = nnx.split(ours)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ref = ref.to(device=device, dtype=getattr(torch, args.dtype))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def run_torch(*a):
+        out = ref(*a).sample
+        sync()
+        return out
 
     @jax.jit
     def forward(state, x, t, ctx):
@@ -92,12 +109,12 @@ def main() -> None:
         compile_s = time.perf_counter() - t0
         flops = xla_flops(compiled)
         out = compiled(state, xj, tj, ctxj).block_until_ready()  # warm-up
-        ours_s = statistics.median(
-            timed(lambda: compiled(state, xj, tj, ctxj).block_until_ready(), args.repeats)
-        )
+        ours_s = statistics.median(timed(_ready, (compiled, state, xj, tj, ctxj), args.repeats))
         row = {
             "latent": latent,
             "batch": args.batch,
+            "dtype": args.dtype,
+            "device": jax.devices()[0].device_kind,
             "attention": args.attention,
             "ours_s": round(ours_s, 3),
             "compile_s": round(compile_s, 2),
@@ -106,10 +123,12 @@ def main() -> None:
         }
         if not args.skip_torch:
             with torch.inference_mode():
-                tx, tt, tc = torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx)
-                want = ref(tx, tt, tc).sample.numpy()  # warm-up
-                torch_s = statistics.median(timed(lambda: ref(tx, tt, tc), args.repeats))
-            got = np.asarray(out).transpose(0, 3, 1, 2)
+                tdt = getattr(torch, args.dtype)
+                tx = torch.from_numpy(x).to(device, tdt)
+                tt, tc = torch.from_numpy(t).to(device), torch.from_numpy(ctx).to(device, tdt)
+                want = run_torch(tx, tt, tc).float().cpu().numpy()  # warm-up
+                torch_s = statistics.median(timed(run_torch, (tx, tt, tc), args.repeats))
+            got = np.asarray(out, np.float32).transpose(0, 3, 1, 2)
             row.update(
                 torch_s=round(torch_s, 3),
                 ratio=round(ours_s / torch_s, 3),
