@@ -13,8 +13,10 @@ from pv_jax.models.attention import available_attention, blocked_attention, get_
 
 # Kernels that run on this backend (cuDNN needs a GPU and half precision).
 KERNELS = [k for k in available_attention() if k != "cudnn" or jax.default_backend() == "gpu"]
-# Achieved fp32 max-abs error vs torch SDPA: ~3e-7 for every kernel on CPU.
+# Achieved fp32 max-abs error vs torch SDPA: ~3e-7 for every kernel on CPU (and on an H100).
 TOL = 1e-5
+# cuDNN computes in bf16 (8 mantissa bits): inputs ~N(0, 1), outputs |x| < 1.
+TOL_BF16 = 2e-2
 
 
 def _qkv(lq: int, lk: int, b: int = 2, h: int = 3, d: int = 8, seed: int = 0):
@@ -34,7 +36,8 @@ def test_parity_attention_kernels(name, lq, lk):
     q, k, v = _qkv(lq, lk)
     got = jax.jit(get_attention(name))(q, k, v)
     chex.assert_shape(got, q.shape)
-    np.testing.assert_allclose(np.asarray(got), _torch_sdpa(q, k, v), atol=TOL, rtol=0)
+    tol = TOL_BF16 if name == "cudnn" else TOL
+    np.testing.assert_allclose(np.asarray(got), _torch_sdpa(q, k, v), atol=tol, rtol=0)
 
 
 @pytest.mark.parametrize("q_chunk,k_chunk", [(7, 5), (64, 128), (1000, 1000)])

@@ -124,8 +124,11 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 @register_attention("cudnn")
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """cuDNN flash attention (GPU, fp16/bf16 inputs)."""
-    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    """cuDNN flash attention (GPU). cuDNN takes only fp16/bf16: fp32 inputs run in bf16."""
+    dtype = q.dtype
+    if dtype == jnp.float32:
+        q, k, v = (a.astype(jnp.bfloat16) for a in (q, k, v))
+    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn").astype(dtype)
 
 
 def _auto_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
