@@ -1,0 +1,353 @@
+"""Read and write diffusers / transformers model folders (safetensors or ``.bin``) as NNX modules.
+
+Every network is built abstractly (``nnx.eval_shape``: no random initialisation of the full-size
+model) and filled tensor by tensor from the file, through the rule tables of ``convert.py``.
+Export writes folders that diffusers / transformers load with ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from pv_jax.models.clip import (
+    CLIP_IGNORE,
+    CLIP_RULES,
+    CLIP_TEXT_STRIP_PREFIXES,
+    CLIP_VISION_STRIP_PREFIXES,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+)
+from pv_jax.models.unet import UNet2DConditionModel, UNetConfig
+from pv_jax.models.vae import AutoencoderKL, VAEConfig
+from pv_jax.weights.convert import DEFAULT_RULES, TensorSource, export_state, load_into
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
+TRANSFORMERS_WEIGHTS = ("model", "pytorch_model")
+SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# Buffers that diffusers/transformers may store but that are not parameters.
+_IGNORE = (*CLIP_IGNORE,)
+
+
+class CheckpointFolderError(FileNotFoundError):
+    """A folder that is not the model folder it was expected to be."""
+
+
+def find_weights(folder: Path, names: tuple[str, ...], variant: str | None = None) -> list[Path]:
+    """The weight file(s) in ``folder``: safetensors first, then ``.bin``; sharded via index.
+
+    ``variant="fp16"`` prefers ``*.fp16.*`` files; without it they are used when they are the
+    only weights present (as in many SD folders).
+    """
+    suffixes = [".safetensors", ".bin"]
+    variants = [f".{variant}", ""] if variant else ["", ".fp16"]
+    for suffix in suffixes:
+        for var in variants:
+            for name in names:
+                single = folder / f"{name}{var}{suffix}"
+                if single.is_file():
+                    return [single]
+                index = folder / f"{name}{var}{suffix}.index.json"
+                if index.is_file():
+                    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                    return [folder / s for s in shards]
+    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    raise CheckpointFolderError(
+        f"no weights in {folder}: expected one of "
+        f"{[n + s for n in names for s in suffixes]} (or an .index.json / .fp16 variant); "
+        f"found {present}"
+    )
+
+
+@contextmanager
+def open_tensors(files: list[Path]) -> Iterator[TensorSource]:
+    """A lazy key -> array source over safetensors or torch ``.bin`` files."""
+    source: dict[str, Callable[[], np.ndarray]] = {}
+    with ExitStack() as stack:
+        for path in files:
+            if path.name.endswith(".safetensors"):
+                handle = stack.enter_context(safe_open(str(path), framework="numpy"))
+                for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    source[key] = lambda h=handle, k=key: h.get_tensor(k)
+            else:
+                source.update(_torch_bin(path))
+        yield source
+
+
+def _torch_bin(path: Path) -> dict[str, Callable[[], np.ndarray]]:
+    try:
+        import torch
+    except ImportError as e:
+        raise CheckpointFolderError(
+            f"{path} is a PyTorch pickle: install torch (pip install 'pv-jax[torch]') or convert "
+            "it to safetensors"
+        ) from e
+    # weights_only: never execute code from a pickle; mmap keeps memory near one tensor.
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return {
+        k: (lambda t=t: t.float().numpy() if t.is_floating_point() else t.numpy())
+        for k, t in state.items()
+    }
+
+
+def read_config(folder: Path, what: str) -> dict[str, Any]:
+    """``folder/config.json`` as a dict, or a clear error naming what was expected."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CheckpointFolderError(
+            f"{folder} is not a {what} folder: it has no config.json "
+            "(expected a folder written by save_pretrained)"
+        )
+    return json.loads(path.read_text())
+
+
+def _build(ctor: Callable[[], nnx.Module], files: list[Path], **load_kwargs) -> nnx.Module:
+    abstract = nnx.eval_shape(ctor)
+    with open_tensors(files) as source:
+        return load_into(abstract, source, **load_kwargs)
+
+
+def load_unet(
+    folder: str | os.PathLike,
+    *,
+    dtype: jnp.dtype = jnp.float32,
+    attention: str = "auto",
+    remat: bool = False,
+    variant: str | None = None,
+    **kwargs,
+) -> UNet2DConditionModel:
+    """A diffusers ``UNet2DConditionModel`` folder as our NNX UNet (``kwargs`` to the ctor)."""
+    folder = Path(folder)
+    cfg = UNetConfig.from_diffusers(read_config(folder, "diffusers UNet2DConditionModel"))
+    return _build(
+        lambda: UNet2DConditionModel(
+            cfg, dtype=dtype, attention=attention, remat=remat, rngs=nnx.Rngs(0), **kwargs
+        ),
+        find_weights(folder, (DIFFUSERS_WEIGHTS,), variant),
+        rules=DEFAULT_RULES,
+        what=f"UNet in {folder}",
+        ignore=_IGNORE,
+    )
+
+
+def load_vae(
+    folder: str | os.PathLike,
+    *,
+    dtype: jnp.dtype = jnp.float32,
+    attention: str = "auto",
+    variant: str | None = None,
+) -> AutoencoderKL:
+    """A diffusers ``AutoencoderKL`` folder as our NNX VAE."""
+    folder = Path(folder)
+    cfg = VAEConfig.from_diffusers(read_config(folder, "diffusers AutoencoderKL"))
+    return _build(
+        lambda: AutoencoderKL(cfg, dtype=dtype, attention=attention, rngs=nnx.Rngs(0)),
+        find_weights(folder, (DIFFUSERS_WEIGHTS,), variant),
+        rules=DEFAULT_RULES,
+        what=f"VAE in {folder}",
+        ignore=_IGNORE,
+    )
+
+
+def _with_projection(cfg: dict) -> bool:
+    return any("WithProjection" in a for a in cfg.get("architectures") or ())
+
+
+def load_clip_text(
+    folder: str | os.PathLike,
+    *,
+    dtype: jnp.dtype = jnp.float32,
+    attention: str = "auto",
+    variant: str | None = None,
+) -> CLIPTextModel:
+    """A transformers ``CLIPTextModel[WithProjection]`` folder as our NNX text tower."""
+    folder = Path(folder)
+    raw = read_config(folder, "transformers CLIPTextModel")
+    cfg = CLIPTextConfig.from_hf(raw)
+    proj = _with_projection(raw)
+    return _build(
+        lambda: CLIPTextModel(
+            cfg, with_projection=proj, dtype=dtype, attention=attention, rngs=nnx.Rngs(0)
+        ),
+        find_weights(folder, TRANSFORMERS_WEIGHTS, variant),
+        rules=CLIP_RULES,
+        what=f"CLIP text model in {folder}",
+        strip_prefixes=CLIP_TEXT_STRIP_PREFIXES,
+        ignore=_IGNORE,
+    )
+
+
+def load_clip_vision(
+    folder: str | os.PathLike,
+    *,
+    dtype: jnp.dtype = jnp.float32,
+    attention: str = "auto",
+    variant: str | None = None,
+) -> CLIPVisionModel:
+    """A transformers ``CLIPVisionModel[WithProjection]`` (or full ``CLIPModel``) folder."""
+    folder = Path(folder)
+    raw = read_config(folder, "transformers CLIPVisionModel")
+    cfg = CLIPVisionConfig.from_hf(raw)
+    proj = _with_projection(raw) or "CLIPModel" in (raw.get("architectures") or ())
+    full_clip = "vision_config" in raw
+    ignore = (
+        (*_IGNORE, r"^text_model\.", r"^text_projection\.", r"^logit_scale$")
+        if full_clip
+        else _IGNORE
+    )
+    return _build(
+        lambda: CLIPVisionModel(
+            cfg, with_projection=proj, dtype=dtype, attention=attention, rngs=nnx.Rngs(0)
+        ),
+        find_weights(folder, TRANSFORMERS_WEIGHTS, variant),
+        rules=CLIP_RULES,
+        what=f"CLIP vision model in {folder}",
+        strip_prefixes=CLIP_VISION_STRIP_PREFIXES,
+        ignore=ignore,
+    )
+
+
+def load_tokenizer(folder: str | os.PathLike | None = None):
+    """The CLIP tokenizer of an SD folder's ``tokenizer/``, or the packaged OpenAI CLIP BPE."""
+    from transformers import CLIPTokenizer
+
+    if folder is None:
+        folder = Path(__file__).resolve().parent.parent / "assets" / "clip_tokenizer"
+        return CLIPTokenizer(
+            vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt")
+        )
+    return CLIPTokenizer.from_pretrained(str(folder))
+
+
+@dataclasses.dataclass
+class StableDiffusion:
+    """The networks and settings of one Stable Diffusion folder."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: Any
+    scheduler_config: dict
+
+
+def load_stable_diffusion(
+    folder: str | os.PathLike,
+    *,
+    dtype: jnp.dtype = jnp.float32,
+    attention: str = "auto",
+    remat: bool = False,
+    variant: str | None = None,
+) -> StableDiffusion:
+    """Every network of a diffusers Stable Diffusion folder (``save_pretrained`` layout)."""
+    folder = Path(folder)
+    missing = [s for s in SD_SUBFOLDERS if not (folder / s).is_dir()]
+    if missing:
+        raise CheckpointFolderError(
+            f"{folder} is not a Stable Diffusion folder: missing subfolders {missing}; expected "
+            f"{list(SD_SUBFOLDERS)} (diffusers' StableDiffusionPipeline.save_pretrained)"
+        )
+    sched = folder / "scheduler" / "scheduler_config.json"
+    if not sched.is_file():
+        raise CheckpointFolderError(f"{sched} is missing")
+    return StableDiffusion(
+        unet=load_unet(
+            folder / "unet", dtype=dtype, attention=attention, remat=remat, variant=variant
+        ),
+        vae=load_vae(folder / "vae", dtype=dtype, attention=attention, variant=variant),
+        text_encoder=load_clip_text(
+            folder / "text_encoder", dtype=dtype, attention=attention, variant=variant
+        ),
+        tokenizer=load_tokenizer(folder / "tokenizer"),
+        scheduler_config=json.loads(sched.read_text()),
+    )
+
+
+# ----------------------------------------------------------------------------------- export
+
+
+def _write(folder: Path, config: dict, tensors: dict[str, np.ndarray], weights_file: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    save_file(tensors, str(folder / weights_file), metadata={"format": "pt"})
+    return folder
+
+
+def save_unet(unet: UNet2DConditionModel, folder: str | os.PathLike) -> Path:
+    """Write a folder that diffusers' ``UNet2DConditionModel.from_pretrained`` loads."""
+    return _write(
+        Path(folder),
+        unet.config.to_diffusers(),
+        export_state(unet),
+        f"{DIFFUSERS_WEIGHTS}.safetensors",
+    )
+
+
+def save_vae(vae: AutoencoderKL, folder: str | os.PathLike) -> Path:
+    """Write a folder that diffusers' ``AutoencoderKL.from_pretrained`` loads."""
+    return _write(
+        Path(folder),
+        vae.config.to_diffusers(),
+        export_state(vae),
+        f"{DIFFUSERS_WEIGHTS}.safetensors",
+    )
+
+
+def _clip_export(model, prefix: str, arch: str, folder: Path) -> Path:
+    # transformers writes the tower prefix only for the *WithProjection classes.
+    proj = getattr(model, "with_projection", False)
+    config = dict(model.config.to_hf(), architectures=[arch + ("WithProjection" if proj else "")])
+    tensors = export_state(model, CLIP_RULES, prefix="")
+    if proj:
+        tensors = {
+            (k if k.endswith("projection.weight") else prefix + k): v for k, v in tensors.items()
+        }
+    return _write(folder, config, tensors, "model.safetensors")
+
+
+def save_clip_text(model: CLIPTextModel, folder: str | os.PathLike) -> Path:
+    """Write a folder that transformers' ``CLIPTextModel[WithProjection]`` loads."""
+    return _clip_export(model, "text_model.", "CLIPTextModel", Path(folder))
+
+
+def save_clip_vision(model: CLIPVisionModel, folder: str | os.PathLike) -> Path:
+    """Write a folder that transformers' ``CLIPVisionModel[WithProjection]`` loads."""
+    return _clip_export(model, "vision_model.", "CLIPVisionModel", Path(folder))
+
+
+def save_stable_diffusion(sd: StableDiffusion, folder: str | os.PathLike) -> Path:
+    """Write a diffusers Stable Diffusion folder (``from_pretrained``-loadable)."""
+    folder = Path(folder)
+    save_unet(sd.unet, folder / "unet")
+    save_vae(sd.vae, folder / "vae")
+    save_clip_text(sd.text_encoder, folder / "text_encoder")
+    sd.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    sched = dict(sd.scheduler_config)
+    sched.setdefault("_class_name", "DDIMScheduler")
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", sched["_class_name"]],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
