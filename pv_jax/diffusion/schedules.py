@@ -18,11 +18,26 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SPACINGS = ("leading", "trailing", "linspace")
 
 
+def _linspace_f32(start: float, end: float, n: int) -> np.ndarray:
+    """torch.linspace in float32, bit for bit: a float32 step, one rounding of start + step * i
+    (counted back from the end for the second half). numpy's linspace differs by 1 ulp."""
+    s, e = np.float32(start), np.float32(end)
+    step = np.float64((e - s) / np.float32(max(n - 1, 1)))
+    i = np.arange(n)
+    out = np.where(i < n // 2, np.float64(s) + step * i, np.float64(e) - step * (n - 1 - i))
+    return out.astype(np.float32)
+
+
+def _cumprod_f32(x: np.ndarray) -> np.ndarray:
+    """torch's CPU cumprod of float32 (float64 accumulator, float32 results)."""
+    return np.cumprod(x.astype(np.float64)).astype(np.float32)
+
+
 def _betas(kind: str, start: float, end: float, n: int) -> np.ndarray:
     if kind == "linear":
-        return np.linspace(start, end, n, dtype=np.float32)
+        return _linspace_f32(start, end, n)
     if kind == "scaled_linear":
-        return (np.linspace(start**0.5, end**0.5, n, dtype=np.float32) ** 2).astype(np.float32)
+        return (_linspace_f32(start**0.5, end**0.5, n) ** 2).astype(np.float32)
     if kind == "squaredcos_cap_v2":
         f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
         return np.array(
@@ -35,7 +50,7 @@ def _betas(kind: str, start: float, end: float, n: int) -> np.ndarray:
 
 def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     """Rescale betas to zero terminal SNR (Lin et al. 2023), as diffusers does."""
-    abar_sqrt = np.sqrt(np.cumprod(1.0 - betas, dtype=np.float32))
+    abar_sqrt = np.sqrt(_cumprod_f32(np.float32(1.0) - betas))
     first, last = abar_sqrt[0].copy(), abar_sqrt[-1].copy()
     abar_sqrt = (abar_sqrt - last) * first / (first - last)
     abar = abar_sqrt**2
@@ -71,8 +86,9 @@ class NoiseSchedule:
     @classmethod
     def from_diffusers(cls, d: dict[str, Any]) -> NoiseSchedule:
         """From a diffusers ``scheduler_config.json`` dict (unknown keys are ignored)."""
-        if d.get("trained_betas") is not None:
-            raise ValueError("trained_betas are not supported")
+        for key in ("trained_betas", "thresholding"):
+            if d.get(key):
+                raise ValueError(f"scheduler setting {key}={d[key]!r} is not supported")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -89,7 +105,7 @@ class NoiseSchedule:
     @property
     def alphas_cumprod(self) -> np.ndarray:
         """Cumulative products of (1 - beta) (float32)."""
-        return np.cumprod(1.0 - self.betas, dtype=np.float32)
+        return _cumprod_f32(np.float32(1.0) - self.betas)
 
     @property
     def final_alpha_cumprod(self) -> float:

@@ -206,11 +206,11 @@ class CLIPAttention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: (B, L, hidden) -> (B, L, hidden)."""
         b, n, c = x.shape
-        q, k, v = (p(x).reshape(b, n, self.heads, c // self.heads) for p in self._qkv())
+        q, k, v = (
+            proj(x).reshape(b, n, self.heads, c // self.heads)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
         return self.out_proj(self.attend(q, k, v).reshape(b, n, c))
-
-    def _qkv(self) -> tuple[nnx.Linear, nnx.Linear, nnx.Linear]:
-        return self.q_proj, self.k_proj, self.v_proj
 
 
 class CLIPMLP(nnx.Module):
@@ -276,7 +276,9 @@ class CLIPTextEmbeddings(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig, *, dtype, rngs: nnx.Rngs):
         h = cfg.hidden_size
         self.token_embedding = layers.embed(cfg.vocab_size, h, rngs=rngs, dtype=dtype)
-        self.position_embedding = layers.embed(cfg.max_position_embeddings, h, rngs=rngs, dtype=dtype)
+        self.position_embedding = layers.embed(
+            cfg.max_position_embeddings, h, rngs=rngs, dtype=dtype
+        )
 
     def __call__(self, input_ids: jax.Array, inputs_embeds: jax.Array | None = None) -> jax.Array:
         """input_ids (B, L); inputs_embeds (B, L, hidden) replaces the token lookup."""
@@ -298,6 +300,7 @@ class CLIPTextModel(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.config = config
+        self.with_projection = with_projection
         h = config.hidden_size
         self.embeddings = CLIPTextEmbeddings(config, dtype=dtype, rngs=rngs)
         self.encoder = CLIPEncoder(config, causal=True, attention=attention, dtype=dtype, rngs=rngs)
@@ -314,6 +317,10 @@ class CLIPTextModel(nnx.Module):
             if with_projection
             else None
         )
+
+    def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
+        """Token embeddings (B, L, hidden) without positions: edit them, pass as inputs_embeds."""
+        return self.embeddings.token_embedding(input_ids)
 
     def eos_index(self, input_ids: jax.Array) -> jax.Array:
         """Position of the EOS token per sequence, by transformers 5's rule."""
@@ -408,6 +415,7 @@ class CLIPVisionModel(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.config = config
+        self.with_projection = with_projection
         h, eps = config.hidden_size, config.layer_norm_eps
         self.embeddings = CLIPVisionEmbeddings(config, dtype=dtype, rngs=rngs)
         self.pre_layrnorm = layers.layer_norm(h, eps, rngs=rngs, dtype=dtype)  # sic
@@ -445,8 +453,10 @@ def preprocess_images(images: jax.Array, size: int = 224) -> jax.Array:
 
     ``images``: (B, H, W, 3), uint8 or float in [0, 1]. Returns float32 (B, size, size, 3).
     The resize is antialiased bicubic (Keys a=-0.5, as PIL's BICUBIC) in float, clipped to
-    [0, 1]; PIL instead resizes in 8-bit fixed point and rounds to uint8, so the results differ by
-    about one grey level (max |diff| <= 0.04 after normalisation, see tests/test_clip.py).
+    [0, 1]. PIL (used by transformers without torchvision) resizes in 8-bit fixed point and rounds
+    and clips to uint8 after each of its two passes: on photo-like images the results differ by
+    about one grey level (max |diff| 0.016 after normalisation, tests/test_clip.py); on white
+    noise single pixels differ by up to 0.15, where PIL clips the overshoot between passes.
     """
     x = jnp.asarray(images)
     x = x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x.astype(jnp.float32)
