@@ -203,3 +203,34 @@ def test_bad_folders_say_what_was_expected(sd_folder, tmp_path):
     with pytest.raises(WeightImportError, match=r"unexpected keys \(\d+\)") as e:
         load_unet(tmp_path / "u1")
     assert "down_blocks.0.resnets.1.conv1.weight" in str(e.value)
+
+
+def test_safetensors_reader_dtypes_and_truncation(tmp_path):
+    from safetensors.torch import save_file as torch_save_file
+
+    from pv_jax.weights.checkpoints import open_tensors
+
+    want = {
+        "bf16": torch.randn(3, 4, dtype=torch.bfloat16),
+        "f16": torch.randn(5, dtype=torch.float16),
+        "f32": torch.randn(2, 2),
+        "i64": torch.arange(4),
+    }
+    path = tmp_path / "t.safetensors"
+    torch_save_file(want, str(path))
+    with open_tensors([path]) as src:
+        assert sorted(src) == sorted(want)
+        for k, v in want.items():
+            got = src[k]()
+            assert got.shape == tuple(v.shape)
+            np.testing.assert_array_equal(got.astype(np.float64), v.double().numpy())
+    path.write_bytes(path.read_bytes()[:-10])
+    with open_tensors([path]) as src, pytest.raises(CheckpointFolderError, match="truncated"):
+        for read in src.values():  # the last tensor in the file lost its tail
+            read()
+    (tmp_path / "junk.safetensors").write_bytes(b"\x01")
+    with (
+        pytest.raises(CheckpointFolderError, match="not a valid safetensors"),
+        open_tensors([tmp_path / "junk.safetensors"]),
+    ):
+        pass

@@ -1,0 +1,86 @@
+"""Benchmark: peak memory and time of importing an SD1.5-size UNet folder (safetensors).
+
+    python bench/load.py                 # writes a random SD1.5 UNet folder once, then loads it
+    python bench/load.py --folder DIR    # an existing diffusers unet/ folder
+
+The import builds the NNX UNet abstractly and fills it tensor by tensor, so its peak resident
+memory should stay near the size of the weights. The load runs in a fresh process so that the
+figure is the importer's alone. Prints one JSON object with at least `weights_gib`,
+`peak_rss_gib`, `baseline_rss_gib`, `load_s`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _rss_gib() -> float:
+    # VmHWM is this process image's peak; ru_maxrss would carry the parent's peak across exec.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _load(folder: str) -> None:
+    """Child process: import the libraries, note the baseline, load, print JSON."""
+    import jax
+
+    from pv_jax.weights.checkpoints import find_weights, load_unet
+
+    jax.numpy.zeros(1).block_until_ready()  # initialise the backend before the baseline
+    baseline = _rss_gib()
+    t0 = time.perf_counter()
+    unet = load_unet(folder)
+    jax.block_until_ready(jax.tree.leaves(unet))
+    load_s = time.perf_counter() - t0
+    weights = sum(
+        p.stat().st_size for p in find_weights(Path(folder), ("diffusion_pytorch_model",))
+    )
+    print(
+        json.dumps(
+            {
+                "what": "SD1.5 UNet import",
+                "weights_gib": round(weights / 2**30, 2),
+                "baseline_rss_gib": round(baseline, 2),
+                "peak_rss_gib": round(_rss_gib(), 2),
+                "peak_minus_baseline_gib": round(_rss_gib() - baseline, 2),
+                "load_s": round(load_s, 1),
+            }
+        )
+    )
+
+
+def main() -> None:
+    """Write the folder if needed, then load it in a fresh process."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--folder", help="diffusers unet folder (default: write a random SD1.5 one)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        _load(args.folder)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.folder
+        if folder is None:
+            import torch
+            from diffusers import UNet2DConditionModel
+
+            from pv_jax.models.unet import UNetConfig
+
+            torch.manual_seed(0)
+            folder = str(Path(tmp) / "unet")
+            UNet2DConditionModel(**UNetConfig().to_diffusers()).save_pretrained(folder)
+            print(f"wrote a random SD1.5 UNet to {folder}", file=sys.stderr)
+        subprocess.run([sys.executable, __file__, "--child", "--folder", folder], check=True)
+
+
+if __name__ == "__main__":
+    main()
