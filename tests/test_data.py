@@ -1,0 +1,311 @@
+"""Preprocessing and the array_record dataset, on real photos that ship with installed packages
+(skimage's astronaut, matplotlib's Grace Hopper); nothing is downloaded.
+
+References: dlib itself (HOG detector, 5-point predictor, face descriptor on the original image)
+and the bytes/arrays written, compared exactly after the round trip through tfds and grain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import chex
+import matplotlib.cbook
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from pv_jax.data import dataset as ds
+from pv_jax.data import preprocess as pp
+
+# upsample=0 finds both test faces (88 and 216 px) and is ~4x faster than the default 1.
+FAST = pp.PreprocessConfig(upsample=0, reference_size=64, target_size=128)
+GOOD = ("astronaut.png", "hopper.jpg", "gray.png", "rgba.png", "sixteen.png", "rotated.jpg")
+# The dataset build uses parsing masks where the masks folder has one (astronaut only).
+BUILD = dataclasses.replace(FAST, mask="dataset")
+BAD = {"corrupt.jpg": "corrupt", "noise.png": "no_face"}
+
+
+def hopper_path() -> str:
+    """matplotlib's sample photo of Grace Hopper (600x512 JPEG)."""
+    return str(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+
+
+@pytest.fixture(scope="module")
+def hopper() -> np.ndarray:
+    """Grace Hopper as decoded RGB uint8."""
+    with Image.open(hopper_path()) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory, hopper) -> str:
+    """A folder with good photos in several modes, a truncated JPEG and a face-less image."""
+    root = tmp_path_factory.mktemp("photos")
+    Image.fromarray(skimage.data.astronaut()).save(root / "astronaut.png")
+    shutil.copy(hopper_path(), root / "hopper.jpg")
+    gray = np.asarray(Image.fromarray(hopper).convert("L"))
+    Image.fromarray(gray).save(root / "gray.png")
+    rgba = np.concatenate([hopper, np.full(hopper.shape[:2] + (1,), 255, np.uint8)], axis=-1)
+    Image.fromarray(rgba, "RGBA").save(root / "rgba.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(root / "sixteen.png")  # 16-bit PNG
+    write_rotated_jpeg(hopper, root / "rotated.jpg")
+    (root / "corrupt.jpg").write_bytes((root / "hopper.jpg").read_bytes()[:4000])
+    noise = np.random.RandomState(0).randint(0, 256, (160, 200, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(root / "noise.png")
+    (root / "README.txt").write_text("not a photo")
+    return str(root)
+
+
+def write_rotated_jpeg(upright: np.ndarray, path) -> None:
+    """Store the pixels turned 90 degrees counter-clockwise with EXIF orientation 6 (turn back)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+    Image.fromarray(np.ascontiguousarray(np.rot90(upright))).save(path, quality=95, exif=exif)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, photo_dir) -> dict:
+    """The dataset built once from photo_dir: 2 tfds shards, resume chunks of 3 files."""
+    out = tmp_path_factory.mktemp("dataset")
+    masks = tmp_path_factory.mktemp("masks")
+    mask = np.zeros((512, 512), np.uint8)
+    mask[100:300, 150:300] = 255
+    Image.fromarray(mask).save(masks / "astronaut.png")  # same stem as the photo
+    options = ds.BuildOptions(num_shards=2, chunk_size=3)
+    summary = ds.build_dataset(photo_dir, out, masks, config=BUILD, options=options)
+    return summary | {"out": str(out), "photo_dir": photo_dir, "masks_dir": str(masks)}
+
+
+def test_astronaut_record_matches_dlib():
+    """Default 224/512 crops; landmarks mapped into the target give dlib's descriptor back."""
+    image = skimage.data.astronaut()
+    rec = pp.preprocess_image(image, pp.PreprocessConfig(upsample=0))
+    chex.assert_shape(rec.reference, (224, 224, 3))
+    chex.assert_shape(rec.reference_mask, (224, 224))
+    chex.assert_shape(rec.target, (512, 512, 3))
+    chex.assert_shape(rec.landmarks, (5, 2))
+    chex.assert_shape(rec.descriptor, (128,))
+    chex.assert_type([rec.reference, rec.reference_mask, rec.target], np.uint8)
+    chex.assert_type([rec.landmarks, rec.descriptor], np.float32)
+    assert rec.num_faces == 1 and rec.mask_source == "ellipse"
+    assert np.all((rec.landmarks >= 0) & (rec.landmarks < 512))
+    # The face box is the central third of the 3x target, so landmarks sit around its middle.
+    assert np.all(np.abs(rec.landmarks - 256) < 512 / 6)
+    assert set(np.unique(rec.reference_mask)) == {0, 1}
+    assert 0.3 < rec.reference_mask.mean() < 0.8
+    assert np.all(rec.reference[rec.reference_mask == 0] == 0)  # background masked out
+    # Reference: dlib's descriptor of the original image with its own landmarks. Same face,
+    # resampled: distances well under dlib's 0.6 same-person threshold.
+    detector, predictor, facenet = pp._dlib_models()
+    shape = predictor(image, detector(image, 0)[0])
+    ref = np.asarray(facenet.compute_face_descriptor(image, shape), np.float32)
+    assert np.linalg.norm(ref - rec.descriptor) < 0.1
+    pts = np.array([[p.x, p.y] for p in shape.parts()], np.float32)
+    box = pp.square_box(rec.face_box.astype(np.float64), 3.0)
+    back = (rec.landmarks + 0.5) * (box[2] - box[0]) / 512 - 0.5 + box[:2]
+    np.testing.assert_allclose(back, pts, atol=1e-3)
+
+
+def test_grace_hopper_file():
+    """A JPEG on disk: one face, landmarks inside the target crop, configured sizes."""
+    rec = pp.preprocess_file(hopper_path(), FAST)
+    assert isinstance(rec, pp.FaceRecord), rec
+    assert rec.num_faces == 1 and rec.source == hopper_path()
+    chex.assert_shape([rec.reference, rec.target], [(64, 64, 3), (128, 128, 3)])
+    assert np.all((rec.landmarks >= 0) & (rec.landmarks < 128))
+    # Detecting on a 400 px copy maps the box back to full resolution. HOG's scale pyramid
+    # lands on other box sizes at another resolution, so: the same face (IoU), same identity.
+    small = pp.preprocess_file(hopper_path(), dataclasses.replace(FAST, detect_max_side=400))
+    assert _iou(small.face_box, rec.face_box) > 0.7
+    # The predictor starts from the other box; measured 0.14 at this 128 px target (0.11 at
+    # 512). Bound: half dlib's 0.6 same-person distance.
+    assert np.linalg.norm(small.descriptor - rec.descriptor) < 0.3
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    inter = np.prod(np.clip(np.minimum(a[2:], b[2:]) - np.maximum(a[:2], b[:2]), 0, None))
+    return float(inter / (np.prod(a[2:] - a[:2]) + np.prod(b[2:] - b[:2]) - inter))
+
+
+def test_exif_rotation_honoured(tmp_path, hopper):
+    """Pixels stored sideways with orientation 6 load upright and the face is found."""
+    path = tmp_path / "rotated.jpg"
+    write_rotated_jpeg(hopper, path)
+    with Image.open(path) as raw:
+        assert raw.size == (600, 512)  # stored sideways: width 600
+    image = pp.load_image(path)
+    chex.assert_shape(image, hopper.shape)
+    # Tolerance: one extra JPEG generation at quality 95.
+    assert np.abs(image.astype(np.int16) - hopper).mean() < 3.0
+    assert isinstance(pp.preprocess_file(path, FAST), pp.FaceRecord)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "I;16", "I"])
+def test_modes_convert_to_rgb_uint8(tmp_path, hopper, mode):
+    """Grayscale, RGBA, CMYK and 16/32-bit integer images become (H, W, 3) uint8."""
+    gray = np.asarray(Image.fromarray(hopper).convert("L"))
+    if mode in ("I;16", "I"):
+        image = Image.fromarray(gray.astype(np.uint16) * 257)  # full 16-bit range
+        image = image.convert("I") if mode == "I" else image
+        expected = np.repeat(gray[..., None], 3, -1)  # round(g * 257 * 255 / 65535) == g
+    elif mode == "L":
+        image, expected = Image.fromarray(gray), np.repeat(gray[..., None], 3, -1)
+    elif mode == "RGBA":
+        image, expected = Image.fromarray(hopper).convert("RGBA"), hopper
+    else:
+        image = Image.fromarray(hopper).convert("CMYK")
+        expected = np.asarray(image.convert("RGB"))
+    assert image.mode == mode
+    out = pp.to_rgb_uint8(image)
+    chex.assert_shape(out, hopper.shape)
+    chex.assert_type(out, np.uint8)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_bad_inputs_return_skip_reasons(tmp_path, hopper):
+    """Every kind of bad input gives a Skip with its reason instead of an exception."""
+    (tmp_path / "notes.jpg").write_bytes(b"definitely not an image")
+    with open(hopper_path(), "rb") as f:
+        (tmp_path / "cut.jpg").write_bytes(f.read()[:4000])
+    Image.fromarray(hopper[:40, :50]).save(tmp_path / "tiny.png")
+    noise = np.random.RandomState(1).randint(0, 256, (128, 128, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "noise.png")
+    cases = {
+        "notes.jpg": "unreadable",
+        "missing.jpg": "unreadable",
+        "cut.jpg": "corrupt",
+        "tiny.png": "too_small",
+        "noise.png": "no_face",
+    }
+    for name, reason in cases.items():
+        out = pp.preprocess_file(tmp_path / name, FAST)
+        assert isinstance(out, pp.Skip) and out.reason == reason, (name, out)
+    big = pp.preprocess_file(hopper_path(), pp.PreprocessConfig(max_megapixels=0.2))
+    assert isinstance(big, pp.Skip) and big.reason == "too_large"
+
+
+def test_dataset_mask(tmp_path):
+    """mask="dataset" crops the given parsing mask; without a mask file it falls back."""
+    image = skimage.data.astronaut()
+    mask = np.zeros(image.shape[:2], np.uint8)
+    mask[:, 224:] = 255  # right of the face centre (x ~ 223) only
+    Image.fromarray(mask).save(tmp_path / "astronaut.png")
+    Image.fromarray(image).save(tmp_path / "photo.png")
+    config = pp.PreprocessConfig(upsample=0, mask="dataset", reference_size=64, target_size=64)
+    rec = pp.preprocess_file(tmp_path / "photo.png", config, tmp_path / "astronaut.png")
+    assert rec.mask_source == "dataset"
+    assert rec.reference_mask[:, :24].max() == 0 and rec.reference_mask[:, 40:].min() == 1
+    assert pp.preprocess_file(tmp_path / "photo.png", config).mask_source == "ellipse"
+
+
+def test_build_report(built):
+    """Good files are written; the JSON report names each skipped file and why."""
+    assert built["num_files"] == len(GOOD) + len(BAD)
+    assert built["num_written"] == len(GOOD)
+    with open(built["report_path"]) as f:
+        report = json.load(f)
+    assert {s["source"]: s["reason"] for s in report["skipped"]} == BAD
+    assert report["skipped_by_reason"] == {"corrupt": 1, "no_face": 1}
+    assert report["ignored_non_images"] == ["README.txt"]
+    shards = [f for f in os.listdir(built["dataset_dir"]) if ".array_record-" in f]
+    assert len(shards) == 2
+
+
+def test_read_back_same_arrays(built, photo_dir):
+    """Every record read through tfds + grain equals a fresh preprocessing of its file."""
+    source = ds.load_source(built["out"])
+    assert len(source) == len(GOOD)
+    loader = ds.make_loader(source, batch_size=4, shuffle=False, shard_index=0, shard_count=1)
+    batches = list(loader)
+    chex.assert_shape(batches[0]["reference"], (4, 64, 64, 3))
+    chex.assert_shape(batches[0]["target"], (4, 128, 128, 3))
+    chex.assert_type([batches[0]["reference"], batches[0]["landmarks"]], [np.uint8, np.float32])
+    rows = [{k: b[k][i] for k in b} for b in batches for i in range(len(b["source"]))]
+    assert sorted(str(r["source"]) for r in rows) == sorted(GOOD)
+    for row in rows:
+        name = str(row["source"])
+        mask = os.path.join(built["masks_dir"], name) if name == "astronaut.png" else None
+        fresh = pp.preprocess_file(os.path.join(photo_dir, name), BUILD, mask)
+        assert row["mask_source"] == ("dataset" if mask else "ellipse")
+        for key in ("reference", "reference_mask", "target", "landmarks", "descriptor"):
+            np.testing.assert_array_equal(row[key], getattr(fresh, key), err_msg=key)
+        assert row["num_faces"] == fresh.num_faces
+    raw = source[0]  # the stored bytes are PNG and decode to the batched arrays
+    assert raw["reference"][:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _sources(loader) -> list[str]:
+    return [str(s) for batch in loader for s in batch["source"]]
+
+
+def test_sharding_two_processes_disjoint_complete(built):
+    """Two fake JAX processes see disjoint shards that together cover every record once."""
+    source = ds.load_source(built["out"])
+    parts = [
+        _sources(ds.make_loader(source, 2, seed=3, shard_index=i, shard_count=2)) for i in (0, 1)
+    ]
+    assert not set(parts[0]) & set(parts[1])
+    assert sorted(parts[0] + parts[1]) == sorted(GOOD)
+    # The shuffle is a function of the seed only.
+    assert parts[0] == _sources(ds.make_loader(source, 2, seed=3, shard_index=0, shard_count=2))
+    assert len(_sources(ds.make_loader(source, 2, seed=3))) == len(GOOD)  # 1 real process
+
+
+def test_iterator_state_restores_exactly(built):
+    """get_state after one batch, set_state on a new iterator: the same next batches follow."""
+    source = ds.load_source(built["out"])
+    loader = ds.make_loader(source, 2, seed=7, num_epochs=2, shard_index=0, shard_count=1)
+    it = iter(loader)
+    next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(3)]
+    resumed = iter(ds.make_loader(source, 2, seed=7, num_epochs=2, shard_index=0, shard_count=1))
+    resumed.set_state(state)
+    for want in expected:
+        got = next(resumed)
+        assert list(got["source"]) == list(want["source"])
+        np.testing.assert_array_equal(got["target"], want["target"])
+
+
+def test_rebuild_reuses_finished_chunks(built, tmp_path, monkeypatch):
+    """After an interrupted build only the unfinished chunk is preprocessed again."""
+    out = tmp_path / "out"
+    shutil.copytree(built["out"], out)
+    calls = []
+
+    def counted(path, *args, **kwargs):
+        calls.append(os.path.basename(path))
+        return pp.preprocess_file(path, *args, **kwargs)
+
+    monkeypatch.setattr(ds, "preprocess_file", counted)
+    options = ds.BuildOptions(num_shards=2, chunk_size=3)
+    again = ds.build_dataset(built["photo_dir"], out, built["masks_dir"], BUILD, options)
+    assert calls == [] and again["chunks_reused"] == again["num_chunks"] == 3
+    # Interrupted run: the final dataset never appeared and the last chunk was not finished.
+    shutil.rmtree(out / "photo_verse_faces")
+    work = out / "photo_verse_faces_work"
+    last = sorted(os.listdir(work))[-1]
+    os.remove(work / last)
+    again = ds.build_dataset(built["photo_dir"], out, built["masks_dir"], BUILD, options)
+    files, _ = ds.list_files(built["photo_dir"])
+    assert calls == files[6:]  # only the third chunk of 3 files
+    assert (again["chunks_reused"], again["chunks_computed"]) == (2, 1)
+    assert again["num_written"] == built["num_written"]
+    assert sorted(_sources(ds.make_loader(ds.load_source(out), 3, seed=0))) == sorted(GOOD)
+
+
+def test_cli_summary(built, capsys):
+    """The CLI on a finished dataset reuses everything and prints one summary line."""
+    args = ["--input", built["photo_dir"], "--output", built["out"], "--masks", built["masks_dir"]]
+    args += ["--upsample", "0", "--reference-size", "64", "--target-size", "128"]
+    pp.main(args)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("pv_jax.data: 8 files -> 6 records, 2 skipped (corrupt=1 no_face=1)")
+    assert "3/3 chunks reused" in line
+    with pytest.raises(ValueError, match="reference_size, target_size"):
+        pp.main(args[:8])  # default 224/512 sizes differ from the stored dataset
