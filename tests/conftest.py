@@ -54,6 +54,26 @@ TINY_VAE = dict(
     sample_size=32,
 )
 
+TINY_CLIP_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+    projection_dim=16,
+)
+TINY_CLIP_TEXT = dict(
+    vocab_size=1000,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=16,
+    bos_token_id=0,
+    pad_token_id=1,
+)
+
 
 def perturb_(module: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
     """Add noise to every weight (diffusers zero-initialises some layers) and set eval mode."""

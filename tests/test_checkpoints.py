@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_UNET_SD1, TINY_VAE, perturb_, to_nchw, to_nhwc
+from conftest import TINY_CLIP_VISION, TINY_UNET_SD1, TINY_VAE, perturb_, to_nchw, to_nhwc
 from diffusers import AutoencoderKL as TorchVAE
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers import UNet2DConditionModel as TorchUNet
@@ -163,15 +163,7 @@ def test_export_round_trip_diffusers_loads_it(sd_folder, tmp_path):
 
 def test_clip_vision_folder_round_trip(tmp_path):
     torch.manual_seed(0)
-    cfg = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-        projection_dim=16,
-    )
+    cfg = CLIPVisionConfig(**TINY_CLIP_VISION)
     ref = perturb_(CLIPVisionModelWithProjection(cfg))
     ref.save_pretrained(tmp_path / "in")
     ours = load_clip_vision(tmp_path / "in")

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import perturb_, to_nchw, to_nhwc, torch_source
+from conftest import TINY_CLIP_TEXT, TINY_CLIP_VISION, perturb_, to_nchw, to_nhwc, torch_source
 from flax import nnx
 from transformers import CLIPTextConfig as TorchTextConfig
 from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
@@ -37,17 +37,10 @@ apply = jax.jit(lambda m, *a: m(*a))
 def _text_pair(act: str, eos: int, prefixed: bool, dtype=jnp.float32):
     torch.manual_seed(0)
     cfg = TorchTextConfig(
-        vocab_size=1000,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=16,
+        **TINY_CLIP_TEXT,
         hidden_act=act,
         projection_dim=8,
         eos_token_id=eos,
-        bos_token_id=0,
-        pad_token_id=1,
     )
     ref = perturb_(CLIPTextModelWithProjection(cfg))
     src = torch_source(ref)
@@ -124,15 +117,7 @@ def test_clip_text_bf16_close():
 
 def _vision_pair():
     torch.manual_seed(0)
-    cfg = TorchVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-        projection_dim=16,
-    )
+    cfg = TorchVisionConfig(**TINY_CLIP_VISION)
     ref = perturb_(CLIPVisionModelWithProjection(cfg))
     abstract = nnx.eval_shape(
         lambda: CLIPVisionModel(
@@ -216,15 +201,8 @@ def test_parity_clip_text_pooler_first_eos_without_projection():
 
     torch.manual_seed(1)
     cfg = TorchTextConfig(
-        vocab_size=1000,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=16,
+        **TINY_CLIP_TEXT,
         eos_token_id=999,
-        bos_token_id=0,
-        pad_token_id=1,
     )
     ref = perturb_(TorchTextModel(cfg))
     abstract = nnx.eval_shape(
