@@ -15,6 +15,9 @@ import torch  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 torch.set_num_threads(2)
 
+# Eager NNX calls dispatch op by op; jit keeps the tiny tests fast.
+apply = jax.jit(lambda m, *a, **kw: m(*a, **kw))
+
 # Tiny configs that keep every structural feature of the SD networks.
 TINY_UNET_SD1 = dict(
     sample_size=16,

@@ -10,7 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CLIP_VISION, TINY_UNET_SD1, TINY_VAE, perturb_, to_nchw, to_nhwc
+from conftest import (
+    TINY_CLIP_TEXT,
+    TINY_CLIP_VISION,
+    TINY_UNET_SD1,
+    TINY_VAE,
+    apply,
+    perturb_,
+    to_nchw,
+    to_nhwc,
+)
 from diffusers import AutoencoderKL as TorchVAE
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers import UNet2DConditionModel as TorchUNet
@@ -31,17 +40,9 @@ from pv_jax.weights.checkpoints import (
 from pv_jax.weights.convert import WeightImportError
 
 TOL = 1e-4  # fp32 parity, as in the per-network tests
-apply = jax.jit(lambda m, *a: m(*a))
 
-TEXT = dict(
-    vocab_size=49408,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-)
+# The real CLIP vocabulary and SD's 77 positions, so the packaged tokenizer fits.
+TEXT = dict(TINY_CLIP_TEXT, vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CLIP_TEXT, TINY_CLIP_VISION, perturb_, to_nchw, to_nhwc, torch_source
+from conftest import (
+    TINY_CLIP_TEXT,
+    TINY_CLIP_VISION,
+    apply,
+    perturb_,
+    to_nchw,
+    to_nhwc,
+    torch_source,
+)
 from flax import nnx
 from transformers import CLIPTextConfig as TorchTextConfig
 from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
@@ -31,7 +39,6 @@ from pv_jax.weights.convert import WeightImportError, export_state, load_into
 # Achieved fp32 max-abs error vs transformers: text last_hidden_state 1.1e-6, hidden states
 # 7.2e-7, pooled 9.5e-7, text_embeds 4.5e-7; vision hidden states and image_embeds 7.2e-7.
 TOL = 1e-4
-apply = jax.jit(lambda m, *a: m(*a))
 
 
 def _text_pair(act: str, eos: int, prefixed: bool, dtype=jnp.float32):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_UNET_SD1, TINY_UNET_SD2, perturb_, to_nchw, to_nhwc, torch_source
+from conftest import TINY_UNET_SD1, TINY_UNET_SD2, apply, perturb_, to_nchw, to_nhwc, torch_source
 from diffusers import UNet2DConditionModel as TorchUNet
 from flax import nnx
 
@@ -23,9 +23,6 @@ from pv_jax.weights.convert import (
 
 # Achieved fp32 max-abs error vs diffusers: 3.8e-6 (SD1-style), 6.4e-6 (SD2-style); outputs ~O(2).
 TOL = 1e-4
-
-# Eager NNX calls dispatch op by op; jit keeps the tiny tests fast.
-apply = jax.jit(lambda m, *a, **kw: m(*a, **kw))
 
 
 def _pair(cfg: dict, seed: int = 0, **kwargs) -> tuple[TorchUNet, UNet2DConditionModel]:
