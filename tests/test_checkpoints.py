@@ -227,3 +227,13 @@ def test_safetensors_reader_dtypes_and_truncation(tmp_path):
         open_tensors([tmp_path / "junk.safetensors"]),
     ):
         pass
+
+
+def test_packaged_tokenizer_is_openai_clip():
+    tok = load_tokenizer()
+    assert len(tok) == 49408 and tok.model_max_length == 77
+    # OpenAI CLIP's ids (as in every SD 1.x tokenizer/): BOS, a, photo, of, a, cat, EOS.
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert tok.decode(tok("an astronaut riding a horse").input_ids[1:-1]) == (
+        "an astronaut riding a horse"
+    )

@@ -267,9 +267,12 @@ def load_tokenizer(folder: str | os.PathLike | None = None):
 
     if folder is None:
         folder = Path(__file__).resolve().parent.parent / "assets" / "clip_tokenizer"
-        return CLIPTokenizer(
-            vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt")
-        )
+        # transformers 5's CLIPTokenizer takes the vocabulary and merges themselves; it ignores
+        # the old ``vocab_file``/``merges_file`` arguments and would build an empty vocabulary.
+        vocab = json.loads((folder / "vocab.json").read_text())
+        lines = (folder / "merges.txt").read_text().splitlines()
+        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#")]
+        return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
     return CLIPTokenizer.from_pretrained(str(folder))
 
 
