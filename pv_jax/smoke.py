@@ -22,9 +22,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from pv_jax.diffusion import NoiseSchedule, ddim_prev_timesteps, ddim_step, ddim_timesteps
-from pv_jax.models.clip import CLIPTextConfig, CLIPTextModel
-from pv_jax.models.unet import UNet2DConditionModel, UNetConfig
-from pv_jax.models.vae import AutoencoderKL, VAEConfig
+from pv_jax.models.clip import CLIPTextModel
+from pv_jax.models.tiny import TINY_TEXT, TINY_UNET, TINY_VAE, random_module
+from pv_jax.models.unet import UNet2DConditionModel
+from pv_jax.models.vae import AutoencoderKL
 from pv_jax.weights.checkpoints import (
     StableDiffusion,
     load_stable_diffusion,
@@ -32,51 +33,14 @@ from pv_jax.weights.checkpoints import (
     save_stable_diffusion,
 )
 
-TINY_TEXT = CLIPTextConfig(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
-)
-TINY_UNET = UNetConfig(
-    sample_size=16,
-    block_out_channels=(32, 64),
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    attention_head_dim=4,
-    cross_attention_dim=64,
-    norm_num_groups=8,
-)
-TINY_VAE = VAEConfig(
-    block_out_channels=(32, 64),
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-    layers_per_block=1,
-    norm_num_groups=8,
-    sample_size=32,
-)
-
 
 def tiny_stable_diffusion(seed: int = 0) -> StableDiffusion:
     """Tiny random SD networks with the packaged CLIP tokenizer."""
 
-    def build(ctor):
-        # Built abstractly and filled from numpy: creating modules eagerly (or under nnx.jit)
-        # spends 25-40 s on hundreds of small RNG programs for these tiny networks.
-        graphdef, state = nnx.split(nnx.eval_shape(lambda: ctor(nnx.Rngs(0))))
-        for path, var in nnx.to_flat_state(state):
-            shape, name = var.get_value().shape, str(path[-1])
-            if name == "scale":
-                value = np.ones(shape, np.float32)
-            elif name == "bias":
-                value = np.zeros(shape, np.float32)
-            else:  # kernels, embeddings, class token: fan-in scaled normal
-                fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else shape[0]
-                value = rng.standard_normal(shape).astype(np.float32) / np.sqrt(fan_in)
-            var.set_value(jnp.asarray(value))
-        return nnx.merge(graphdef, state)
-
     rng = np.random.default_rng(seed)
-    unet = build(lambda r: UNet2DConditionModel(TINY_UNET, rngs=r))
-    vae = build(lambda r: AutoencoderKL(TINY_VAE, rngs=r))
-    text = build(lambda r: CLIPTextModel(TINY_TEXT, rngs=r))
+    unet = random_module(lambda r: UNet2DConditionModel(TINY_UNET, rngs=r), rng)
+    vae = random_module(lambda r: AutoencoderKL(TINY_VAE, rngs=r), rng)
+    text = random_module(lambda r: CLIPTextModel(TINY_TEXT, rngs=r), rng)
     return StableDiffusion(
         unet=unet,
         vae=vae,

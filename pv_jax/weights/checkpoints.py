@@ -34,7 +34,13 @@ from pv_jax.models.clip import (
 )
 from pv_jax.models.unet import UNet2DConditionModel, UNetConfig
 from pv_jax.models.vae import AutoencoderKL, VAEConfig
-from pv_jax.weights.convert import DEFAULT_RULES, TensorSource, export_state, load_into
+from pv_jax.weights.convert import (
+    DEFAULT_RULES,
+    TensorSource,
+    export_state,
+    load_into,
+    nothing,
+)
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 TRANSFORMERS_WEIGHTS = ("model", "pytorch_model")
@@ -168,9 +174,14 @@ def load_unet(
     attention: str = "auto",
     remat: bool = False,
     variant: str | None = None,
+    skip: nnx.filterlib.Filter = nothing,
     **kwargs,
 ) -> UNet2DConditionModel:
-    """A diffusers ``UNet2DConditionModel`` folder as our NNX UNet (``kwargs`` to the ctor)."""
+    """A diffusers ``UNet2DConditionModel`` folder as our NNX UNet (``kwargs`` to the ctor).
+
+    Parameters matching ``skip`` (added by a ``cross_attention_cls``, e.g. PhotoVerse's LoRA)
+    are not read from the folder and stay abstract: the caller initialises them.
+    """
     folder = Path(folder)
     cfg = UNetConfig.from_diffusers(read_config(folder, "diffusers UNet2DConditionModel"))
     return _build(
@@ -181,6 +192,7 @@ def load_unet(
         rules=DEFAULT_RULES,
         what=f"UNet in {folder}",
         ignore=_IGNORE,
+        skip=skip,
     )
 
 
@@ -294,8 +306,10 @@ def load_stable_diffusion(
     attention: str = "auto",
     remat: bool = False,
     variant: str | None = None,
+    **unet_kwargs,
 ) -> StableDiffusion:
-    """Every network of a diffusers Stable Diffusion folder (``save_pretrained`` layout)."""
+    """Every network of a diffusers Stable Diffusion folder (``save_pretrained`` layout);
+    ``unet_kwargs`` go to :func:`load_unet` (e.g. a ``cross_attention_cls`` and its ``skip``)."""
     folder = Path(folder)
     missing = [s for s in SD_SUBFOLDERS if not (folder / s).is_dir()]
     if missing:
@@ -308,7 +322,12 @@ def load_stable_diffusion(
         raise CheckpointFolderError(f"{sched} is missing")
     return StableDiffusion(
         unet=load_unet(
-            folder / "unet", dtype=dtype, attention=attention, remat=remat, variant=variant
+            folder / "unet",
+            dtype=dtype,
+            attention=attention,
+            remat=remat,
+            variant=variant,
+            **unet_kwargs,
         ),
         vae=load_vae(folder / "vae", dtype=dtype, attention=attention, variant=variant),
         text_encoder=load_clip_text(
@@ -329,12 +348,18 @@ def _write(folder: Path, config: dict, tensors: dict[str, np.ndarray], weights_f
     return folder
 
 
-def save_unet(unet: UNet2DConditionModel, folder: str | os.PathLike) -> Path:
-    """Write a folder that diffusers' ``UNet2DConditionModel.from_pretrained`` loads."""
+def save_unet(
+    unet: UNet2DConditionModel,
+    folder: str | os.PathLike,
+    *,
+    skip: nnx.filterlib.Filter = nothing,
+) -> Path:
+    """Write a folder that diffusers' ``UNet2DConditionModel.from_pretrained`` loads (without
+    the parameters matching ``skip``, e.g. PhotoVerse's additions)."""
     return _write(
         Path(folder),
         unet.config.to_diffusers(),
-        export_state(unet),
+        export_state(unet, skip=skip),
         f"{DIFFUSERS_WEIGHTS}.safetensors",
     )
 

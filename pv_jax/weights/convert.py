@@ -46,6 +46,9 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     Rule(r"^(.+)$", r"\1"),
 )
 
+# The filter that matches no variable (the default of ``skip``).
+nothing: nnx.filterlib.Filter = False
+
 # A lazily read tensor source: key -> function returning the numpy array.
 TensorSource = Mapping[str, Callable[[], np.ndarray]]
 
@@ -114,18 +117,23 @@ def load_into(
     what: str,
     strip_prefixes: Sequence[str] = (),
     ignore: Sequence[str] = (),
+    skip: nnx.filterlib.Filter = nothing,
     param_dtype: jnp.dtype = jnp.float32,
 ) -> nnx.Module:
     """Fill ``module`` (abstract or concrete) from ``source``; returns the filled module.
 
     Every NNX variable must find its tensor with the right shape and every source tensor must be
     used (``ignore`` lists regexes of buffers to skip); otherwise a :class:`WeightImportError`
-    lists all offending keys at once.
+    lists all offending keys at once. Variables matching the NNX filter ``skip`` (parameters the
+    file cannot have, e.g. PhotoVerse's LoRA) are left as they are, abstract or not.
     """
     graphdef, state = nnx.split(module)
+    skipped = nnx.filterlib.to_predicate(skip)
     by_key = normalise_keys(source.keys(), strip_prefixes)
     missing, mismatched, used = [], [], set()
     for path, var in nnx.to_flat_state(state):
+        if skipped(path, var):
+            continue
         key, layout = torch_key(_path_str(path), rules)
         if key not in by_key:
             missing.append(key)
@@ -155,11 +163,17 @@ def load_into(
 
 
 def export_state(
-    module: nnx.Module, rules: Sequence[Rule] = DEFAULT_RULES, *, prefix: str = ""
+    module: nnx.Module,
+    rules: Sequence[Rule] = DEFAULT_RULES,
+    *,
+    prefix: str = "",
+    skip: nnx.filterlib.Filter = nothing,
 ) -> dict[str, np.ndarray]:
-    """The module's parameters as a torch-layout state dict (float32 numpy, contiguous)."""
+    """The module's parameters as a torch-layout state dict (float32 numpy, contiguous), but
+    those matching ``skip``."""
     out: dict[str, np.ndarray] = {}
-    for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+    params = nnx.All(nnx.Param, nnx.Not(skip))
+    for path, var in nnx.to_flat_state(nnx.state(module, params)):
         key, layout = torch_key(_path_str(path), rules)
         array = np.asarray(var.get_value(), dtype=np.float32)
         out[prefix + key] = np.ascontiguousarray(to_torch_layout(array, layout))

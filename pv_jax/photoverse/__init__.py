@@ -1,0 +1,58 @@
+"""PhotoVerse itself: dual-branch concept extraction, concept injection in the UNet
+cross-attention, placeholder prompts, the model builder and the training objective."""
+
+from pv_jax.photoverse.adapters import ImageAdapter, TextAdapter
+from pv_jax.photoverse.attention import (
+    UNET_EXTRAS,
+    PhotoVerseAttention,
+    cross_attentions,
+    photoverse_attention_cls,
+    random_fusion,
+)
+from pv_jax.photoverse.config import AdapterConfig, PhotoVerseConfig
+from pv_jax.photoverse.losses import photoverse_loss
+from pv_jax.photoverse.model import (
+    FROZEN,
+    TINY_CONFIG,
+    TRAINABLE,
+    PhotoVerse,
+    PhotoVerseBundle,
+    build_photoverse,
+    count_params,
+    split_trainable,
+    tiny_photoverse,
+)
+from pv_jax.photoverse.placeholder import (
+    PlaceholderTokenizer,
+    PromptError,
+    PromptTokens,
+    encode_prompts,
+    inject_pseudo_words,
+)
+
+__all__ = [
+    "FROZEN",
+    "TINY_CONFIG",
+    "TRAINABLE",
+    "UNET_EXTRAS",
+    "AdapterConfig",
+    "ImageAdapter",
+    "PhotoVerse",
+    "PhotoVerseAttention",
+    "PhotoVerseBundle",
+    "PhotoVerseConfig",
+    "PlaceholderTokenizer",
+    "PromptError",
+    "PromptTokens",
+    "TextAdapter",
+    "build_photoverse",
+    "count_params",
+    "cross_attentions",
+    "encode_prompts",
+    "inject_pseudo_words",
+    "photoverse_attention_cls",
+    "photoverse_loss",
+    "random_fusion",
+    "split_trainable",
+    "tiny_photoverse",
+]
