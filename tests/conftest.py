@@ -106,3 +106,28 @@ def to_nchw(x) -> np.ndarray:
 def rng() -> np.random.RandomState:
     """A fixed numpy random state."""
     return np.random.RandomState(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pv():
+    """Tiny random PhotoVerse (real tokenizer and dlib face net), shared: tests must not mutate
+    it (use nnx.clone or split/merge copies)."""
+    from pv_jax.photoverse import tiny_photoverse
+
+    return tiny_photoverse(seed=0)
+
+
+def face_batch(tokenizer, prompts=("a photo of S* as an astronaut", "S* in a garden"), m=5):
+    """A tiny PhotoVerse batch: random reference/target images, landmarks of a centred face."""
+    r = np.random.RandomState(0)
+    b = len(prompts)
+    tokens = tokenizer(list(prompts), m)
+    # dlib's 5 points (eye corners, nose) of a face filling a 32x32 target.
+    lm = np.array([[22, 11], [18, 11], [9, 11], [13, 11], [16, 20]], np.float32)
+    return dict(
+        reference=r.randint(0, 256, (b, 224, 224, 3)).astype(np.uint8),
+        target=r.rand(b, 32, 32, 3).astype(np.float32),
+        landmarks=np.stack([lm] * b),
+        input_ids=tokens.input_ids,
+        slots=tokens.slots,
+    )

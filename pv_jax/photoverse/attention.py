@@ -144,7 +144,7 @@ class PhotoVerseAttention(Attention):
 
 
 def _axes(*names: str | None) -> dict:
-    return {"sharding_names": names, "eager_sharding": False}
+    return {"out_sharding": names, "eager_sharding": False}
 
 
 def _is_one(v: Scalar) -> bool:
@@ -174,7 +174,7 @@ def photoverse_attention_cls(cfg: PhotoVerseConfig):
 
 def cross_attentions(module: nnx.Module) -> list[PhotoVerseAttention]:
     """Every PhotoVerse cross-attention layer in ``module`` (a UNet), in graph order."""
-    return [m for _, m in module.iter_modules() if isinstance(m, PhotoVerseAttention)]
+    return [m for _, m in nnx.iter_modules(module) if isinstance(m, PhotoVerseAttention)]
 
 
 def random_fusion(key: jax.Array, batch: int, cfg: PhotoVerseConfig) -> tuple[jax.Array, jax.Array]:

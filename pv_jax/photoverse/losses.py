@@ -14,6 +14,7 @@ A batch is a dict of arrays:
     landmarks  (B, 5, 2)     dlib's 5 landmarks (x, y) in target pixels
     input_ids, slots (B, L)  placeholder prompts (PlaceholderTokenizer)
     descriptor (B, 128)      optional: the target's face descriptor (else computed with F)
+    timesteps  (B,)          optional: fixed diffusion timesteps (else drawn uniformly)
 """
 
 from __future__ import annotations
@@ -93,7 +94,9 @@ def photoverse_loss(
     k_latent, k_noise, k_t, k_fuse = jax.random.split(key, 4)
 
     latents = jax.lax.stop_gradient(model.vae.sample_latents(target * 2.0 - 1.0, k_latent))
-    t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
+    t = batch.get("timesteps")
+    if t is None:
+        t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
     noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
     x_t = add_noise(schedule, latents, noise, t)
 

@@ -1,0 +1,312 @@
+"""The PhotoVerse model: trainable partition, the UNet cross-attention (LoRA + image branch)
+against direct computations and the plain UNet, random fusion, builders and config checks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import face_batch
+from flax import nnx
+
+from pv_jax.models.attention import dot_attention
+from pv_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+from pv_jax.models.tiny import TINY_UNET, TINY_VAE, TINY_VISION, random_module
+from pv_jax.models.unet import UNet2DConditionModel, UNetConfig
+from pv_jax.models.vae import AutoencoderKL
+from pv_jax.photoverse import (
+    FROZEN,
+    TINY_CONFIG,
+    TRAINABLE,
+    UNET_EXTRAS,
+    PhotoVerse,
+    PhotoVerseAttention,
+    PhotoVerseConfig,
+    build_photoverse,
+    count_params,
+    cross_attentions,
+    photoverse_attention_cls,
+    photoverse_loss,
+    random_fusion,
+    split_trainable,
+)
+from pv_jax.smoke import tiny_stable_diffusion
+from pv_jax.weights.checkpoints import save_clip_vision, save_stable_diffusion
+from pv_jax.weights.convert import export_state, load_into
+
+
+def _perturbed(model: PhotoVerse, scale: float = 0.05, seed: int = 1) -> PhotoVerse:
+    """A copy whose trainable leaves are all non-zero (LoRA B starts at zero, so A's gradient
+    would be zero at initialisation)."""
+    graphdef, trainable, frozen = split_trainable(model)
+    leaves, tree = jax.tree.flatten(trainable)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    leaves = [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    return nnx.merge(graphdef, jax.tree.unflatten(tree, leaves), frozen)
+
+
+def test_trainable_partition_and_gradients(tiny_pv):
+    model = _perturbed(tiny_pv.model)
+    graphdef, trainable, frozen = split_trainable(model)
+    paths = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(trainable)]
+    groups = ("text_adapter.", "image_adapter.", ".lora_", ".to_k_s.", ".to_v_s.")
+    assert all(any(g in "." + p for g in groups) for p in paths)
+    for g in groups:
+        assert any(g in "." + p for p in paths), f"no trainable {g} parameters"
+    frozen_paths = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(frozen)]
+    assert not any(any(g in "." + p for g in groups) for p in frozen_paths)
+    assert count_params(nnx.state(model, FROZEN)) == count_params(frozen)
+
+    batch = face_batch(tiny_pv.tokenizer)
+    batch["timesteps"] = np.array([100, 300])  # <= t_face_max: every loss term is active
+
+    @jax.jit
+    def grads(trainable, frozen, batch):
+        def loss(tr):
+            m = nnx.merge(graphdef, tr, frozen)
+            return photoverse_loss(m, batch, jax.random.key(0), schedule=tiny_pv.schedule)
+
+        return jax.grad(loss, has_aux=True)(trainable)
+
+    g, metrics = grads(trainable, frozen, batch)
+    assert float(metrics["face"]) > 0
+    # Gradients exist for the trainable state only (same tree), and none of them is zero.
+    chex.assert_trees_all_equal_structs(g, trainable)
+    for path, leaf in jax.tree.leaves_with_path(g):
+        assert np.isfinite(leaf).all() and np.abs(leaf).max() > 0, jax.tree_util.keystr(path)
+
+
+def _adapter_params(d_in: int, d_out: int, hidden: int, blocks: int) -> int:
+    dims = [d_in] + [hidden] * blocks
+    per_block = sum(a * b + b + 2 * b for a, b in zip(dims[:-1], dims[1:], strict=True))
+    return per_block + hidden * d_out + d_out
+
+
+def test_trainable_parameter_count_sd15():
+    cfg = PhotoVerseConfig()
+    unet_cfg = UNetConfig()  # SD1.5
+    vision_cfg = CLIPVisionConfig(  # CLIP ViT-L/14
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=224,
+        patch_size=14,
+        projection_dim=768,
+    )
+    # Only the text width matters to the trainable part: one layer keeps the build quick.
+    text_cfg = CLIPTextConfig(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=1, num_attention_heads=12
+    )
+
+    def build():
+        rngs = nnx.Rngs(0)
+        return PhotoVerse(
+            cfg,
+            unet=UNet2DConditionModel(
+                unet_cfg, cross_attention_cls=photoverse_attention_cls(cfg), rngs=rngs
+            ),
+            vae=AutoencoderKL(TINY_VAE, rngs=rngs),  # frozen, not counted here
+            text_encoder=CLIPTextModel(text_cfg, rngs=rngs),
+            image_encoder=CLIPVisionModel(vision_cfg, rngs=rngs),
+            rngs=rngs,
+        )
+
+    model = nnx.eval_shape(build)
+    _, trainable, _ = split_trainable(model)
+    n = count_params(trainable)
+
+    h, r, ctx = cfg.adapter.hidden, cfg.lora_rank, 768
+    # 16 cross-attention layers: inner width 320 x5, 640 x5, 1280 x6 (down 2+2+2, mid 1, up 3x3).
+    inner = [320] * 5 + [640] * 5 + [1280] * 6
+    assert sorted(a._dims[1][1][1] for a in cross_attentions(model.unet)) == sorted(inner)
+    lora = sum(2 * (ctx * r + r * d) for d in inner)  # on k and v
+    image_branch = sum(2 * ctx * d for d in inner)  # W_k^S, W_v^S (no bias)
+    adapters = 5 * _adapter_params(1024, 768, h, 2) + _adapter_params(1024, 768, h, 2)
+    print(
+        f"SD1.5 PhotoVerse trainable: {n:,} = adapters {adapters:,} + LoRA {lora:,} + "
+        f"image K/V {image_branch:,}"
+    )
+    assert n == adapters + lora + image_branch == 36_908_544
+    assert count_params(nnx.state(model.unet, FROZEN)) == 859_520_964  # the SD1.5 UNet
+
+
+def _unet_pair(seed: int = 0):
+    """A PhotoVerse UNet (LoRA B = 0) and a plain UNet with the same base weights."""
+    pv = random_module(
+        lambda r: UNet2DConditionModel(
+            TINY_UNET, cross_attention_cls=photoverse_attention_cls(TINY_CONFIG), rngs=r
+        ),
+        np.random.default_rng(seed),
+        skip=UNET_EXTRAS,
+    )
+    for attn in cross_attentions(pv):
+        attn.reset_photoverse_params(nnx.Rngs(seed))
+    plain = nnx.eval_shape(lambda: UNet2DConditionModel(TINY_UNET, rngs=nnx.Rngs(0)))
+    base = export_state(pv, skip=UNET_EXTRAS)
+    plain = load_into(plain, {k: (lambda v=v: v) for k, v in base.items()}, what="UNet")
+    return pv, plain
+
+
+def _unet_inputs(b: int = 2):
+    r = np.random.RandomState(0)
+    x = jnp.asarray(r.randn(b, 16, 16, 4).astype(np.float32))
+    ctx = jnp.asarray(r.randn(b, 9, 64).astype(np.float32))
+    f = jnp.asarray(r.randn(b, 17, 64).astype(np.float32))
+    return x, jnp.array([10, 700][:b]), ctx, f
+
+
+_unet = jax.jit(lambda m, x, t, c, kw: m(x, t, c, cross_attention_kwargs=kw))
+
+
+def test_unet_equals_plain_unet_without_image_branch_and_zero_lora():
+    pv, plain = _unet_pair()
+    x, t, ctx, f = _unet_inputs()
+    want = np.asarray(_unet(plain, x, t, ctx, None))
+    # No image tokens, gamma = 1, LoRA B = 0: bit-identical to the plain UNet.
+    got = _unet(pv, x, t, ctx, dict(image_tokens=None, gamma=1.0, sigma=0.0))
+    np.testing.assert_array_equal(np.asarray(got), want)
+    # Image tokens present but sigma = 0 (per sample): still identical.
+    got = _unet(pv, x, t, ctx, dict(image_tokens=f, gamma=jnp.ones(2), sigma=jnp.zeros(2)))
+    np.testing.assert_array_equal(np.asarray(got), want)
+    # Non-zero LoRA changes the output; alpha = 0 switches it off exactly.
+    for attn in cross_attentions(pv):
+        for lora in (attn.lora_k, attn.lora_v):
+            lora.lora_b.set_value(jnp.full(lora.lora_b.shape, 0.05))
+    lora_on = np.asarray(_unet(pv, x, t, ctx, dict(image_tokens=None, sigma=0.0)))
+    assert np.abs(lora_on - want).max() > 1e-3
+    got = _unet(pv, x, t, ctx, dict(image_tokens=None, sigma=0.0, alpha=0.0))
+    np.testing.assert_array_equal(np.asarray(got), want)
+    # sigma > 0 with image tokens changes it too.
+    with_image = _unet(pv, x, t, ctx, dict(image_tokens=f, sigma=1.0, alpha=0.0))
+    assert np.abs(np.asarray(with_image) - want).max() > 1e-3
+
+
+def test_cross_attention_matches_direct_computation():
+    r = np.random.RandomState(0)
+    attn = PhotoVerseAttention(
+        16, context_dim=12, heads=2, dim_head=8, attention="blocked", rngs=nnx.Rngs(0)
+    )
+    attn.lora_k.lora_b.set_value(jnp.asarray(r.randn(8, 16).astype(np.float32)) * 0.1)
+    attn.lora_v.lora_b.set_value(jnp.asarray(r.randn(8, 16).astype(np.float32)) * 0.1)
+    x, c, f = (
+        jnp.asarray(r.randn(2, n, d).astype(np.float32)) for n, d in ((5, 16), (7, 12), (3, 12))
+    )
+    gamma, sigma, alpha = jnp.array([2.0, 0.5]), jnp.array([0.0, 1.5]), 0.7
+    got = jax.jit(lambda m, *a, **k: m(*a, **k))(
+        attn, x, c, image_tokens=f, gamma=gamma, sigma=sigma, alpha=alpha
+    )
+
+    def w(lin):
+        return np.asarray(lin.kernel.get_value())
+
+    def heads(a):
+        return jnp.asarray(a).reshape(*a.shape[:-1], 2, 8)
+
+    def lora(m):
+        return np.asarray(m.lora_a.get_value()) @ np.asarray(m.lora_b.get_value())
+
+    q = np.asarray(x) @ w(attn.to_q)
+    k_t = np.asarray(c) @ (w(attn.to_k) + alpha * lora(attn.lora_k))
+    v_t = np.asarray(c) @ (w(attn.to_v) + alpha * lora(attn.lora_v))
+    k_s, v_s = np.asarray(f) @ w(attn.to_k_s), np.asarray(f) @ w(attn.to_v_s)
+    o_t = np.asarray(dot_attention(heads(q), heads(k_t), heads(v_t))).reshape(2, 5, 16)
+    o_s = np.asarray(dot_attention(heads(q), heads(k_s), heads(v_s))).reshape(2, 5, 16)
+    o = np.asarray(gamma)[:, None, None] * o_t + np.asarray(sigma)[:, None, None] * o_s
+    want = o @ w(attn.to_out[0]) + np.asarray(attn.to_out[0].bias.get_value())
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+
+
+def test_image_branch_initialised_from_text_keys_and_values(tiny_pv):
+    for attn in cross_attentions(tiny_pv.model.unet):
+        np.testing.assert_array_equal(attn.to_k_s.kernel.get_value(), attn.to_k.kernel.get_value())
+        np.testing.assert_array_equal(attn.to_v_s.kernel.get_value(), attn.to_v.kernel.get_value())
+        assert not np.asarray(attn.lora_k.lora_b.get_value()).any()
+        assert np.asarray(attn.lora_k.lora_a.get_value()).std() > 0
+
+
+def test_random_fusion_frequencies():
+    cfg = PhotoVerseConfig()
+    gamma, sigma = jax.jit(lambda k: random_fusion(k, 200_000, cfg))(jax.random.key(0))
+    gamma, sigma = np.asarray(gamma), np.asarray(sigma)
+    pairs = {(2.0, 0.0): 0, (0.0, 2.0): 0, (1.0, 1.0): 0}
+    for pair in pairs:
+        pairs[pair] = float(np.mean((gamma == pair[0]) & (sigma == pair[1])))
+    assert sum(pairs.values()) == pytest.approx(1.0)
+    for freq in pairs.values():
+        assert abs(freq - 1 / 3) < 0.005  # 200k draws: standard error ~0.001
+    other = random_fusion(jax.random.key(1), 200_000, cfg)[0]
+    assert (np.asarray(other) != gamma).any()  # per-sample draws depend on the key
+
+
+def test_build_photoverse_from_folders(tmp_path):
+    sd_folder = save_stable_diffusion(tiny_stable_diffusion(3), tmp_path / "sd")
+    vision = random_module(lambda r: CLIPVisionModel(TINY_VISION, rngs=r), np.random.default_rng(0))
+    vision_folder = save_clip_vision(vision, tmp_path / "clip-vision")
+    bundle = build_photoverse(
+        TINY_CONFIG, sd_folder=sd_folder, clip_vision_folder=vision_folder, with_face_net=False
+    )
+    model = bundle.model
+    # Base weights come from the folders; the additions are initialised.
+    np.testing.assert_array_equal(
+        model.image_encoder.embeddings.class_embedding.get_value(),
+        vision.embeddings.class_embedding.get_value(),
+    )
+    ref = tiny_stable_diffusion(3).unet
+    attn = cross_attentions(model.unet)[0]
+    np.testing.assert_array_equal(
+        attn.to_k.kernel.get_value(),
+        ref.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.kernel.get_value(),
+    )
+    np.testing.assert_array_equal(attn.to_k_s.kernel.get_value(), attn.to_k.kernel.get_value())
+    assert bundle.tokenizer.placeholder_id == 49408
+    assert model.face_net is None
+    with pytest.raises(FileNotFoundError, match="not a Stable Diffusion folder"):
+        build_photoverse(TINY_CONFIG, sd_folder=tmp_path, clip_vision_folder=vision_folder)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="text_input='patch' is not one of"):
+        PhotoVerseConfig(text_input="patch")
+    with pytest.raises(ValueError, match="lora_targets='w' is not one of"):
+        PhotoVerseConfig(lora_targets=("k", "w"))
+    with pytest.raises(ValueError, match="num_words must be in 1..5"):
+        PhotoVerseConfig(num_words=6)
+    with pytest.raises(ValueError, match="unknown PhotoVerse config fields \\['rank'\\]"):
+        PhotoVerseConfig.from_dict({"rank": 4})
+    cfg = PhotoVerseConfig.from_dict(
+        {"text_layers": [3, 1], "adapter": {"hidden": 16}, "lora_targets": ["q", "k", "v", "out"]}
+    )
+    assert cfg.text_layers == (3, 1) and cfg.adapter.hidden == 16
+    assert PhotoVerseConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_model_checks_layers_and_widths(tiny_pv):
+    m = tiny_pv.model
+    parts = dict(vae=m.vae, text_encoder=m.text_encoder, image_encoder=m.image_encoder)
+    with pytest.raises(ValueError, match=r"CLIP-vision layers \[24\] do not exist"):
+        PhotoVerse(
+            dataclasses.replace(TINY_CONFIG, text_layers=(24,)),
+            unet=m.unet,
+            rngs=nnx.Rngs(0),
+            **parts,
+        )
+    plain = nnx.eval_shape(lambda: UNet2DConditionModel(TINY_UNET, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="no PhotoVerse cross-attention"):
+        PhotoVerse(TINY_CONFIG, unet=plain, rngs=nnx.Rngs(0), **parts)
+
+
+def test_fewer_pseudo_words_at_inference(tiny_pv):
+    batch = face_batch(tiny_pv.tokenizer)
+    run = jax.jit(lambda m, ref, n: m.encode_reference(ref, n), static_argnums=2)
+    words5, f = run(tiny_pv.model, batch["reference"], 5)
+    words1, f1 = run(tiny_pv.model, batch["reference"], 1)
+    chex.assert_shape(words5, (2, 5, 64))
+    chex.assert_shape(words1, (2, 1, 64))
+    chex.assert_shape(f, (2, 17, 64))  # all 1 + 16 tokens of the tiny tower
+    np.testing.assert_allclose(np.asarray(words1[:, 0]), np.asarray(words5[:, 0]), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(f1), np.asarray(f))
