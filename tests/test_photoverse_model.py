@@ -60,6 +60,7 @@ def test_trainable_partition_and_gradients(tiny_pv):
     frozen_paths = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(frozen)]
     assert not any(any(g in "." + p for g in groups) for p in frozen_paths)
     assert count_params(nnx.state(model, FROZEN)) == count_params(frozen)
+    assert count_params(nnx.state(model, TRAINABLE)) == count_params(trainable)
 
     batch = face_batch(tiny_pv.tokenizer)
     batch["timesteps"] = np.array([100, 300])  # <= t_face_max: every loss term is active
