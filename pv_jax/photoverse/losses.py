@@ -89,6 +89,11 @@ def photoverse_loss(
     config's fixed gamma and sigma.
     """
     cfg = config or model.config
+    if cfg.face_weight and model.face_net is None:
+        raise ValueError(
+            f"face_weight={cfg.face_weight} needs a face net: build the model with "
+            "with_face_net=True, or set face_weight=0"
+        )
     target = to_unit(batch["target"])
     b = target.shape[0]
     k_latent, k_noise, k_t, k_fuse = jax.random.split(key, 4)
@@ -114,11 +119,6 @@ def photoverse_loss(
         "image_reg": model.image_value_l1(image_tokens),
     }
     face_mask = t <= cfg.t_face_max
-    if cfg.face_weight and model.face_net is None:
-        raise ValueError(
-            f"face_weight={cfg.face_weight} needs a face net: build the model with "
-            "with_face_net=True, or set face_weight=0"
-        )
     if cfg.face_weight:
         desc = batch.get("descriptor")
         if desc is None:

@@ -1,0 +1,174 @@
+"""PhotoVerse's losses: each term against a direct computation, the face loss's fixed point and
+gradient path, and a tiny-config overfit run."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import face_batch
+from flax import nnx
+
+from pv_jax.diffusion import add_noise
+from pv_jax.face import align_faces
+from pv_jax.photoverse import (
+    cross_attentions,
+    photoverse_loss,
+    split_trainable,
+    tiny_photoverse,
+)
+from pv_jax.photoverse.losses import face_descriptors, face_loss
+
+
+@pytest.fixture(scope="module")
+def pv(tiny_pv):
+    """The shared tiny model and its jitted loss (fixed gamma = sigma = 1)."""
+    loss = jax.jit(functools.partial(photoverse_loss, schedule=tiny_pv.schedule, fusion=False))
+    return tiny_pv, loss
+
+
+def _cos(a, b):
+    return np.sum(a * b, -1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def test_loss_terms_match_direct_computation(pv):
+    (bundle, loss_fn) = pv
+    model, cfg, sched = bundle.model, bundle.config, bundle.schedule
+    batch = face_batch(bundle.tokenizer)
+    batch["timesteps"] = np.array([200, 800])  # one sample inside the face-loss range, one not
+    key = jax.random.key(3)
+    total, m = loss_fn(model, batch, key)
+
+    @jax.jit
+    def direct(model, batch):
+        """The forward pass step by step, with the same random draws."""
+        k_latent, k_noise, _, _ = jax.random.split(key, 4)
+        latents = model.vae.sample_latents(jnp.asarray(batch["target"]) * 2 - 1, k_latent)
+        noise = jax.random.normal(k_noise, latents.shape)
+        t = jnp.asarray(batch["timesteps"])
+        x_t = add_noise(sched, latents, noise, t)
+        words, f = model.encode_reference(batch["reference"])
+        ctx = model.encode_text(batch["input_ids"], batch["slots"], words)
+        pred = model.denoise(x_t, t, ctx, f, gamma=cfg.gamma, sigma=cfg.sigma)
+        x0 = (x_t - jnp.sqrt(1 - abar) * pred) / jnp.sqrt(abar)
+        image = jnp.clip(model.vae.decode(model.vae.unscale_latents(x0)) / 2 + 0.5, 0, 1)
+        chips = align_faces(image * 255, batch["landmarks"], quantize=False)
+        target_chips = align_faces(batch["target"] * 255, batch["landmarks"], quantize=False)
+        desc = (model.face_net(chips), model.face_net(target_chips))
+        return pred, noise, words, f, desc
+
+    abar = sched.alphas_cumprod[batch["timesteps"]][:, None, None, None]
+    pred, noise, words, f, (desc, target_desc) = jax.tree.map(np.asarray, direct(model, batch))
+    np.testing.assert_allclose(m["diffusion"], np.mean((pred - noise) ** 2), rtol=1e-5)
+    np.testing.assert_allclose(m["text_reg"], np.abs(words).mean(), rtol=1e-5)
+    per_layer = [
+        np.abs(f @ np.asarray(a.to_v_s.kernel.get_value())).mean()
+        for a in cross_attentions(model.unet)
+    ]
+    np.testing.assert_allclose(m["image_reg"], np.mean(per_layer), rtol=1e-5)
+
+    cos = _cos(desc, target_desc)
+    np.testing.assert_allclose(m["face"], 1 - cos[0], atol=1e-5)  # only t=200 <= 500 counts
+    assert float(m["face_fraction"]) == 0.5
+
+    want = (
+        m["diffusion"]
+        + cfg.face_weight * m["face"]
+        + cfg.text_reg_weight * m["text_reg"]
+        + cfg.image_reg_weight * m["image_reg"]
+    )
+    np.testing.assert_allclose(total, want, rtol=1e-6)
+    assert cfg.face_weight == 0.01 and cfg.text_reg_weight == 0.01
+    assert cfg.image_reg_weight == 0.001
+    # The dataset's precomputed descriptor is used when given.
+    batch["descriptor"] = target_desc
+    np.testing.assert_allclose(loss_fn(model, batch, key)[1]["face"], m["face"], atol=1e-5)
+
+
+def test_face_loss_zero_for_an_image_compared_with_itself(tiny_pv):
+    model, sched = tiny_pv.model, tiny_pv.schedule
+    batch = face_batch(tiny_pv.tokenizer)
+    latents = model.vae.sample_latents(jnp.asarray(batch["target"]) * 2 - 1, jax.random.key(0))
+    noise = jax.random.normal(jax.random.key(1), latents.shape)
+    t = jnp.array([50, 400])
+    x_t = add_noise(sched, latents, noise, t)
+    own = jax.jit(
+        lambda m, z, lm: face_descriptors(
+            m, jnp.clip(m.vae.decode(m.vae.unscale_latents(z)) / 2 + 0.5, 0, 1), lm
+        )
+    )(model, latents, batch["landmarks"])
+    run = jax.jit(face_loss, static_argnums=1)
+    # The true noise as prediction: x0_hat is the clean latent, decoded to the same image.
+    loss = run(model, sched, noise, x_t, t, batch["landmarks"], own, jnp.array([True, True]))
+    assert abs(float(loss)) < 1e-5
+    other = run(model, sched, noise * 0.5, x_t, t, batch["landmarks"], own, jnp.ones(2, bool))
+    assert float(other) > 1e-3
+    none = run(model, sched, noise * 0.5, x_t, t, batch["landmarks"], own, jnp.zeros(2, bool))
+    assert float(none) == 0.0
+
+
+def test_face_gradients_reach_the_adapters(tiny_pv):
+    graphdef, trainable, frozen = split_trainable(tiny_pv.model)
+    batch = face_batch(tiny_pv.tokenizer)
+    batch["timesteps"] = np.array([100, 250])
+
+    @jax.jit
+    def face_grads(trainable, frozen, batch):
+        def face_term(tr):
+            m = nnx.merge(graphdef, tr, frozen)
+            _, metrics = photoverse_loss(
+                m, batch, jax.random.key(0), schedule=tiny_pv.schedule, fusion=False
+            )
+            return metrics["face"]
+
+        return jax.grad(face_term)(trainable)
+
+    g = face_grads(trainable, frozen, batch)
+    # Adapters -> pseudo-words / image tokens -> UNet -> x0_hat -> VAE decoder -> chip -> face net.
+    for name in ("text_adapter", "image_adapter"):
+        leaves = jax.tree.leaves(g[name])
+        assert leaves and all(np.isfinite(x).all() for x in leaves)
+        assert max(float(np.abs(x).max()) for x in leaves) > 0, name
+
+
+def test_face_weight_needs_a_face_net(tiny_pv):
+    model = nnx.clone(tiny_pv.model)
+    model.face_net = None
+    batch = face_batch(tiny_pv.tokenizer)
+    with pytest.raises(ValueError, match="face_weight=0.01 needs a face net"):
+        photoverse_loss(model, batch, jax.random.key(0), schedule=tiny_pv.schedule)
+
+
+def test_overfit_tiny_batch():
+    bundle = tiny_photoverse(seed=1)
+    cfg = dataclasses.replace(bundle.config, t_face_max=1000)  # face loss on every sample
+    graphdef, trainable, frozen = split_trainable(bundle.model)
+    batch = face_batch(bundle.tokenizer)
+    key = jax.random.key(0)  # the same noise, timesteps and fusion draw at every step
+    opt = optax.adamw(3e-3)
+    opt_state = opt.init(trainable)
+
+    @jax.jit
+    def step(trainable, opt_state):
+        def loss(tr):
+            m = nnx.merge(graphdef, tr, frozen)
+            return photoverse_loss(m, batch, key, schedule=bundle.schedule, config=cfg)
+
+        (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
+        updates, opt_state = opt.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, metrics
+
+    history = []
+    for _ in range(60):
+        trainable, opt_state, metrics = step(trainable, opt_state)
+        history.append({k: float(v) for k, v in metrics.items()})
+    first, last = history[0], history[-1]
+    print(f"overfit: loss {first['loss']:.4f} -> {last['loss']:.4f}")
+    assert np.isfinite([h["loss"] for h in history]).all()
+    assert last["loss"] < 0.5 * first["loss"]
+    assert last["diffusion"] < first["diffusion"]
