@@ -23,9 +23,12 @@ from pv_jax.photoverse import (
     TINY_CONFIG,
     TRAINABLE,
     UNET_EXTRAS,
+    AdapterConfig,
+    ImageAdapter,
     PhotoVerse,
     PhotoVerseAttention,
     PhotoVerseConfig,
+    TextAdapter,
     build_photoverse,
     count_params,
     cross_attentions,
@@ -187,13 +190,23 @@ def test_unet_equals_plain_unet_without_image_branch_and_zero_lora():
     assert np.abs(np.asarray(with_image) - want).max() > 1e-3
 
 
-def test_cross_attention_matches_direct_computation():
+@pytest.mark.parametrize("targets", [("k", "v"), ("q", "k", "v", "out")])
+def test_cross_attention_matches_direct_computation(targets):
     r = np.random.RandomState(0)
     attn = PhotoVerseAttention(
-        16, context_dim=12, heads=2, dim_head=8, attention="blocked", rngs=nnx.Rngs(0)
+        16,
+        context_dim=12,
+        heads=2,
+        dim_head=8,
+        attention="blocked",
+        lora_targets=targets,
+        rngs=nnx.Rngs(0),
     )
-    attn.lora_k.lora_b.set_value(jnp.asarray(r.randn(8, 16).astype(np.float32)) * 0.1)
-    attn.lora_v.lora_b.set_value(jnp.asarray(r.randn(8, 16).astype(np.float32)) * 0.1)
+    for name in targets:
+        lora = getattr(attn, f"lora_{name}")
+        lora.lora_b.set_value(jnp.asarray(r.randn(*lora.lora_b.shape).astype(np.float32)) * 0.1)
+    for name in {"q", "k", "v", "out"} - set(targets):
+        assert getattr(attn, f"lora_{name}") is None
     x, c, f = (
         jnp.asarray(r.randn(2, n, d).astype(np.float32)) for n, d in ((5, 16), (7, 12), (3, 12))
     )
@@ -209,16 +222,19 @@ def test_cross_attention_matches_direct_computation():
         return jnp.asarray(a).reshape(*a.shape[:-1], 2, 8)
 
     def lora(m):
+        if m is None:
+            return 0.0
         return np.asarray(m.lora_a.get_value()) @ np.asarray(m.lora_b.get_value())
 
-    q = np.asarray(x) @ w(attn.to_q)
+    q = np.asarray(x) @ (w(attn.to_q) + alpha * lora(attn.lora_q))
     k_t = np.asarray(c) @ (w(attn.to_k) + alpha * lora(attn.lora_k))
     v_t = np.asarray(c) @ (w(attn.to_v) + alpha * lora(attn.lora_v))
     k_s, v_s = np.asarray(f) @ w(attn.to_k_s), np.asarray(f) @ w(attn.to_v_s)
     o_t = np.asarray(dot_attention(heads(q), heads(k_t), heads(v_t))).reshape(2, 5, 16)
     o_s = np.asarray(dot_attention(heads(q), heads(k_s), heads(v_s))).reshape(2, 5, 16)
     o = np.asarray(gamma)[:, None, None] * o_t + np.asarray(sigma)[:, None, None] * o_s
-    want = o @ w(attn.to_out[0]) + np.asarray(attn.to_out[0].bias.get_value())
+    want = o @ (w(attn.to_out[0]) + alpha * lora(attn.lora_out))
+    want = want + np.asarray(attn.to_out[0].bias.get_value())
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
 
 
@@ -311,3 +327,60 @@ def test_fewer_pseudo_words_at_inference(tiny_pv):
     chex.assert_shape(f, (2, 17, 64))  # all 1 + 16 tokens of the tiny tower
     np.testing.assert_allclose(np.asarray(words1[:, 0]), np.asarray(words5[:, 0]), atol=1e-6)
     np.testing.assert_array_equal(np.asarray(f1), np.asarray(f))
+
+
+@pytest.mark.parametrize("text_input", ["cls", "cls_mean"])
+def test_parity_adapters_vs_torch(text_input):
+    """Adapters vs the same layers in PyTorch (Linear, LayerNorm, LeakyReLU); fp32, 1e-5."""
+    import torch
+
+    cfg = PhotoVerseConfig(
+        text_layers=(2, 1), text_input=text_input, adapter=AdapterConfig(hidden=24)
+    )
+    text = TextAdapter(cfg, 16, 12, rngs=nnx.Rngs(0))
+    r = np.random.RandomState(0)
+    states = tuple(r.randn(3, 5, 16).astype(np.float32) for _ in range(3))
+    for adapter in text.adapters:  # LayerNorms start at (1, 0): make them count
+        for block in adapter.blocks:
+            n = block.norm.scale.shape
+            block.norm.scale.set_value(jnp.asarray(1 + 0.1 * r.randn(*n).astype(np.float32)))
+            block.norm.bias.set_value(jnp.asarray(0.1 * r.randn(*n).astype(np.float32)))
+
+    def torch_adapter(adapter):
+        mods = []
+        for block in adapter.blocks:
+            lin = torch.nn.Linear(*block.linear.kernel.shape)
+            lin.weight.data = torch.from_numpy(np.asarray(block.linear.kernel.get_value()).T)
+            lin.bias.data = torch.from_numpy(np.asarray(block.linear.bias.get_value()))
+            norm = torch.nn.LayerNorm(block.linear.kernel.shape[1], eps=1e-5)
+            norm.weight.data = torch.from_numpy(np.asarray(block.norm.scale.get_value()))
+            norm.bias.data = torch.from_numpy(np.asarray(block.norm.bias.get_value()))
+            mods += [lin, norm, torch.nn.LeakyReLU(0.01)]
+        proj = torch.nn.Linear(*adapter.proj.kernel.shape)
+        proj.weight.data = torch.from_numpy(np.asarray(adapter.proj.kernel.get_value()).T)
+        proj.bias.data = torch.from_numpy(np.asarray(adapter.proj.bias.get_value()))
+        return torch.nn.Sequential(*mods, proj)
+
+    refs = [torch_adapter(a) for a in text.adapters]
+    got = np.asarray(text(tuple(map(jnp.asarray, states))))
+    chex.assert_shape(got, (3, 2, 12))
+    for j, layer in enumerate(cfg.text_layers):
+        s = states[layer]
+        x = s[:, 0] if text_input == "cls" else np.concatenate([s[:, 0], s[:, 1:].mean(1)], -1)
+        with torch.no_grad():
+            want = refs[j](torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(got[:, j], want, atol=1e-5)
+
+
+@pytest.mark.parametrize(("tokens", "count"), [("all", 5), ("patches", 4), ("cls", 1)])
+def test_image_adapter_token_choice(tokens, count):
+    cfg = PhotoVerseConfig(image_tokens=tokens, image_layer=-2, adapter=AdapterConfig(hidden=8))
+    adapter = ImageAdapter(cfg, 16, 12, rngs=nnx.Rngs(0))
+    r = np.random.RandomState(0)
+    states = tuple(jnp.asarray(r.randn(2, 5, 16).astype(np.float32)) for _ in range(4))
+    out = adapter(states)
+    chex.assert_shape(out, (2, count, 12))
+    want = adapter.adapter(
+        states[-2][:, {"all": slice(None), "patches": slice(1, None)}.get(tokens, slice(0, 1))]
+    )
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
