@@ -1,0 +1,75 @@
+"""Orbax checkpoints of a training run: train state, data-iterator position and config.
+
+One ``CheckpointManager`` under ``<workdir>/checkpoints`` with three named items: ``state``
+(the :class:`~pv_jax.train.step.TrainState`: trainable weights, optimizer state, EMA, step and
+NaN counters), ``data`` (each process's data-iterator position, through grain's handler) and
+``config`` (JSON). Saves are asynchronous; a run restores the latest finished step onto
+whatever mesh it runs on now (the target shardings are given at restore time).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Save every ``every`` steps, keep the last ``keep``, resume from the latest."""
+
+    def __init__(self, workdir: str | os.PathLike, *, every: int, keep: int, use_async=True):
+        self.directory = Path(workdir).absolute() / "checkpoints"
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                save_interval_steps=every,
+                max_to_keep=keep,
+                enable_async_checkpointing=use_async,
+                create=True,
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        """The newest finished checkpoint's step, or None."""
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_iter, config: dict, *, force: bool = False) -> bool:
+        """Start saving (asynchronously) if ``step`` is due or ``force``; True if started."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iter),
+            config=ocp.args.JsonSave(config),
+        )
+        return self.manager.save(step, args=args, force=force)
+
+    def restore(self, step: int, state_like, shardings, data_iter) -> Any:
+        """The state saved at ``step``, placed with ``shardings``; ``data_iter`` is rewound."""
+        target = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_like, shardings
+        )
+        out = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target),
+                data=grain.checkpoint.CheckpointRestore(data_iter),
+            ),
+        )
+        return out.state
+
+    def saved_config(self, step: int) -> dict:
+        """The config stored with ``step``."""
+        out = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return out.config
+
+    def wait(self) -> None:
+        """Block until pending saves are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish pending saves and release the manager."""
+        self.manager.wait_until_finished()
+        self.manager.close()

