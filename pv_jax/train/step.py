@@ -103,7 +103,7 @@ def make_train_step(
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.trainable, frozen, batch, key
         )
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
@@ -125,7 +125,8 @@ def make_train_step(
         metrics = dict(
             metrics,
             grad_norm=grad_norm,
-            learning_rate=lr_schedule(state.step),
+            # optax counts applied updates only: skipped steps do not advance the schedule.
+            learning_rate=lr_schedule(state.step - state.nan_total),
             skipped=(~ok).astype(jnp.int32),
             nan_streak=new_state.nan_streak,
         )

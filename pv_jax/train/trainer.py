@@ -196,17 +196,30 @@ def _cost_flops(compiled) -> float:
     return float((cost or {}).get("flops", 0.0))
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunSummary:
-    """Train (or resume) the run of ``cfg`` in ``workdir``; returns its summary."""
-    workdir = Path(workdir)
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
-    check_config(cfg, mesh)
+@dataclasses.dataclass
+class Run:
+    """A built run: model, data, optimizer, shardings, the host train state and the jitted
+    step (not yet compiled)."""
 
+    bundle: PhotoVerseBundle
+    data: Any
+    graphdef: Any
+    tx: optax.GradientTransformation
+    host_state: TrainState  # step 0, on the host
+    state_sh: TrainState  # shardings of the train state
+    frozen: Any  # the frozen networks, placed with frozen_sh
+    frozen_sh: Any
+    step: Any  # jax.jit of the train step with explicit shardings and donated state
+    trainable_params: int
+    frozen_params: int
+
+
+def setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Run:
+    """Check the config, build the model and data, place the frozen networks, jit the step."""
+    check_config(cfg, mesh)
     bundle = build_bundle(cfg)
     data = make_data(cfg, bundle)  # a missing or empty dataset fails here, before compiling
     graphdef, trainable, frozen = split_trainable(bundle.model)
-    n_trainable, n_frozen = count_params(trainable), count_params(frozen)
-
     o = cfg.optim
     lr = learning_rate_schedule(
         o.lr,
@@ -223,21 +236,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunSumm
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
         host_state = TrainState.create(trainable, tx, ema=cfg.train.ema_decay > 0)
     state_sh = state_shardings(host_state, tx, trainable_sh, mesh)
-    frozen = sharding.put_global(frozen, frozen_sh)
-
-    ckpt = Checkpointer(
-        workdir,
-        every=cfg.train.checkpoint_every,
-        keep=cfg.train.keep_checkpoints,
-        use_async=cfg.train.async_checkpoints,
-    )
-    start = ckpt.latest_step()
-    if start is None:
-        state, start = sharding.put_global(host_state, state_sh), 0
-    else:
-        state = ckpt.restore(start, host_state, state_sh, data)
-    del host_state, trainable
-
     step_fn = make_train_step(
         graphdef,
         tx,
@@ -254,9 +252,44 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunSumm
         out_shardings=(state_sh, sharding.replicated(mesh)),
         donate_argnums=0,
     )
+    return Run(
+        bundle=bundle,
+        data=data,
+        graphdef=graphdef,
+        tx=tx,
+        host_state=host_state,
+        state_sh=state_sh,
+        frozen=sharding.put_global(frozen, frozen_sh),
+        frozen_sh=frozen_sh,
+        step=jitted,
+        trainable_params=count_params(trainable),
+        frozen_params=count_params(frozen),
+    )
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunSummary:
+    """Train (or resume) the run of ``cfg`` in ``workdir``; returns its summary."""
+    workdir = Path(workdir)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    run = setup(cfg, mesh)
+    data, frozen = run.data, run.frozen
+    n_trainable, n_frozen = run.trainable_params, run.frozen_params
+
+    ckpt = Checkpointer(
+        workdir,
+        every=cfg.train.checkpoint_every,
+        keep=cfg.train.keep_checkpoints,
+        use_async=cfg.train.async_checkpoints,
+    )
+    start = ckpt.latest_step()
+    if start is None:
+        state, start = sharding.put_global(run.host_state, run.state_sh), 0
+    else:
+        state = ckpt.restore(start, run.host_state, run.state_sh, data)
+    run.host_state = None  # the placed state is the only copy from here on
     batch = sharding.put_batch(next(data), mesh)
     t0 = time.perf_counter()
-    compiled = jitted.lower(state, frozen, batch).compile()
+    compiled = run.step.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - t0
     flops = _cost_flops(compiled)
     peak = peak_tflops(jax.devices()[0], cfg.train.peak_tflops) * 1e12

@@ -1,0 +1,237 @@
+"""train_tpu.py: meshes and processes agree, checkpoints resume exactly, SIGTERM saves, NaN
+steps are skipped, bad configs fail before compiling."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from pv_jax.train import sharding, trainer
+from pv_jax.train.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--config", str(ROOT / "configs" / "tiny.py")]
+# The kill/resume and multi-process tests check the checkpoint and process plumbing; the face
+# loss (compile-heavy on a CPU) is covered under sharding by tests/multi_device.py.
+NO_FACE = ["--config.model.face_weight=0"]
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def _train_cmd(workdir: Path, *args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "train_tpu.py"), *TINY, "--workdir", str(workdir), *args]
+
+
+def _by_step(workdir: Path) -> dict[int, dict]:
+    out: dict[int, dict] = {}
+    for row in read_metrics(workdir):
+        out[row["step"]] = row
+    return out
+
+
+def _wait_for_step(proc: subprocess.Popen, workdir: Path, step: int, timeout: float = 300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else "exited early"
+        path = workdir / "metrics.jsonl"
+        if path.exists() and any(r["step"] >= step for r in read_metrics(workdir)):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def test_multi_device_meshes_agree_and_restore_onto_another_mesh():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "multi_device.py")],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.split("RESULT ", 1)[1])
+    for mesh in ("(8, 1)", "(4, 2)", "(2, 4)"):
+        r = result["meshes"][mesh]
+        assert r["loss_diff"] < 1e-5 and r["param_diff"] < 1e-5, (mesh, r)
+    # Parameter classes on the (data=2, fsdp=4) mesh: input widths over fsdp, the rest whole.
+    assert result["specs"] == {
+        "conv_kernel": "(None, None, 'fsdp', None)",
+        "attn_q_kernel": "('fsdp', None)",
+        "norm_scale": "(None,)",
+        "token_embedding": "('fsdp', None)",
+        "lora_a": "('fsdp', None)",
+        "image_branch": "('fsdp', None)",
+        "adapter_kernel": "('fsdp', None)",
+        "adam_mu_lora_a": "('fsdp', None)",
+        "step": "()",
+        "batch": "(('data', 'fsdp'),)",
+    }
+    restore = result["restore"]
+    assert restore["param_diff"] == 0.0 and restore["step"] == 2
+    assert restore["data_index"] == 2  # the data iterator resumed too
+    assert restore["adapter_spec"] == "(None, None)"  # fsdp = 1 on the (8, 1) mesh
+    assert restore["mesh_devices"] == 8
+
+
+def test_kill_and_sigterm_resume_exactly(tmp_path):
+    steps = ["--config.train.steps=9", "--config.train.checkpoint_every=3"]
+    ref = tmp_path / "uninterrupted"
+    subprocess.run(_train_cmd(ref, *NO_FACE, *steps), check=True, env=_env(), timeout=600)
+    want = _by_step(ref)
+    assert sorted(want) == list(range(1, 10))
+
+    run = tmp_path / "interrupted"
+    cmd = _train_cmd(run, *NO_FACE, *steps)
+    # 1) SIGTERM after step 2: saves the step it reached and exits cleanly.
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_step(proc, run, 2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    summary = json.loads(stdout.decode().strip().splitlines()[-1])
+    assert summary["stopped_by"] == "sigterm"
+    saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved[-1] == summary["end_step"] >= 2
+    # 2) Resume, then kill -9 mid-run: no chance to save.
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_step(proc, run, summary["end_step"] + 4)
+    proc.kill()
+    proc.wait()
+    # 3) Resume from the last finished checkpoint and finish.
+    subprocess.run(cmd, check=True, env=_env(), timeout=600)
+
+    got = read_metrics(run)
+    assert {r["step"] for r in got} == set(range(1, 10))
+    for row in got:  # every logged step, replays included, equals the uninterrupted run
+        for key in ("loss", "diffusion", "text_reg", "image_reg", "grad_norm", "learning_rate"):
+            assert row[key] == want[row["step"]][key], (row["step"], key)
+
+
+def test_two_processes_agree_with_one(tmp_path):
+    common = [*NO_FACE, "--config.train.steps=3", "--config.train.batch_size=8"]
+    single = tmp_path / "single"
+    subprocess.run(
+        _train_cmd(single, *common, "--cpu_devices=8"), check=True, env=_env(), timeout=600
+    )
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    multi = tmp_path / "multi"
+    procs = [
+        subprocess.Popen(
+            _train_cmd(
+                multi,
+                *common,
+                "--cpu_devices=4",
+                f"--coordinator_address=localhost:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ),
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err.decode()[-3000:]
+    a, b = _by_step(single), _by_step(multi)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        assert abs(a[step]["loss"] - b[step]["loss"]) < 1e-5
+        assert abs(a[step]["grad_norm"] - b[step]["grad_norm"]) < 1e-5
+
+
+def _tiny_cfg(**train):
+    from configs import tiny
+
+    cfg = tiny.get_config()
+    cfg.model.face_weight = 0.0
+    cfg.train.update(train)
+    return cfg
+
+
+def test_nan_batch_is_skipped_and_repeated_nans_stop(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    cfg = _tiny_cfg()
+    cfg.optim.warmup_steps = 0  # the first applied update must move the weights
+    mesh = sharding.make_mesh(1, 1)
+    run = trainer.setup(cfg, mesh)
+    state = sharding.put_global(run.host_state, run.state_sh)
+    good = next(run.data)
+    bad = dict(good, target=np.full(good["target"].shape, np.nan, np.float32))
+    before = jax.tree.map(np.asarray, state.trainable)
+    state, m = run.step(state, run.frozen, sharding.put_batch(bad, mesh))
+    assert int(m["skipped"]) == 1 and int(m["nan_streak"]) == 1 and int(state.nan_total) == 1
+    after = jax.tree.map(np.asarray, state.trainable)
+    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+        np.testing.assert_array_equal(x, y)  # the update was not applied
+    state, m = run.step(state, run.frozen, sharding.put_batch(good, mesh))
+    assert int(m["skipped"]) == 0 and int(m["nan_streak"]) == 0 and int(state.step) == 2
+    changed = jax.tree.map(np.asarray, state.trainable)
+    assert any(
+        not np.array_equal(x, y)
+        for x, y in zip(jax.tree.leaves(after), jax.tree.leaves(changed), strict=True)
+    )
+
+    class NaNs(type(run.data)):
+        def __next__(self):
+            return dict(super().__next__(), target=bad["target"])
+
+    monkeypatch.setattr(
+        trainer,
+        "make_data",
+        lambda cfg, bundle: NaNs(
+            bundle.tokenizer,
+            cfg.data.prompts,
+            local_batch=2,
+            resolution=cfg.data.resolution,
+            num_words=len(bundle.config.text_layers),
+        ),
+    )
+    cfg = _tiny_cfg(max_nan_streak=3, checkpoint_every=2)
+    with pytest.raises(trainer.TrainingDiverged, match="3 consecutive steps"):
+        trainer.train(cfg, tmp_path)
+    rows = read_metrics(tmp_path)
+    assert [r["skipped"] for r in rows] == [1, 1, 1]
+    # Checkpoints hold only good states: steps 2 was a NaN step, but the state it saved is the
+    # unchanged initial one (skipped updates), and nothing was saved after the stop.
+    assert not (tmp_path / "checkpoints" / "3").exists()
+
+
+def test_config_errors_before_compiling(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    mesh = types.SimpleNamespace(shape={"data": 4, "fsdp": 2})
+    with pytest.raises(trainer.ConfigError, match="batch_size=6 is not divisible.*= 8"):
+        trainer.check_config(_tiny_cfg(batch_size=6), mesh)
+    cfg = _tiny_cfg()
+    cfg.base.kind = "folders"
+    with pytest.raises(trainer.ConfigError, match="base.sd_folder='' is not a folder"):
+        trainer.check_config(cfg, sharding.make_mesh(1, 1))
+    cfg = _tiny_cfg()
+    cfg.data.source = "records"
+    with pytest.raises(trainer.ConfigError, match="data.data_dir is empty"):
+        trainer.check_config(cfg, sharding.make_mesh(1, 1))
+    cfg.data.data_dir = str(tmp_path / "nothing-here")
+    from pv_jax.train.data import DataError
+
+    with pytest.raises(DataError, match="holds no built PhotoVerse face dataset"):
+        trainer.setup(cfg, sharding.make_mesh(1, 1))
+    with pytest.raises(ValueError, match="mesh data=3 x fsdp=1 = 3 devices, but 1 are present"):
+        sharding.make_mesh(3, 1)
