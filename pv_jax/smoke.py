@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from pv_jax.diffusion import NoiseSchedule, ddim_prev_timesteps, ddim_step, ddim_timesteps
 from pv_jax.models.clip import CLIPTextModel
-from pv_jax.models.tiny import TINY_TEXT, TINY_UNET, TINY_VAE, random_module
+from pv_jax.models.presets import TINY_TEXT, TINY_UNET, TINY_VAE, random_module
 from pv_jax.models.unet import UNet2DConditionModel
 from pv_jax.models.vae import AutoencoderKL
 from pv_jax.weights.checkpoints import (

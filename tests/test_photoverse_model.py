@@ -14,9 +14,17 @@ from conftest import face_batch
 from flax import nnx
 
 from pv_jax.models.attention import dot_attention
-from pv_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
-from pv_jax.models.tiny import TINY_UNET, TINY_VAE, TINY_VISION, random_module
-from pv_jax.models.unet import UNet2DConditionModel, UNetConfig
+from pv_jax.models.clip import CLIPTextModel, CLIPVisionModel
+from pv_jax.models.presets import (
+    SD15_TEXT,
+    SD15_UNET,
+    SD15_VISION,
+    TINY_UNET,
+    TINY_VAE,
+    TINY_VISION,
+    random_module,
+)
+from pv_jax.models.unet import UNet2DConditionModel
 from pv_jax.models.vae import AutoencoderKL
 from pv_jax.photoverse import (
     FROZEN,
@@ -92,20 +100,9 @@ def _adapter_params(d_in: int, d_out: int, hidden: int, blocks: int) -> int:
 
 def test_trainable_parameter_count_sd15():
     cfg = PhotoVerseConfig()
-    unet_cfg = UNetConfig()  # SD1.5
-    vision_cfg = CLIPVisionConfig(  # CLIP ViT-L/14
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=224,
-        patch_size=14,
-        projection_dim=768,
-    )
+    unet_cfg, vision_cfg = SD15_UNET, SD15_VISION  # SD1.5 and CLIP ViT-L/14
     # Only the text width matters to the trainable part: one layer keeps the build quick.
-    text_cfg = CLIPTextConfig(
-        hidden_size=768, intermediate_size=3072, num_hidden_layers=1, num_attention_heads=12
-    )
+    text_cfg = dataclasses.replace(SD15_TEXT, num_hidden_layers=1)
 
     def build():
         rngs = nnx.Rngs(0)

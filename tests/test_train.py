@@ -169,7 +169,7 @@ def _tiny_cfg(**train):
 
 def test_nan_batch_is_skipped_and_repeated_nans_stop(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT))
-    cfg = _tiny_cfg()
+    cfg = _tiny_cfg(ema_decay=0.75)
     cfg.optim.warmup_steps = 0  # the first applied update must move the weights
     mesh = sharding.make_mesh(1, 1)
     run = trainer.setup(cfg, mesh)
@@ -189,6 +189,14 @@ def test_nan_batch_is_skipped_and_repeated_nans_stop(tmp_path, monkeypatch):
         not np.array_equal(x, y)
         for x, y in zip(jax.tree.leaves(after), jax.tree.leaves(changed), strict=True)
     )
+    # EMA: untouched by the skipped step, then 0.75 * old + 0.25 * new.
+    for old, new, ema in zip(
+        jax.tree.leaves(after),
+        jax.tree.leaves(changed),
+        jax.tree.leaves(jax.tree.map(np.asarray, state.ema)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(ema, 0.75 * old + 0.25 * new, rtol=1e-6, atol=1e-7)
 
     class NaNs(type(run.data)):
         def __next__(self):

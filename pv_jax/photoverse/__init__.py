@@ -19,6 +19,7 @@ from pv_jax.photoverse.model import (
     PhotoVerseBundle,
     build_photoverse,
     count_params,
+    random_photoverse,
     split_trainable,
     tiny_photoverse,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "inject_pseudo_words",
     "photoverse_attention_cls",
     "photoverse_loss",
+    "random_photoverse",
     "random_fusion",
     "split_trainable",
     "tiny_photoverse",

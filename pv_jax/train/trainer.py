@@ -28,8 +28,8 @@ from pv_jax.photoverse import (
     PhotoVerseConfig,
     build_photoverse,
     count_params,
+    random_photoverse,
     split_trainable,
-    tiny_photoverse,
 )
 from pv_jax.train import sharding
 from pv_jax.train.checkpoint import Checkpointer
@@ -38,6 +38,8 @@ from pv_jax.train.metrics import MetricWriter, peak_tflops
 from pv_jax.train.step import TrainState, learning_rate_schedule, make_optimizer, make_train_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# "folders": pretrained weights; "tiny" / "random_sd15": random networks of that size.
+BASE_KINDS = ("folders", "tiny", "random_sd15")
 
 
 class ConfigError(ValueError):
@@ -61,8 +63,8 @@ def check_config(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Non
         raise ConfigError(
             f"train.batch_size={b} is not divisible by the {jax.process_count()} processes"
         )
-    if cfg.base.kind not in ("folders", "tiny"):
-        raise ConfigError(f"base.kind={cfg.base.kind!r} is not one of ['folders', 'tiny']")
+    if cfg.base.kind not in BASE_KINDS:
+        raise ConfigError(f"base.kind={cfg.base.kind!r} is not one of {list(BASE_KINDS)}")
     if cfg.base.kind == "folders":
         for field, what in (
             ("sd_folder", "a diffusers Stable Diffusion 1.5 folder"),
@@ -91,12 +93,14 @@ def build_bundle(cfg: ml_collections.ConfigDict) -> PhotoVerseBundle:
     pv_cfg = PhotoVerseConfig.from_dict(cfg.model.to_dict())
     dtype = DTYPES[cfg.base.dtype]
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
-        if cfg.base.kind == "tiny":
-            return tiny_photoverse(
+        if cfg.base.kind != "folders":  # random networks of a preset
+            return random_photoverse(
                 pv_cfg,
+                cfg.base.kind.removeprefix("random_"),
                 seed=cfg.base.seed,
                 with_face_net=bool(pv_cfg.face_weight),
                 dtype=dtype,
+                attention=cfg.base.attention,
                 remat=cfg.base.remat,
             )
         return build_photoverse(

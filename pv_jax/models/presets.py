@@ -1,8 +1,9 @@
-"""Tiny configs of every network and a fast random fill, for tests, demos and smoke runs.
+"""Network configs by name (tiny, and Stable Diffusion 1.5 with CLIP ViT-L/14) and a fast
+random fill, for tests, demos, smoke runs and benchmarks.
 
-The configs keep every structural feature of the SD networks (cross-attention and plain blocks,
-resampling, group norms) at widths that run in milliseconds on a CPU. The CLIP text tower keeps
-the real vocabulary and 77 positions so that the packaged tokenizer fits it.
+The tiny configs keep every structural feature of the SD networks (cross-attention and plain
+blocks, resampling, group norms) at widths that run in milliseconds on a CPU. The tiny CLIP text
+tower keeps the real vocabulary and 77 positions so that the packaged tokenizer fits it.
 """
 
 from __future__ import annotations
@@ -46,6 +47,28 @@ TINY_VAE = VAEConfig(
     layers_per_block=1,
     norm_num_groups=8,
     sample_size=32,
+)
+
+
+# Stable Diffusion 1.5 (the diffusers defaults are SD 1.5's UNet and VAE) and OpenAI CLIP
+# ViT-L/14, whose text tower is SD 1.5's and whose vision tower is PhotoVerse's image encoder.
+SD15_UNET = UNetConfig()
+SD15_VAE = VAEConfig()
+SD15_TEXT = CLIPTextConfig(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    projection_dim=768,
+)
+SD15_VISION = CLIPVisionConfig(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=224,
+    patch_size=14,
+    projection_dim=768,
 )
 
 
