@@ -2,6 +2,7 @@
 
     python bench/train_step.py                           # the matrix below, one process each
     python bench/train_step.py --config sd15 --resolution 256 --batch 1 --face 1 --remat 1
+    python bench/train_step.py --config sd15 --resolution 512 --steps 0   # FLOPs only
 
 Each setting runs in its own process (so that peak RSS is its own) on random networks of the
 preset (``tiny``, or ``sd15``: SD1.5 UNet/VAE/text + CLIP ViT-L/14 vision, 1.37B parameters),
@@ -50,7 +51,7 @@ def run_one(config: str, resolution: int, batch: int, face: bool, remat: bool, s
         cfg.base.kind = "random_sd15"
     cfg.data.resolution = resolution
     cfg.train.batch_size = batch
-    cfg.base.remat = remat
+    cfg.base.remat = bool(remat)
     if not face:
         cfg.model.face_weight = 0.0
     t0 = time.perf_counter()
@@ -64,6 +65,16 @@ def run_one(config: str, resolution: int, batch: int, face: bool, remat: bool, s
     compiled = run.step.lower(state, run.frozen, batch_arrays).compile()
     compile_s = time.perf_counter() - t0
     flops = trainer._cost_flops(compiled)
+    if steps == 0:  # compile only: the FLOP count of a setting too slow to run here
+        return {
+            "config": config,
+            "resolution": resolution,
+            "batch": batch,
+            "face_loss": bool(face),
+            "remat": bool(remat),
+            "step_gflop": round(flops / 1e9, 2),
+            "compile_s": round(compile_s, 2),
+        }
     times = []
     for _ in range(steps + 1):  # the first call also allocates: not timed
         t0 = time.perf_counter()
@@ -99,7 +110,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--face", type=int, default=1)
     p.add_argument("--remat", type=int, default=1)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3, help="timed steps; 0: compile only")
     p.add_argument("--only", choices=["tiny", "sd15"], help="run the matrix rows of one config")
     args = p.parse_args()
     if args.config:

@@ -309,3 +309,41 @@ def test_cli_summary(built, capsys):
     assert "3/3 chunks reused" in line
     with pytest.raises(ValueError, match="reference_size, target_size"):
         pp.main(args[:8])  # default 224/512 sizes differ from the stored dataset
+
+
+def test_training_batches_from_records(built):
+    """train.data.RecordBatches: resized targets with scaled landmarks, prompts, exact resume."""
+    from pv_jax.photoverse import PlaceholderTokenizer
+    from pv_jax.train.data import DataError, RecordBatches
+    from pv_jax.weights.checkpoints import load_tokenizer
+
+    tok = PlaceholderTokenizer(load_tokenizer())
+    prompts = ["a photo of S*", "S* smiling"]
+
+    def batches():
+        return RecordBatches(
+            built["out"], tok, prompts, local_batch=2, resolution=32, num_words=3, seed=5
+        )
+
+    it = batches()
+    first = next(it)
+    assert first["target"].shape == (2, 32, 32, 3) and first["target"].dtype == np.uint8
+    assert first["reference"].shape == (2, 64, 64, 3)  # FAST's reference size
+    assert first["descriptor"].shape == (2, 128)
+    assert (first["slots"] > 0).sum() == 6 and first["input_ids"].shape == (2, 77)
+    # Landmarks follow the 128 -> 32 resize (pixel centres scale by 1/4).
+    raw = {r["source"]: r for r in ds.load_source(built["out"])}
+    assert len(raw) == len(GOOD)
+    state = it.get_state()
+    expected = [next(it) for _ in range(2)]
+    resumed = batches()
+    resumed.set_state(state)
+    for want in expected:
+        got = next(resumed)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+    lm_scaled = (np.asarray(list(raw.values())[0]["landmarks"]) + 0.5) / 4 - 0.5
+    all_lms = np.concatenate([b["landmarks"] for b in [first, *expected]])
+    assert any(np.allclose(lm, lm_scaled, atol=1e-5) for lm in all_lms)
+    with pytest.raises(DataError, match="holds no built PhotoVerse face dataset"):
+        RecordBatches("/nonexistent", tok, prompts, local_batch=2, resolution=32, num_words=3)
