@@ -65,16 +65,17 @@ def run_one(config: str, resolution: int, batch: int, face: bool, remat: bool, s
     compiled = run.step.lower(state, run.frozen, batch_arrays).compile()
     compile_s = time.perf_counter() - t0
     flops = trainer._cost_flops(compiled)
+    record = {
+        "config": config,
+        "resolution": resolution,
+        "batch": batch,
+        "face_loss": bool(face),
+        "remat": bool(remat),
+        "step_gflop": round(flops / 1e9, 2),
+        "compile_s": round(compile_s, 2),
+    }
     if steps == 0:  # compile only: the FLOP count of a setting too slow to run here
-        return {
-            "config": config,
-            "resolution": resolution,
-            "batch": batch,
-            "face_loss": bool(face),
-            "remat": bool(remat),
-            "step_gflop": round(flops / 1e9, 2),
-            "compile_s": round(compile_s, 2),
-        }
+        return record
     times = []
     for _ in range(steps + 1):  # the first call also allocates: not timed
         t0 = time.perf_counter()
@@ -83,17 +84,11 @@ def run_one(config: str, resolution: int, batch: int, face: bool, remat: bool, s
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times[1:])
     return {
-        "config": config,
-        "resolution": resolution,
-        "batch": batch,
-        "face_loss": bool(face),
-        "remat": bool(remat),
+        **record,
         "step_s": round(step_s, 4),
         "examples_per_s": round(batch / step_s, 3),
         "gflops_per_s": round(flops / step_s / 1e9, 2),
-        "step_gflop": round(flops / 1e9, 2),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-        "compile_s": round(compile_s, 2),
         "build_s": round(build_s, 2),
         "trainable_params": run.trainable_params,
         "params": run.trainable_params + run.frozen_params,
