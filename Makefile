@@ -19,8 +19,12 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
+# The embedded default: tiny random networks and a real photo shipped in scikit-image's wheel.
+DEMO_PHOTO = $(shell $(PY) -c "import os, skimage.data as d; print(os.path.join(os.path.dirname(d.__file__), 'astronaut.png'))")
+
 demo: $(STAMP)
-	$(PY) -m pv_jax.smoke
+	$(PY) sample.py --tiny --ref $(DEMO_PHOTO) --prompt "a photo of S* as an astronaut" \
+		--prompt "an oil painting of S*" --steps 10 --out outputs
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .

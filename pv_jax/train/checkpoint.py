@@ -25,6 +25,12 @@ class Checkpointer:
         self.directory = Path(workdir).absolute() / "checkpoints"
         self.manager = ocp.CheckpointManager(
             self.directory,
+            # Named handlers let a fresh manager read item metadata (shapes) before a restore.
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+            },
             options=ocp.CheckpointManagerOptions(
                 save_interval_steps=every,
                 max_to_keep=keep,
@@ -46,19 +52,30 @@ class Checkpointer:
         )
         return self.manager.save(step, args=args, force=force)
 
-    def restore(self, step: int, state_like, shardings, data_iter) -> Any:
-        """The state saved at ``step``, placed with ``shardings``; ``data_iter`` is rewound."""
+    def restore(self, step: int, state_like, shardings, data_iter=None) -> Any:
+        """The state saved at ``step``, placed with ``shardings``; ``data_iter`` (if given) is
+        rewound to where it was."""
         target = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_like, shardings
         )
-        out = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target),
-                data=grain.checkpoint.CheckpointRestore(data_iter),
-            ),
-        )
-        return out.state
+        items = {"state": ocp.args.StandardRestore(target)}
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+
+    def check_shapes(self, step: int, state_like) -> None:
+        """Raise ValueError when the saved state's tensor shapes differ from ``state_like``'s
+        (before restoring: a mismatched restore fails deep inside Orbax's async readers)."""
+        saved = jax.tree.leaves(self.manager.item_metadata(step)["state"])
+        saved_shapes = sorted(tuple(m.shape) for m in saved)
+        want_shapes = sorted(tuple(x.shape) for x in jax.tree.leaves(state_like))
+        if saved_shapes != want_shapes:
+            only_saved = sorted(set(saved_shapes) - set(want_shapes))[:5]
+            only_model = sorted(set(want_shapes) - set(saved_shapes))[:5]
+            raise ValueError(
+                f"{len(saved_shapes)} saved tensors vs {len(want_shapes)} in the model; shapes "
+                f"only in the checkpoint {only_saved}, only in the model {only_model}"
+            )
 
     def saved_config(self, step: int) -> dict:
         """The config stored with ``step``."""

@@ -200,6 +200,22 @@ def _cost_flops(compiled) -> float:
     return float((cost or {}).get("flops", 0.0))
 
 
+def make_optimizer_from_config(cfg: ml_collections.ConfigDict, *, with_schedule: bool = False):
+    """The optimizer of ``cfg.optim`` (and its learning-rate schedule, if asked)."""
+    o = cfg.optim
+    lr = learning_rate_schedule(
+        o.lr,
+        warmup_steps=o.warmup_steps,
+        total_steps=cfg.train.steps,
+        kind=o.schedule,
+        end_factor=o.end_factor,
+    )
+    tx = make_optimizer(
+        lr, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.clip_norm
+    )
+    return (tx, lr) if with_schedule else tx
+
+
 @dataclasses.dataclass
 class Run:
     """A built run: model, data, optimizer, shardings, the host train state and the jitted
@@ -224,17 +240,7 @@ def setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Run:
     bundle = build_bundle(cfg)
     data = make_data(cfg, bundle)  # a missing or empty dataset fails here, before compiling
     graphdef, trainable, frozen = split_trainable(bundle.model)
-    o = cfg.optim
-    lr = learning_rate_schedule(
-        o.lr,
-        warmup_steps=o.warmup_steps,
-        total_steps=cfg.train.steps,
-        kind=o.schedule,
-        end_factor=o.end_factor,
-    )
-    tx = make_optimizer(
-        lr, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.clip_norm
-    )
+    tx, lr = make_optimizer_from_config(cfg, with_schedule=True)
     trainable_sh = sharding.state_shardings(trainable, mesh)
     frozen_sh = sharding.state_shardings(frozen, mesh)
     with jax.default_device(jax.local_devices(backend="cpu")[0]):

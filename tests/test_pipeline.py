@@ -1,0 +1,124 @@
+"""sample.py and the pipeline: the demo end to end, trained weights from a checkpoint, and the
+errors for bad photos, prompts and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from pv_jax.photoverse import PromptError, split_trainable, tiny_photoverse
+from pv_jax.sampling.pipeline import (
+    CheckpointMismatchError,
+    PhotoVersePipeline,
+    ReferencePhotoError,
+    load_trained,
+)
+from pv_jax.train.checkpoint import Checkpointer
+from pv_jax.train.data import SyntheticBatches
+from pv_jax.train.step import TrainState
+from pv_jax.train.trainer import make_optimizer_from_config
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import sample  # noqa: E402
+from configs import tiny  # noqa: E402
+
+ASTRONAUT = os.path.join(os.path.dirname(skimage.data.__file__), "astronaut.png")
+
+
+def test_demo_command_writes_its_files(tmp_path):
+    meta = sample.main(
+        [
+            "--tiny",
+            "--ref",
+            ASTRONAUT,
+            "--ref",
+            ASTRONAUT,
+            "--prompt",
+            "a photo of S*",
+            "--prompt",
+            "S* surfing",
+            "--num-images",
+            "2",
+            "--steps",
+            "3",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == [
+        "contact_sheet.png",
+        "sample_000.png",
+        "sample_001.png",
+        "sample_002.png",
+        "sample_003.png",
+        "samples.json",
+    ]
+    assert json.loads((tmp_path / "samples.json").read_text()) == meta
+    assert meta["seeds"] == [0, 1, 2, 3] and meta["prompts"][2] == "S* surfing"
+    assert meta["timings"]["compile_s"] > 0 and meta["timings"]["run_s"] > 0
+    assert len(meta["identity_similarity"]) == 4  # None where no face is found (noise)
+    assert "untrained" in meta["weights"]
+    with Image.open(tmp_path / "sample_000.png") as im:
+        assert im.size == (32, 32)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_pv):
+    return PhotoVersePipeline(tiny_pv)
+
+
+def test_photo_without_a_face(pipe, tmp_path):
+    noise = np.random.RandomState(0).randint(0, 256, (200, 200, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "noise.png")
+    with pytest.raises(ReferencePhotoError, match=r"noise\.png: no face was found.*closer crop"):
+        pipe([tmp_path / "noise.png"], ["a photo of S*"], steps=2)
+
+
+def test_unreadable_photo(pipe, tmp_path):
+    (tmp_path / "notes.jpg").write_text("not an image")
+    with pytest.raises(ReferencePhotoError, match=r"notes\.jpg: it could not be read"):
+        pipe([tmp_path / "notes.jpg"], ["a photo of S*"], steps=2)
+
+
+def test_prompt_without_placeholder(pipe):
+    with pytest.raises(PromptError, match="'an astronaut' has no placeholder"):
+        pipe([ASTRONAUT], ["an astronaut"], steps=2)
+
+
+def _save_checkpoint(workdir: Path, cfg, bundle, shift: float) -> dict:
+    """A train_tpu.py-style checkpoint whose trainable weights are the model's + ``shift``."""
+    _, trainable, _ = split_trainable(bundle.model)
+    trainable = jax.tree.map(lambda x: x + shift, trainable)
+    state = TrainState.create(trainable, make_optimizer_from_config(cfg), ema=False)
+    data = SyntheticBatches(
+        bundle.tokenizer, ["a photo of S*"], local_batch=1, resolution=32, num_words=5
+    )
+    ckpt = Checkpointer(workdir, every=1, keep=1)
+    ckpt.save(7, state, data, cfg.to_dict(), force=True)
+    ckpt.close()
+    return trainable
+
+
+def test_trained_weights_from_checkpoint_and_mismatch(tmp_path):
+    cfg = tiny.get_config()
+    bundle = tiny_photoverse()
+    want = _save_checkpoint(tmp_path, cfg, bundle, shift=0.25)
+    loaded = load_trained(tmp_path)
+    _, got, _ = split_trainable(loaded.model)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # A base model of another shape (here: LoRA rank 8, not the tiny config's 4).
+    with pytest.raises(CheckpointMismatchError, match="does not fit the base model"):
+        load_trained(tmp_path, model_overrides={"lora_rank": 8})
+    with pytest.raises(FileNotFoundError, match="has no checkpoints/"):
+        load_trained(tmp_path / "nothing")
