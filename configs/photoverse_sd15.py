@@ -24,6 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.steps = 60_000
     c.optim.lr = 1e-4
     c.optim.warmup_steps = 1000
+    c.train.sample_every = 2000
     if arg and arg.startswith("fsdp="):
         c.mesh.fsdp = int(arg.split("=", 1)[1])
     return c

@@ -22,4 +22,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.steps = 20
     c.train.log_every = 1
     c.train.checkpoint_every = 10
+    c.train.sample_every = 10
+    c.train.sample_steps = 5
     return c

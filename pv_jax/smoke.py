@@ -3,8 +3,9 @@
 Builds tiny random SD networks (UNet, VAE, CLIP text tower with the real CLIP tokenizer), writes
 them as a diffusers folder, loads that folder back through the weight importer, runs a jitted
 DDIM loop with classifier-free guidance and decodes a PNG under ``outputs/``. Nothing is
-downloaded. The weights are random and untrained: the image is noise by design. This stands in
-for ``sample.py`` until the PhotoVerse sampler lands.
+downloaded. The weights are random and untrained: the image is noise by design. ``make demo``
+now runs ``sample.py`` (PhotoVerse); this remains a check of the plain SD networks and the
+folder round trip.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from pv_jax.train import sharding, trainer
 from pv_jax.train.metrics import read_metrics
@@ -123,7 +124,13 @@ def test_kill_and_sigterm_resume_exactly(tmp_path):
 
 
 def test_two_processes_agree_with_one(tmp_path):
-    common = [*NO_FACE, "--config.train.steps=3", "--config.train.batch_size=8"]
+    common = [
+        *NO_FACE,
+        "--config.train.steps=3",
+        "--config.train.batch_size=8",
+        "--config.train.sample_every=3",
+        "--config.train.sample_steps=2",
+    ]
     single = tmp_path / "single"
     subprocess.run(
         _train_cmd(single, *common, "--cpu_devices=8"), check=True, env=_env(), timeout=600
@@ -156,6 +163,10 @@ def test_two_processes_agree_with_one(tmp_path):
     for step in a:
         assert abs(a[step]["loss"] - b[step]["loss"]) < 1e-5
         assert abs(a[step]["grad_norm"] - b[step]["grad_norm"]) < 1e-5
+    # The sample grid (4 references and their samples, 32 px) is the same in both runs.
+    grids = [np.asarray(Image.open(w / "samples" / "step_0000003.png")) for w in (single, multi)]
+    assert grids[0].shape == (32, 8 * 32, 3)
+    assert np.abs(grids[0].astype(int) - grids[1].astype(int)).max() <= 2
 
 
 def _tiny_cfg(**train):

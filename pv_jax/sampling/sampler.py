@@ -156,14 +156,19 @@ class Sampler:
         alpha: float = 1.0,
         spec: SamplerSpec = SamplerSpec(),
         decode: bool = True,
+        state: nnx.State | None = None,
     ) -> jax.Array:
-        """Images (B, H, W, 3) in [0, 1] (or latents with ``decode=False``)."""
+        """Images (B, H, W, 3) in [0, 1] (or latents with ``decode=False``).
+
+        ``state``: other weights for the same model (e.g. the current ones during training);
+        the compilation is reused.
+        """
         knobs = {
             k: jnp.asarray(v, jnp.float32)
             for k, v in dict(guidance=guidance, gamma=gamma, sigma=sigma, alpha=alpha).items()
         }
         return self._jitted(
-            self.state,
+            self.state if state is None else state,
             jnp.asarray(refs),
             jnp.asarray(input_ids),
             jnp.asarray(slots),

@@ -69,6 +69,8 @@ def default_config() -> ml_collections.ConfigDict:
         keep_checkpoints=3,
         async_checkpoints=True,
         peak_tflops=0.0,  # per device, for MFU (0: from the device kind)
+        sample_every=0,  # >0: a grid of (reference, sample) pairs every N steps
+        sample_steps=25,  # DDIM steps of those samples
         tensorboard=True,
         progress=True,
     )

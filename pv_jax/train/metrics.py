@@ -44,6 +44,7 @@ class MetricWriter:
             return
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
         self.jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
         self.tb = None
         if tensorboard:
@@ -60,6 +61,18 @@ class MetricWriter:
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, step)
+
+    def write_image(self, step: int, name: str, image) -> None:
+        """Save an (H, W, 3) uint8 image as ``<name>/step_<step>.png`` and to TensorBoard."""
+        if not self.enabled:
+            return
+        from PIL import Image
+
+        folder = self.workdir / name
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(image).save(folder / f"step_{step:07d}.png")
+        if self.tb is not None:
+            self.tb.add_image(name, image, step, dataformats="HWC")
 
     def close(self) -> None:
         """Flush and close the files."""

@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import nnx
 from jax.experimental import multihost_utils
+from PIL import Image
 from tqdm import tqdm
 
 from pv_jax.photoverse import (
@@ -154,6 +156,48 @@ def state_shardings(state: TrainState, tx, trainable_sh, mesh) -> TrainState:
         nan_streak=rep,
         nan_total=rep,
     )
+
+
+class SampleGrid:
+    """A row of (reference, sample) pairs with the current weights, for watching training:
+    the first references of the first batch, the first training prompt, a fixed seed."""
+
+    def __init__(self, run: Run, batch: dict, cfg: ml_collections.ConfigDict, count: int = 4):
+        from pv_jax.sampling import Sampler, SamplerSpec
+
+        bundle = run.bundle
+        self.graphdef, self.frozen = run.graphdef, run.frozen
+        # Process 0's references on every process: the sampler's inputs must agree.
+        self.refs = multihost_utils.broadcast_one_to_all(batch["reference"][:count])
+        self.tokens = bundle.tokenizer([cfg.data.prompts[0]], bundle.config.words)
+        self.empty = bundle.tokenizer.plain([""])
+        self.sampler = Sampler(bundle.model, bundle.schedule)
+        self.spec = SamplerSpec(steps=cfg.train.sample_steps)
+        unet, vae = bundle.model.unet.config, bundle.model.vae.config
+        latent = cfg.data.resolution // 2 ** (len(vae.block_out_channels) - 1)
+        self.noise = jax.random.normal(jax.random.key(0), (1, latent, latent, unet.in_channels))
+        self.size = cfg.data.resolution
+
+    def __call__(self, trainable) -> np.ndarray:
+        """(size, 2 * count * size, 3) uint8: reference, sample, reference, sample, ..."""
+        _, state = nnx.split(nnx.merge(self.graphdef, trainable, self.frozen))
+        tiles = []
+        for ref in self.refs:
+            image = self.sampler(
+                np.asarray(ref)[None],
+                self.tokens.input_ids,
+                self.tokens.slots,
+                self.empty,
+                self.noise,
+                jax.random.key(1),
+                num_words=self.tokens.num_words,
+                spec=self.spec,
+                state=state,
+            )
+            ref = np.asarray(ref, np.uint8)
+            ref_tile = np.asarray(Image.fromarray(ref).resize((self.size, self.size)))
+            tiles += [ref_tile, (np.asarray(image[0]) * 255).round().astype(np.uint8)]
+        return np.concatenate(tiles, axis=1)
 
 
 class _Preemption:
@@ -297,7 +341,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunSumm
     else:
         state = ckpt.restore(start, run.host_state, run.state_sh, data)
     run.host_state = None  # the placed state is the only copy from here on
-    batch = sharding.put_batch(next(data), mesh)
+    local_batch = next(data)
+    batch = sharding.put_batch(local_batch, mesh)
     t0 = time.perf_counter()
     compiled = run.step.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - t0
@@ -305,6 +350,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunSumm
     peak = peak_tflops(jax.devices()[0], cfg.train.peak_tflops) * 1e12
 
     writer = MetricWriter(workdir, tensorboard=cfg.train.tensorboard)
+    grid = SampleGrid(run, local_batch, cfg) if cfg.train.sample_every else None
     preemption = _Preemption()
     config_dict = cfg.to_dict()
     stopped_by, metrics_host, skipped = "steps", {}, 0
@@ -336,6 +382,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunSumm
                 writer.write(step, metrics_host)
             bar.set_postfix(loss=f"{metrics_host['loss']:.4f}", refresh=False)
             bar.update()
+            if grid is not None and step % cfg.train.sample_every == 0:
+                writer.write_image(step, "samples", grid(state.trainable))
             if metrics_host["nan_streak"] >= cfg.train.max_nan_streak:
                 raise TrainingDiverged(
                     f"{int(metrics_host['nan_streak'])} consecutive steps had a non-finite loss "
