@@ -42,6 +42,7 @@ def run_one(config: str, resolution: int, batch: int, face: bool, remat: bool, s
     sys.path.insert(0, str(ROOT))
     from configs import tiny
     from pv_jax.train import sharding, trainer
+    from pv_jax.train.metrics import compiled_flops
 
     cfg = tiny.get_config()
     if config == "sd15":
@@ -64,7 +65,7 @@ def run_one(config: str, resolution: int, batch: int, face: bool, remat: bool, s
     t0 = time.perf_counter()
     compiled = run.step.lower(state, run.frozen, batch_arrays).compile()
     compile_s = time.perf_counter() - t0
-    flops = trainer._cost_flops(compiled)
+    flops = compiled_flops(compiled)
     record = {
         "config": config,
         "resolution": resolution,

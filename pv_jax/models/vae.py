@@ -51,6 +51,11 @@ class VAEConfig:
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
         return cls(**kwargs)
 
+    @property
+    def downsample_factor(self) -> int:
+        """Image pixels per latent pixel along each side (8 for SD's VAE)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
     def to_diffusers(self) -> dict:
         """A config dict that diffusers' ``AutoencoderKL`` accepts."""
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -104,8 +104,8 @@ class PhotoVersePipeline:
         self.bundle = bundle
         self.sampler = Sampler(bundle.model, bundle.schedule)
         unet = bundle.model.unet.config
-        vae_factor = 2 ** (len(bundle.model.vae.config.block_out_channels) - 1)
-        self.latent = (resolution // vae_factor) if resolution else unet.sample_size
+        vae = bundle.model.vae.config
+        self.latent = (resolution // vae.downsample_factor) if resolution else unet.sample_size
         self.latent_channels = unet.in_channels
         self.empty_ids = bundle.tokenizer.plain([""])
 

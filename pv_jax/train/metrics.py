@@ -24,6 +24,14 @@ PEAK_TFLOPS = {
 }
 
 
+def compiled_flops(compiled) -> float:
+    """FLOPs of a compiled computation by XLA's cost analysis (0 when it reports none)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
+
+
 def peak_tflops(device: jax.Device, override: float = 0.0) -> float:
     """Peak TFLOP/s of one device (by device kind), or ``override`` when set."""
     if override:

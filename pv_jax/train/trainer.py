@@ -36,7 +36,7 @@ from pv_jax.photoverse import (
 from pv_jax.train import sharding
 from pv_jax.train.checkpoint import Checkpointer
 from pv_jax.train.data import RecordBatches, SyntheticBatches
-from pv_jax.train.metrics import MetricWriter, peak_tflops
+from pv_jax.train.metrics import MetricWriter, compiled_flops, peak_tflops
 from pv_jax.train.step import TrainState, learning_rate_schedule, make_optimizer, make_train_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -142,7 +142,7 @@ def make_data(cfg: ml_collections.ConfigDict, bundle: PhotoVerseBundle):
     )
 
 
-def state_shardings(state: TrainState, tx, trainable_sh, mesh) -> TrainState:
+def train_state_shardings(state: TrainState, tx, trainable_sh, mesh) -> TrainState:
     """Shardings of the whole train state: optimizer moments follow their parameters."""
     rep = sharding.replicated(mesh)
     opt_sh = optax.tree_map_params(
@@ -174,7 +174,7 @@ class SampleGrid:
         self.sampler = Sampler(bundle.model, bundle.schedule)
         self.spec = SamplerSpec(steps=cfg.train.sample_steps)
         unet, vae = bundle.model.unet.config, bundle.model.vae.config
-        latent = cfg.data.resolution // 2 ** (len(vae.block_out_channels) - 1)
+        latent = cfg.data.resolution // vae.downsample_factor
         self.noise = jax.random.normal(jax.random.key(0), (1, latent, latent, unet.in_channels))
         self.size = cfg.data.resolution
 
@@ -237,13 +237,6 @@ class RunSummary:
     last_metrics: dict[str, float]
 
 
-def _cost_flops(compiled) -> float:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list | tuple):
-        cost = cost[0] if cost else {}
-    return float((cost or {}).get("flops", 0.0))
-
-
 def make_optimizer_from_config(cfg: ml_collections.ConfigDict, *, with_schedule: bool = False):
     """The optimizer of ``cfg.optim`` (and its learning-rate schedule, if asked)."""
     o = cfg.optim
@@ -289,7 +282,7 @@ def setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Run:
     frozen_sh = sharding.state_shardings(frozen, mesh)
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
         host_state = TrainState.create(trainable, tx, ema=cfg.train.ema_decay > 0)
-    state_sh = state_shardings(host_state, tx, trainable_sh, mesh)
+    state_sh = train_state_shardings(host_state, tx, trainable_sh, mesh)
     step_fn = make_train_step(
         graphdef,
         tx,
@@ -346,7 +339,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunSumm
     t0 = time.perf_counter()
     compiled = run.step.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - t0
-    flops = _cost_flops(compiled)
+    flops = compiled_flops(compiled)
     peak = peak_tflops(jax.devices()[0], cfg.train.peak_tflops) * 1e12
 
     writer = MetricWriter(workdir, tensorboard=cfg.train.tensorboard)

@@ -348,18 +348,12 @@ def _write(folder: Path, config: dict, tensors: dict[str, np.ndarray], weights_f
     return folder
 
 
-def save_unet(
-    unet: UNet2DConditionModel,
-    folder: str | os.PathLike,
-    *,
-    skip: nnx.filterlib.Filter = nothing,
-) -> Path:
-    """Write a folder that diffusers' ``UNet2DConditionModel.from_pretrained`` loads (without
-    the parameters matching ``skip``, e.g. PhotoVerse's additions)."""
+def save_unet(unet: UNet2DConditionModel, folder: str | os.PathLike) -> Path:
+    """Write a folder that diffusers' ``UNet2DConditionModel.from_pretrained`` loads."""
     return _write(
         Path(folder),
         unet.config.to_diffusers(),
-        export_state(unet, skip=skip),
+        export_state(unet),
         f"{DIFFUSERS_WEIGHTS}.safetensors",
     )
 
