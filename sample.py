@@ -56,6 +56,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=1.0,
+        help="below 1: start from the reference's noised crop (img2img); 1: from pure noise",
+    )
+    p.add_argument("--batch-size", type=int, default=4, help="images per sampler call")
     p.add_argument("--num-words", type=int, help="m pseudo-words (default: all trained)")
     p.add_argument("--gamma", type=float)
     p.add_argument("--sigma", type=float)
@@ -81,6 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
         steps=args.steps,
         guidance=args.guidance,
         eta=args.eta,
+        strength=args.strength,
+        batch_size=args.batch_size,
         num_words=args.num_words,
         gamma=args.gamma,
         sigma=args.sigma,
@@ -99,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"sample: {len(files)} images ({meta['resolution']} px, {meta['steps']} DDIM steps, "
         f"CFG {meta['guidance']}) -> {args.out} | load {load_s:.1f}s, compile "
-        f"{meta['timings']['compile_s']:.1f}s, run {meta['timings']['run_s']:.2f}s | identity "
+        f"{meta['timings']['compile_s']:.1f}s, run {meta['timings']['run_s']:.2f}s "
+        f"({meta['timings']['s_per_image']:.2f}s/image) | identity "
         f"{np.mean(sims) if sims else 'n/a (no face found)'} | {weights}"
     )
     return meta
@@ -108,6 +118,12 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (ReferencePhotoError, PromptError, CheckpointMismatchError, FileNotFoundError) as e:
+    except (
+        ReferencePhotoError,
+        PromptError,
+        CheckpointMismatchError,
+        FileNotFoundError,
+        ValueError,
+    ) as e:
         print(f"sample.py: {e}", file=sys.stderr)
         sys.exit(2)

@@ -77,6 +77,23 @@ def pipe(tiny_pv):
     return PhotoVersePipeline(tiny_pv)
 
 
+def test_batching_seeds_and_img2img(pipe):
+    kw = dict(num_images=3, steps=2, identity=False)
+    one = pipe([ASTRONAUT], ["a photo of S*"], batch_size=1, **kw)
+    two = pipe([ASTRONAUT], ["a photo of S*"], batch_size=2, **kw)  # batches of 2, last padded
+    assert two.metadata["seeds"] == [0, 1, 2] and two.metadata["batch_size"] == 2
+    # Image j has seed j whatever its batch: equal up to float rounding (one grey level).
+    assert np.abs(one.images.astype(int) - two.images.astype(int)).max() <= 1
+    assert np.abs(one.images[0].astype(int) - one.images[1].astype(int)).max() > 10
+    init = pipe.init_image(one.references[0])
+    assert init.shape == (1, 32, 32, 3) and init.min() >= 0.0 and init.max() <= 1.0
+    img2img = pipe([ASTRONAUT], ["a photo of S*"], batch_size=1, strength=0.5, **kw)
+    assert img2img.metadata["strength"] == 0.5
+    assert np.abs(img2img.images.astype(int) - one.images.astype(int)).max() > 10
+    with pytest.raises(ValueError, match="runs no step"):
+        pipe([ASTRONAUT], ["a photo of S*"], strength=0.1, steps=2)
+
+
 def test_photo_without_a_face(pipe, tmp_path):
     noise = np.random.RandomState(0).randint(0, 256, (200, 200, 3), dtype=np.uint8)
     Image.fromarray(noise).save(tmp_path / "noise.png")

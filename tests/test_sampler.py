@@ -1,5 +1,6 @@
-"""The PhotoVerse DDIM sampler: diffusers' DDIMScheduler on the same model outputs, one trace
-for repeated calls, CFG at scale 1, seeds, several references."""
+"""The PhotoVerse DDIM sampler: diffusers' DDIMScheduler on the same model outputs (txt2img and
+img2img), one compilation for repeated calls, CFG at scale 1, seeds, batching, several
+references."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from conftest import face_batch
 from diffusers import DDIMScheduler
 
 from pv_jax.sampling import Sampler, SamplerSpec, encode_references
+from pv_jax.sampling.sampler import step_keys
 
 STEPS = 10
 
@@ -39,12 +41,8 @@ def _sample(sampler, batch, refs, empty, noise, key=0, **kw):
     )
 
 
-@pytest.mark.parametrize("eta", [0.0, 0.5])
-def test_ddim_loop_matches_diffusers_scheduler(setup, eta):
-    pv, sampler, batch, refs, empty, noise = setup
-    spec = SamplerSpec(steps=STEPS, eta=eta, cfg=False)
-    got = _sample(sampler, batch, refs, empty, noise, key=3, spec=spec, decode=False)
-
+def _reference_ddim(pv, batch, refs, noise, key, eta, strength=1.0, init_latents=None):
+    """diffusers' DDIMScheduler step by step on our model's outputs (txt2img or img2img)."""
     model = pv.model
     words, tokens = jax.jit(encode_references, static_argnums=2)(model, refs, 5)
     ctx = jax.jit(lambda m, i, s, w: m.encode_text(i, s, w))(
@@ -53,11 +51,16 @@ def test_ddim_loop_matches_diffusers_scheduler(setup, eta):
     unet = jax.jit(lambda m, x, t, c, f: m.denoise(x, t, c, f, gamma=1.0, sigma=1.0))
     ref = DDIMScheduler.from_config(pv.schedule.to_diffusers())
     ref.set_timesteps(STEPS)
-    keys = jax.random.split(jax.random.key(3), STEPS)
-    x = np.asarray(noise)
-    for i, t in enumerate(ref.timesteps):
+    keys = step_keys(jax.random.split(jax.random.key(key), 1), STEPS)[:, 0]
+    start = STEPS - int(STEPS * strength)  # diffusers' img2img get_timesteps
+    timesteps = ref.timesteps[start:]
+    x = torch.from_numpy(np.array(noise))
+    if init_latents is not None:
+        x = ref.add_noise(torch.from_numpy(np.asarray(init_latents)), x, timesteps[:1])
+    x = x.numpy()
+    for i, t in enumerate(timesteps, start):
         out = np.asarray(unet(model, jnp.asarray(x), jnp.asarray(int(t)), ctx, tokens))
-        variance = np.asarray(jax.random.normal(keys[i], x.shape)) if eta else None
+        variance = np.asarray(jax.random.normal(keys[i], x.shape[1:]))[None] if eta else None
         x = ref.step(
             torch.from_numpy(out),
             t,
@@ -65,7 +68,87 @@ def test_ddim_loop_matches_diffusers_scheduler(setup, eta):
             eta=eta,
             variance_noise=None if variance is None else torch.from_numpy(variance),
         ).prev_sample.numpy()
-    np.testing.assert_allclose(np.asarray(got), x, atol=1e-4, rtol=1e-4)
+    return x
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_ddim_loop_matches_diffusers_scheduler(setup, eta):
+    pv, sampler, batch, refs, empty, noise = setup
+    spec = SamplerSpec(steps=STEPS, eta=eta, cfg=False)
+    got = _sample(sampler, batch, refs, empty, noise, key=3, spec=spec, decode=False)
+    want = _reference_ddim(pv, batch, refs, noise, 3, eta)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)
+
+
+def test_img2img_matches_diffusers_from_the_noised_init(setup):
+    pv, sampler, batch, refs, empty, noise = setup
+    init = np.asarray(
+        jax.random.uniform(jax.random.key(5), (1, 32, 32, 3)), np.float32
+    )  # an image in [0, 1]
+    spec = SamplerSpec(steps=STEPS, eta=0.5, cfg=False, strength=0.6)
+    assert spec.start == 4  # 6 of 10 steps run
+    got = _sample(
+        sampler, batch, refs, empty, noise, key=3, spec=spec, decode=False, init_images=init
+    )
+    vae = pv.model.vae
+    mean, _ = jax.jit(lambda v, x: v.encode(x))(vae, jnp.asarray(init) * 2 - 1)
+    want = _reference_ddim(pv, batch, refs, noise, 3, 0.5, 0.6, vae.scale_latents(mean))
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)
+    # A low strength keeps the result close to the init latents; txt2img does not.
+    txt2img = _sample(
+        sampler, batch, refs, empty, noise, spec=SamplerSpec(steps=STEPS, cfg=False), decode=False
+    )
+    low = _sample(
+        sampler,
+        batch,
+        refs,
+        empty,
+        noise,
+        spec=SamplerSpec(steps=STEPS, cfg=False, strength=0.2),
+        decode=False,
+        init_images=init,
+    )
+    init_latents = np.asarray(vae.scale_latents(mean))
+    assert (
+        np.abs(np.asarray(low) - init_latents).mean()
+        < np.abs(np.asarray(txt2img) - init_latents).mean()
+    )
+    with pytest.raises(ValueError, match="needs init_images"):
+        _sample(sampler, batch, refs, empty, noise, spec=SamplerSpec(steps=4, strength=0.5))
+    with pytest.raises(ValueError, match="runs no step"):
+        SamplerSpec(steps=4, strength=0.2)
+
+
+def test_a_row_does_not_depend_on_its_batch(setup):
+    pv, sampler, batch, refs, empty, _ = setup
+    spec = SamplerSpec(steps=4, eta=0.5)
+    noise = jax.random.normal(jax.random.key(1), (2, 16, 16, 4))
+    keys = jax.random.split(jax.random.key(2), 2)
+    both = sampler(
+        refs,
+        np.repeat(batch["input_ids"], 2, 0),
+        np.repeat(batch["slots"], 2, 0),
+        empty,
+        noise,
+        keys,
+        num_words=5,
+        spec=spec,
+        decode=False,
+    )
+    for i in range(2):
+        one = sampler(
+            refs,
+            batch["input_ids"],
+            batch["slots"],
+            empty,
+            noise[i : i + 1],
+            keys[i : i + 1],
+            num_words=5,
+            spec=spec,
+            decode=False,
+        )
+        # Same computation, other matmul shapes: float32 rounding only (guidance 7.5 amplifies).
+        np.testing.assert_allclose(np.asarray(both[i]), np.asarray(one[0]), atol=1e-4, rtol=1e-4)
 
 
 def test_one_trace_for_repeated_calls_seeds_and_knobs(setup):
@@ -77,6 +160,7 @@ def test_one_trace_for_repeated_calls_seeds_and_knobs(setup):
     c = _sample(sampler, batch, refs, empty, noise * 0.5 + 0.1, key=1, spec=spec)
     d = _sample(sampler, batch, refs, empty, noise, spec=spec, guidance=3.0, sigma=0.5)
     assert sampler.traces == 1  # new seeds, noise and knobs reuse the compilation
+    assert sampler.last_compile_s == 0.0
     chex.assert_shape(a, (1, 32, 32, 3))
     assert float(jnp.min(a)) >= 0.0 and float(jnp.max(a)) <= 1.0
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # same seed, same image

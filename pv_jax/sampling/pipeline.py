@@ -23,6 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from PIL import Image
 from tqdm import tqdm
 
 from pv_jax.data.preprocess import (
@@ -76,15 +77,23 @@ def load_reference(
     return out
 
 
-def identity_of(image: np.ndarray, reference: FaceRecord) -> float | None:
-    """Cosine between dlib descriptors of the largest face in ``image`` and the reference's
-    target crop; None when no face is found (e.g. untrained weights)."""
+def reference_descriptor(records: Sequence[FaceRecord]) -> np.ndarray:
+    """The unit-norm mean of the references' unit dlib descriptors (one person, R photos)."""
+    unit = [r.descriptor / (np.linalg.norm(r.descriptor) + 1e-12) for r in records]
+    mean = np.mean(unit, axis=0)
+    return mean / (np.linalg.norm(mean) + 1e-12)
+
+
+def identity_of(image: np.ndarray, reference: FaceRecord | np.ndarray) -> float | None:
+    """Cosine between the dlib descriptor of the largest face in ``image`` and the reference's
+    (a record's target crop, or a descriptor); None when no face is found (e.g. untrained
+    weights)."""
     try:
         box, _ = detect_largest_face(image, PreprocessConfig(upsample=1))
     except SkipError:
         return None
     desc = target_descriptor(image, face_landmarks(image, box), 0)
-    ref = reference.descriptor
+    ref = reference.descriptor if isinstance(reference, FaceRecord) else reference
     return float(desc @ ref / (np.linalg.norm(desc) * np.linalg.norm(ref) + 1e-12))
 
 
@@ -132,6 +141,18 @@ class PhotoVersePipeline:
         )
         return cls(bundle)
 
+    @property
+    def resolution(self) -> int:
+        """Output image side in pixels."""
+        return self.latent * self.bundle.model.vae.config.downsample_factor
+
+    def init_image(self, record: FaceRecord) -> np.ndarray:
+        """img2img start (1, H, W, 3) in [0, 1]: the reference's target crop (the training
+        target's framing, 3x the face box) at the output resolution."""
+        size = self.resolution
+        image = Image.fromarray(record.target).resize((size, size), Image.Resampling.BICUBIC)
+        return (np.asarray(image, np.float32) / 255.0)[None]
+
     def __call__(
         self,
         references: Sequence[str | os.PathLike | np.ndarray],
@@ -142,13 +163,21 @@ class PhotoVersePipeline:
         steps: int = 25,
         guidance: float = 7.5,
         eta: float = 0.0,
+        strength: float = 1.0,
+        batch_size: int = 4,
         num_words: int | None = None,
         gamma: float | None = None,
         sigma: float | None = None,
         alpha: float | None = None,
         identity: bool = True,
     ) -> SampleResult:
-        """``num_images`` images per prompt of the person in ``references``."""
+        """``num_images`` images per prompt of the person in ``references``.
+
+        Image j (prompt-major order) uses seed ``seed + j`` whatever the batch it is drawn in;
+        ``batch_size`` images go through the sampler at once (the last batch is padded, so one
+        compilation serves every batch). ``strength`` < 1 starts from the first reference's
+        noised target crop (img2img) and runs the last ``int(steps * strength)`` steps.
+        """
         cfg = self.bundle.config
         m = num_words or cfg.words
         knobs = dict(
@@ -158,49 +187,61 @@ class PhotoVersePipeline:
         )
         if not references:
             raise ReferencePhotoError("no reference photo given: pass at least one (--ref PHOTO)")
+        if num_images < 1 or batch_size < 1:
+            raise ValueError(f"num_images and batch_size must be >= 1: {num_images}, {batch_size}")
+        spec = SamplerSpec(steps=steps, eta=eta, strength=strength)  # checks steps and strength
         tokens = self.bundle.tokenizer(list(prompts), m)  # a prompt without S* fails here
         records = [load_reference(r) for r in references]
         refs = np.stack([r.reference for r in records])
-        spec = SamplerSpec(steps=steps, eta=eta)
-        images, seeds, timings = [], [], {"compile_s": 0.0, "run_s": 0.0}
-        jobs = [(p, i) for p in range(len(prompts)) for i in range(num_images)]
-        for p, _ in tqdm(jobs, desc="sampling", unit="image", disable=len(jobs) < 2):
-            s = seed + len(images)
-            shape = (1, self.latent, self.latent, self.latent_channels)
-            noise = jax.random.normal(jax.random.key(s), shape)
-            t0 = time.perf_counter()
-            traces = self.sampler.traces
+        init = self.init_image(records[0]) if strength < 1.0 else None
+        jobs = [p for p in range(len(prompts)) for _ in range(num_images)]
+        rows = min(batch_size, len(jobs))
+        shape = (self.latent, self.latent, self.latent_channels)
+        chunks, compile_s, t0 = [], 0.0, time.perf_counter()
+        starts = range(0, len(jobs), rows)
+        for start in tqdm(starts, desc="sampling", unit="batch", disable=len(starts) < 2):
+            idx = list(range(start, min(start + rows, len(jobs))))
+            padded = idx + [idx[-1]] * (rows - len(idx))
+            keys = jax.vmap(jax.random.key)(np.asarray([seed + j for j in padded]))
+            noise = jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
+            prompt_rows = np.asarray([jobs[j] for j in padded])
             out = self.sampler(
                 refs,
-                tokens.input_ids[p : p + 1],
-                tokens.slots[p : p + 1],
+                tokens.input_ids[prompt_rows],
+                tokens.slots[prompt_rows],
                 self.empty_ids,
                 noise,
-                jax.random.fold_in(jax.random.key(s), 1),
+                jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys),
                 num_words=m,
                 guidance=guidance,
                 spec=spec,
+                init_images=init,
                 **knobs,
             )
-            out = np.asarray(jax.block_until_ready(out))
-            key = "compile_s" if self.sampler.traces > traces else "run_s"
-            timings[key] += time.perf_counter() - t0
-            images.append((out[0] * 255).round().astype(np.uint8))
-            seeds.append(s)
-        images = np.stack(images)
-        similarity = [identity_of(img, records[0]) for img in images] if identity else []
+            chunks.append(np.asarray(out)[: len(idx)])
+            compile_s += self.sampler.last_compile_s
+        run_s = time.perf_counter() - t0 - compile_s
+        images = (np.concatenate(chunks) * 255).round().astype(np.uint8)
+        target = reference_descriptor(records)
+        similarity = [identity_of(img, target) for img in images] if identity else []
         metadata = {
-            "prompts": [prompts[p] for p, _ in jobs],
-            "seeds": seeds,
+            "prompts": [prompts[p] for p in jobs],
+            "seeds": [seed + j for j in range(len(jobs))],
             "references": [r.source for r in records],
             "num_words": m,
             "steps": steps,
             "eta": eta,
+            "strength": strength,
             "guidance": guidance,
             **knobs,
+            "batch_size": rows,
             "resolution": int(images.shape[1]),
             "identity_similarity": similarity,
-            "timings": {k: round(v, 3) for k, v in timings.items()},
+            "timings": {
+                "compile_s": round(compile_s, 3),
+                "run_s": round(run_s, 3),
+                "s_per_image": round(run_s / len(jobs), 4),
+            },
         }
         return SampleResult(images, records, metadata)
 

@@ -1,22 +1,30 @@
 """PhotoVerse's DDIM sampler: the whole denoising loop in one jitted function.
 
-Compiled once per shape (batch, resolution, m, steps, eta); the knobs gamma, sigma, alpha and
-the guidance scale are traced values, so changing them (or the seed) reuses the compilation.
-Classifier-free guidance runs the unconditional and conditional passes as one batch: the
-unconditional half gets the empty prompt and sigma = 0 (SPEC.md), the conditional half the
-placeholder prompt with the pseudo-words and the image tokens.
+Compiled once per shape (batch, resolution, m, steps, eta, strength); the knobs gamma, sigma,
+alpha and the guidance scale are traced values, so changing them (or the seed) reuses the
+compilation. Classifier-free guidance runs the unconditional and conditional passes as one
+batch: the unconditional half gets the empty prompt and sigma = 0 (SPEC.md), the conditional half
+the placeholder prompt with the pseudo-words and the image tokens. Each batch row has its own
+noise and random key, so an image depends on its seed only, not on the batch it was drawn in.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pv_jax.diffusion import NoiseSchedule, ddim_prev_timesteps, ddim_step, ddim_timesteps
+from pv_jax.diffusion import (
+    NoiseSchedule,
+    add_noise,
+    ddim_prev_timesteps,
+    ddim_step,
+    ddim_timesteps,
+)
 from pv_jax.models.clip import encode_prompt_states
 from pv_jax.photoverse.model import PhotoVerse
 
@@ -29,6 +37,25 @@ class SamplerSpec:
     eta: float = 0.0
     cfg: bool = True  # batch the unconditional pass for classifier-free guidance
     uncond_gamma: float = 1.0  # the unconditional half: plain text attention, no image branch
+    # img2img: start from the init image noised to the step int(steps * strength) before the end
+    # (diffusers' img2img rule) and run only those steps; 1.0 runs every step.
+    strength: float = 1.0
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {self.eta}")
+        if not 0.0 < self.strength <= 1.0 or int(self.steps * self.strength) < 1:
+            raise ValueError(
+                f"strength {self.strength} with {self.steps} steps runs no step: use a strength "
+                f"in (1/steps, 1] (e.g. 0.6), or more steps"
+            )
+
+    @property
+    def start(self) -> int:
+        """Index of the first DDIM step that runs (0 unless img2img)."""
+        return self.steps - min(int(self.steps * self.strength), self.steps)
 
 
 def encode_references(model: PhotoVerse, images: jax.Array, num_words: int) -> tuple:
@@ -36,6 +63,11 @@ def encode_references(model: PhotoVerse, images: jax.Array, num_words: int) -> t
     averaged over the R photos (one photo: no averaging)."""
     words, tokens = model.encode_reference(images, num_words)
     return words.mean(axis=0, keepdims=True), tokens.mean(axis=0, keepdims=True)
+
+
+def step_keys(keys: jax.Array, steps: int) -> jax.Array:
+    """(steps, B) keys: row b's key split into one per DDIM step (its eta noise)."""
+    return jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, steps))(keys), 0, 1)
 
 
 def denoise_loop(
@@ -49,15 +81,18 @@ def denoise_loop(
     slots: jax.Array,
     empty_ids: jax.Array,
     noise: jax.Array,
-    key: jax.Array,
+    keys: jax.Array,
     guidance: jax.Array,
     gamma: jax.Array,
     sigma: jax.Array,
     alpha: jax.Array,
+    init_latents: jax.Array | None = None,
 ) -> jax.Array:
     """DDIM from ``noise`` (B, h, w, c) to clean latents; words/image tokens (1, ...) or (B, ...).
 
-    With eta > 0, step i's variance noise is ``normal(split(key, steps)[i], noise.shape)``.
+    ``keys`` (B,): with eta > 0, row b's variance noise at step i is
+    ``normal(step_keys(keys, steps)[i, b], noise.shape[1:])``. ``init_latents`` (scaled, 1 or B
+    rows) with ``spec.strength`` < 1: img2img from those latents noised to the first step run.
     """
     b = noise.shape[0]
     words = jnp.broadcast_to(words, (b, *words.shape[1:]))
@@ -77,6 +112,12 @@ def denoise_loop(
 
     ts = ddim_timesteps(schedule, spec.steps)
     prev = ddim_prev_timesteps(schedule, ts)
+    per_step = step_keys(keys, spec.steps)
+    start = spec.start
+    x = noise
+    if init_latents is not None:
+        init = jnp.broadcast_to(init_latents, noise.shape)
+        x = add_noise(schedule, init, noise, jnp.full((b,), ts[start]))
 
     def step(x, inputs):
         t, pt, k = inputs
@@ -85,24 +126,29 @@ def denoise_loop(
         if spec.cfg:
             out_uncond, out_cond = jnp.split(out, 2)
             out = out_uncond + guidance * (out_cond - out_uncond)
-        eps_noise = jax.random.normal(k, x.shape, x.dtype) if spec.eta > 0 else None
+        eps_noise = None
+        if spec.eta > 0:
+            eps_noise = jax.vmap(lambda kk: jax.random.normal(kk, x.shape[1:], x.dtype))(k)
         x, _ = ddim_step(schedule, out, t, pt, x, eta=spec.eta, noise=eps_noise)
         return x, None
 
-    keys = jax.random.split(key, len(ts))
-    x, _ = jax.lax.scan(step, noise, (jnp.asarray(ts), jnp.asarray(prev), keys))
+    inputs = (jnp.asarray(ts[start:]), jnp.asarray(prev[start:]), per_step[start:])
+    x, _ = jax.lax.scan(step, x, inputs)
     return x
 
 
 class Sampler:
     """A compiled PhotoVerse sampler over a fixed model: call it with references, prompts and
-    knobs; it compiles once per shape and spec."""
+    knobs; it compiles once per shape and spec (ahead of time, so compile and run time are
+    measured apart: ``last_compile_s``)."""
 
     def __init__(self, model: PhotoVerse, schedule: NoiseSchedule):
         self.graphdef, self.state = nnx.split(model)
         self.schedule = schedule
-        self.traces = 0  # how many times the loop was traced (tests, diagnostics)
+        self.traces = 0  # how many times the loop was compiled (tests, diagnostics)
+        self.last_compile_s = 0.0  # compile time of the last call (0 when it reused one)
         self._jitted = jax.jit(self._run, static_argnames=("spec", "num_words", "decode"))
+        self._compiled: dict = {}
 
     def _run(
         self,
@@ -112,16 +158,20 @@ class Sampler:
         slots,
         empty_ids,
         noise,
-        key,
+        keys,
         knobs,
+        init_images,
         *,
         spec,
         num_words,
         decode,
     ):
-        self.traces += 1  # runs at trace time only
         model = nnx.merge(self.graphdef, state)
         words, tokens = encode_references(model, refs, num_words)
+        init_latents = None
+        if init_images is not None:
+            mean, _ = model.vae.encode(init_images * 2.0 - 1.0)  # the posterior mean
+            init_latents = model.vae.scale_latents(mean)
         latents = denoise_loop(
             model,
             self.schedule,
@@ -132,13 +182,29 @@ class Sampler:
             slots=slots,
             empty_ids=empty_ids,
             noise=noise,
-            key=key,
+            keys=keys,
+            init_latents=init_latents,
             **knobs,
         )
         if not decode:
             return latents
         images = model.vae.decode(model.vae.unscale_latents(latents))
         return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+
+    def _executable(self, args: tuple, statics: dict):
+        leaves, treedef = jax.tree.flatten(args)
+        signature = (
+            treedef,
+            tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves),
+            tuple(sorted(statics.items())),
+        )
+        self.last_compile_s = 0.0
+        if signature not in self._compiled:
+            t0 = time.perf_counter()
+            self._compiled[signature] = self._jitted.lower(*args, **statics).compile()
+            self.last_compile_s = time.perf_counter() - t0
+            self.traces += 1
+        return self._compiled[signature]
 
     def __call__(
         self,
@@ -155,28 +221,36 @@ class Sampler:
         sigma: float = 1.0,
         alpha: float = 1.0,
         spec: SamplerSpec = SamplerSpec(),
+        init_images: np.ndarray | None = None,
         decode: bool = True,
         state: nnx.State | None = None,
     ) -> jax.Array:
         """Images (B, H, W, 3) in [0, 1] (or latents with ``decode=False``).
 
-        ``state``: other weights for the same model (e.g. the current ones during training);
-        the compilation is reused.
+        ``noise`` (B, h, w, c) is the start latent; ``key`` one key (split over the rows) or (B,)
+        keys, one per row (eta noise). ``init_images`` (1 or B, H, W, 3) in [0, 1] with
+        ``spec.strength`` < 1: img2img. ``state``: other weights for the same model (e.g. the
+        current ones during training); the compilation is reused.
         """
+        if init_images is None and spec.strength < 1.0:
+            raise ValueError(f"spec.strength {spec.strength} (img2img) needs init_images")
+        b = noise.shape[0]
+        if key.ndim == 0:
+            key = jax.random.split(key, b)
         knobs = {
             k: jnp.asarray(v, jnp.float32)
             for k, v in dict(guidance=guidance, gamma=gamma, sigma=sigma, alpha=alpha).items()
         }
-        return self._jitted(
+        args = (
             self.state if state is None else state,
             jnp.asarray(refs),
             jnp.asarray(input_ids),
             jnp.asarray(slots),
             jnp.asarray(empty_ids),
-            noise,
+            jnp.asarray(noise),
             key,
             knobs,
-            spec=spec,
-            num_words=num_words,
-            decode=decode,
+            None if init_images is None else jnp.asarray(init_images, jnp.float32),
         )
+        statics = dict(spec=spec, num_words=num_words, decode=decode)
+        return self._executable(args, statics)(*args)
