@@ -131,3 +131,22 @@ def face_batch(tokenizer, prompts=("a photo of S* as an astronaut", "S* in a gar
         input_ids=tokens.input_ids,
         slots=tokens.slots,
     )
+
+
+def tiny_stable_diffusion(seed: int = 0):
+    """Tiny random SD networks (UNet, VAE, CLIP text) with the packaged CLIP tokenizer."""
+    from pv_jax.diffusion import NoiseSchedule
+    from pv_jax.models.clip import CLIPTextModel
+    from pv_jax.models.presets import TINY_TEXT, TINY_UNET, TINY_VAE, random_module
+    from pv_jax.models.unet import UNet2DConditionModel
+    from pv_jax.models.vae import AutoencoderKL
+    from pv_jax.weights.checkpoints import StableDiffusion, load_tokenizer
+
+    rng = np.random.default_rng(seed)
+    return StableDiffusion(
+        unet=random_module(lambda r: UNet2DConditionModel(TINY_UNET, rngs=r), rng),
+        vae=random_module(lambda r: AutoencoderKL(TINY_VAE, rngs=r), rng),
+        text_encoder=random_module(lambda r: CLIPTextModel(TINY_TEXT, rngs=r), rng),
+        tokenizer=load_tokenizer(),
+        scheduler_config=NoiseSchedule().to_diffusers(),
+    )

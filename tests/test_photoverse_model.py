@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import face_batch
+from conftest import face_batch, tiny_stable_diffusion
 from flax import nnx
 
 from pv_jax.models.attention import dot_attention
@@ -45,7 +45,6 @@ from pv_jax.photoverse import (
     random_fusion,
     split_trainable,
 )
-from pv_jax.smoke import tiny_stable_diffusion
 from pv_jax.weights.checkpoints import save_clip_vision, save_stable_diffusion
 from pv_jax.weights.convert import export_state, load_into
 

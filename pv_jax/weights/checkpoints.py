@@ -219,6 +219,17 @@ def _with_projection(cfg: dict) -> bool:
     return any("WithProjection" in a for a in cfg.get("architectures") or ())
 
 
+def _clip_part(raw: dict, tower: str) -> tuple[bool, tuple[str, ...]]:
+    """(with projection, keys to ignore) for one tower of a CLIP folder: a full ``CLIPModel``
+    also holds the other tower, its projection and the logit scale."""
+    full_clip = f"{tower}_config" in raw
+    proj = _with_projection(raw) or "CLIPModel" in (raw.get("architectures") or ())
+    if not full_clip:
+        return proj, _IGNORE
+    other, other_proj = ("vision", "visual") if tower == "text" else ("text", "text")
+    return proj, (*_IGNORE, rf"^{other}_model\.", rf"^{other_proj}_projection\.", r"^logit_scale$")
+
+
 def load_clip_text(
     folder: str | os.PathLike,
     *,
@@ -226,11 +237,11 @@ def load_clip_text(
     attention: str = "auto",
     variant: str | None = None,
 ) -> CLIPTextModel:
-    """A transformers ``CLIPTextModel[WithProjection]`` folder as our NNX text tower."""
+    """A transformers ``CLIPTextModel[WithProjection]`` (or full ``CLIPModel``) folder."""
     folder = Path(folder)
     raw = read_config(folder, "transformers CLIPTextModel")
     cfg = CLIPTextConfig.from_hf(raw)
-    proj = _with_projection(raw)
+    proj, ignore = _clip_part(raw, "text")
     return _build(
         lambda: CLIPTextModel(
             cfg, with_projection=proj, dtype=dtype, attention=attention, rngs=nnx.Rngs(0)
@@ -239,7 +250,7 @@ def load_clip_text(
         rules=CLIP_RULES,
         what=f"CLIP text model in {folder}",
         strip_prefixes=CLIP_TEXT_STRIP_PREFIXES,
-        ignore=_IGNORE,
+        ignore=ignore,
     )
 
 
@@ -254,13 +265,7 @@ def load_clip_vision(
     folder = Path(folder)
     raw = read_config(folder, "transformers CLIPVisionModel")
     cfg = CLIPVisionConfig.from_hf(raw)
-    proj = _with_projection(raw) or "CLIPModel" in (raw.get("architectures") or ())
-    full_clip = "vision_config" in raw
-    ignore = (
-        (*_IGNORE, r"^text_model\.", r"^text_projection\.", r"^logit_scale$")
-        if full_clip
-        else _IGNORE
-    )
+    proj, ignore = _clip_part(raw, "vision")
     return _build(
         lambda: CLIPVisionModel(
             cfg, with_projection=proj, dtype=dtype, attention=attention, rngs=nnx.Rngs(0)
@@ -271,6 +276,25 @@ def load_clip_vision(
         strip_prefixes=CLIP_VISION_STRIP_PREFIXES,
         ignore=ignore,
     )
+
+
+def load_clip(
+    folder: str | os.PathLike,
+    *,
+    dtype: jnp.dtype = jnp.float32,
+    attention: str = "auto",
+    variant: str | None = None,
+) -> tuple[CLIPTextModel, CLIPVisionModel]:
+    """Both towers, with their projections, of a transformers ``CLIPModel`` folder."""
+    raw = read_config(Path(folder), "transformers CLIPModel")
+    if "text_config" not in raw or "vision_config" not in raw:
+        raise CheckpointFolderError(
+            f"{folder} is not a full CLIP folder: its config.json lacks text_config/vision_config "
+            "(expected a transformers CLIPModel saved with save_pretrained, e.g. "
+            "openai/clip-vit-large-patch14)"
+        )
+    kw = dict(dtype=dtype, attention=attention, variant=variant)
+    return load_clip_text(folder, **kw), load_clip_vision(folder, **kw)
 
 
 def load_tokenizer(folder: str | os.PathLike | None = None):
