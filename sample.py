@@ -19,11 +19,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pv_jax.photoverse import PromptError, tiny_photoverse
+from pv_jax.photoverse import tiny_photoverse
 from pv_jax.sampling.pipeline import (
-    CheckpointMismatchError,
+    INPUT_ERRORS,
     PhotoVersePipeline,
-    ReferencePhotoError,
 )
 
 
@@ -118,12 +117,6 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (
-        ReferencePhotoError,
-        PromptError,
-        CheckpointMismatchError,
-        FileNotFoundError,
-        ValueError,
-    ) as e:
+    except INPUT_ERRORS as e:
         print(f"sample.py: {e}", file=sys.stderr)
         sys.exit(2)

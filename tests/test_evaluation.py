@@ -188,3 +188,12 @@ def test_evaluation_command_writes_json_and_markdown(clip_folder, tmp_path):
         evaluate_module.main(["--tiny", "--refs", str(refs), "--steps", "2", "--out", str(out)])
     with pytest.raises(FileNotFoundError, match=r"--refs .*missing.jpg: no such file"):
         evaluate_module.main(["--tiny", "--refs", str(tmp_path / "missing.jpg")])
+
+
+def test_command_line_errors_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["pv-jax-eval", "--tiny", "--refs", str(tmp_path / "x.jpg")])
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_module.cli()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("evaluate: --refs ") and err.count("\n") == 1

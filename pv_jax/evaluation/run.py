@@ -30,9 +30,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pv_jax.photoverse import PromptError, tiny_photoverse
+from pv_jax.photoverse import tiny_photoverse
 from pv_jax.sampling.pipeline import (
-    CheckpointMismatchError,
+    INPUT_ERRORS,
     PhotoVersePipeline,
     ReferencePhotoError,
 )
@@ -251,12 +251,6 @@ def cli() -> None:
     """Console entry point: errors in the input are one line on stderr and exit status 2."""
     try:
         main()
-    except (
-        ReferencePhotoError,
-        PromptError,
-        CheckpointMismatchError,
-        FileNotFoundError,
-        ValueError,
-    ) as e:
+    except INPUT_ERRORS as e:
         print(f"evaluate: {e}", file=sys.stderr)
         sys.exit(2)

@@ -49,6 +49,11 @@ class CheckpointMismatchError(ValueError):
     """A training checkpoint that does not fit the base model it is loaded onto."""
 
 
+# What a command line reports as one line on stderr (exit status 2) instead of a traceback: bad
+# photos, prompts, checkpoints, paths and settings. PromptError is a ValueError.
+INPUT_ERRORS = (ReferencePhotoError, CheckpointMismatchError, FileNotFoundError, ValueError)
+
+
 _ADVICE = {
     "no_face": "no face was found: use a photo where the face is clearly visible, frontal and at "
     "least ~80 px wide (a closer crop around the face helps)",
