@@ -159,6 +159,18 @@ def test_one_trace_for_repeated_calls_seeds_and_knobs(setup):
     b = _sample(sampler, batch, refs, empty, noise, spec=spec)
     c = _sample(sampler, batch, refs, empty, noise * 0.5 + 0.1, key=1, spec=spec)
     d = _sample(sampler, batch, refs, empty, noise, spec=spec, guidance=3.0, sigma=0.5)
+    # A raw uint32 key (jax.random.PRNGKey) is the same key as its typed form.
+    raw = sampler(
+        refs,
+        batch["input_ids"],
+        batch["slots"],
+        empty,
+        noise,
+        jax.random.PRNGKey(0),
+        num_words=5,
+        spec=spec,
+    )
+    np.testing.assert_array_equal(np.asarray(raw), np.asarray(a))
     assert sampler.traces == 1  # new seeds, noise and knobs reuse the compilation
     assert sampler.last_compile_s == 0.0
     chex.assert_shape(a, (1, 32, 32, 3))

@@ -39,6 +39,8 @@ from pv_jax.sampling.pipeline import (
 
 PAPER_PROMPT = "a photo of S*"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# The sampling settings copied from the pipeline's metadata into the report.
+_SETTINGS = ("num_words", "steps", "eta", "strength", "guidance", "gamma", "sigma", "alpha")
 
 
 def find_photos(paths: Sequence[str | Path]) -> list[Path]:
@@ -167,9 +169,6 @@ def evaluate(
         "summary": summarize(rows),
         "results": rows,
     }
-
-
-_SETTINGS = ("num_words", "steps", "eta", "strength", "guidance", "gamma", "sigma", "alpha")
 
 
 def main(argv: list[str] | None = None) -> dict:

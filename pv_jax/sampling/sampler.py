@@ -235,6 +235,8 @@ class Sampler:
         if init_images is None and spec.strength < 1.0:
             raise ValueError(f"spec.strength {spec.strength} (img2img) needs init_images")
         b = noise.shape[0]
+        if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+            key = jax.random.wrap_key_data(key)  # a raw uint32 key (jax.random.PRNGKey)
         if key.ndim == 0:
             key = jax.random.split(key, b)
         knobs = {
