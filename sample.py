@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pv_jax.photoverse import tiny_photoverse
 from pv_jax.sampling.pipeline import (
     INPUT_ERRORS,
-    PhotoVersePipeline,
+    pipeline_from_args,
 )
 
 
@@ -70,14 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
-    if args.tiny:
-        pipe = PhotoVersePipeline(tiny_photoverse())
-        weights = "tiny random networks, untrained: the images are noise by design"
-    else:
-        pipe = PhotoVersePipeline.from_checkpoint(
-            args.ckpt, sd_folder=args.sd_folder, clip_vision_folder=args.clip_vision_folder
-        )
-        weights = f"trained checkpoint {args.ckpt}"
+    pipe, weights = pipeline_from_args(args)
     load_s = time.perf_counter() - t0
     result = pipe(
         args.ref,

@@ -30,11 +30,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pv_jax.photoverse import tiny_photoverse
 from pv_jax.sampling.pipeline import (
     INPUT_ERRORS,
     PhotoVersePipeline,
     ReferencePhotoError,
+    pipeline_from_args,
 )
 
 PAPER_PROMPT = "a photo of S*"
@@ -202,14 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
         from pv_jax.evaluation.clip_score import CLIPScorer
 
         clip_scorer = CLIPScorer.from_folder(args.clip_folder)
-    if args.tiny:
-        pipe = PhotoVersePipeline(tiny_photoverse())
-        weights = "tiny random networks, untrained"
-    else:
-        pipe = PhotoVersePipeline.from_checkpoint(
-            args.ckpt, sd_folder=args.sd_folder, clip_vision_folder=args.clip_vision_folder
-        )
-        weights = f"trained checkpoint {args.ckpt}"
+    pipe, weights = pipeline_from_args(args)
     args.out.mkdir(parents=True, exist_ok=True)
     report = evaluate(
         pipe,

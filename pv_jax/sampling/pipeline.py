@@ -251,6 +251,20 @@ class PhotoVersePipeline:
         return SampleResult(images, records, metadata)
 
 
+def pipeline_from_args(args) -> tuple[PhotoVersePipeline, str]:
+    """The pipeline a command line asks for (``--tiny`` or ``--ckpt`` with optional base
+    folders), and a description of its weights for the outputs."""
+    if args.tiny:
+        from pv_jax.photoverse import tiny_photoverse
+
+        weights = "tiny random networks, untrained: the images are noise by design"
+        return PhotoVersePipeline(tiny_photoverse()), weights
+    pipe = PhotoVersePipeline.from_checkpoint(
+        args.ckpt, sd_folder=args.sd_folder, clip_vision_folder=args.clip_vision_folder
+    )
+    return pipe, f"trained checkpoint {args.ckpt}"
+
+
 def load_trained(
     workdir: str | os.PathLike,
     *,
