@@ -19,6 +19,7 @@ from pv_jax.evaluation import evaluate, markdown_table, summarize
 from pv_jax.evaluation import run as evaluate_module
 from pv_jax.evaluation.clip_score import CLIPScorer
 from pv_jax.models.clip import preprocess_images
+from pv_jax.models.presets import TINY_TEXT, TINY_VISION
 from pv_jax.sampling.pipeline import PhotoVersePipeline, ReferencePhotoError, load_reference
 from pv_jax.weights.checkpoints import CheckpointFolderError, load_clip
 
@@ -29,25 +30,7 @@ ASTRONAUT = os.path.join(os.path.dirname(skimage.data.__file__), "astronaut.png"
 def clip_folder(tmp_path_factory):
     """A tiny random transformers CLIPModel saved with save_pretrained (no tokenizer files)."""
     torch.manual_seed(0)
-    text = dict(
-        vocab_size=49408,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=1,
-    )
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-    )
+    text, vision = TINY_TEXT.to_hf(), TINY_VISION.to_hf()  # the real CLIP vocabulary and ids
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
     folder = tmp_path_factory.mktemp("clip")
     model.eval().save_pretrained(folder)
@@ -64,7 +47,9 @@ def test_parity_clip_t_with_transformers_clip_model(clip_folder):
     chex.assert_shape(got, (3,))
 
     # transformers on the same pixels (our CLIP preprocessing, tested in test_clip.py) and ids.
-    pixels = np.array(preprocess_images(jnp.asarray(images), 32)).transpose(0, 3, 1, 2)
+    pixels = np.array(preprocess_images(jnp.asarray(images), TINY_VISION.image_size)).transpose(
+        0, 3, 1, 2
+    )
     ids = torch.tensor(np.asarray(scorer.token_ids(texts)))
     with torch.no_grad():
         image = model.get_image_features(pixel_values=torch.from_numpy(pixels)).pooler_output

@@ -89,17 +89,15 @@ def reference_descriptor(records: Sequence[FaceRecord]) -> np.ndarray:
     return mean / (np.linalg.norm(mean) + 1e-12)
 
 
-def identity_of(image: np.ndarray, reference: FaceRecord | np.ndarray) -> float | None:
-    """Cosine between the dlib descriptor of the largest face in ``image`` and the reference's
-    (a record's target crop, or a descriptor); None when no face is found (e.g. untrained
-    weights)."""
+def identity_of(image: np.ndarray, descriptor: np.ndarray) -> float | None:
+    """Cosine between the dlib descriptor of the largest face in ``image`` and ``descriptor``
+    (see :func:`reference_descriptor`); None when no face is found (e.g. untrained weights)."""
     try:
         box, _ = detect_largest_face(image, PreprocessConfig(upsample=1))
     except SkipError:
         return None
     desc = target_descriptor(image, face_landmarks(image, box), 0)
-    ref = reference.descriptor if isinstance(reference, FaceRecord) else reference
-    return float(desc @ ref / (np.linalg.norm(desc) * np.linalg.norm(ref) + 1e-12))
+    return float(desc @ descriptor / (np.linalg.norm(desc) * np.linalg.norm(descriptor) + 1e-12))
 
 
 @dataclasses.dataclass
