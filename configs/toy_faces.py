@@ -1,7 +1,7 @@
 # python train_tpu.py --config configs/toy_faces.py:full --workdir toy_work/pv_full
 """PhotoVerse at toy scale on real faces (``python -m pv_jax.toy`` builds what it reads): the
-toy base model (``toy_work/base/sd``), the self-supervised image encoder
-(``toy_work/base/clip_vision``) and the training people's faces (``toy_work/faces_train``),
+toy base model (``models/toy_faces/sd``), the self-supervised image encoder
+(``models/toy_faces/clip_vision``) and the training people's faces (``toy_work/faces_train``),
 64 px. The method is the paper's: frozen base, L_diff + 0.01 L_face + 0.01 L_Treg + 0.001 L_Sreg,
 random fusion, the face loss through the JAX dlib net.
 
@@ -16,6 +16,7 @@ from pv_jax.train.config import default_config
 
 VARIANTS = ("full", "no_face", "no_image")
 WORK = "toy_work"
+MODELS = "models/toy_faces"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -37,8 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.image_reg_weight = 0.0
         c.train.fusion = False
     c.base.kind = "folders"
-    c.base.sd_folder = f"{WORK}/base/sd"
-    c.base.clip_vision_folder = f"{WORK}/base/clip_vision"
+    c.base.sd_folder = f"{MODELS}/sd"
+    c.base.clip_vision_folder = f"{MODELS}/clip_vision"
     c.data.source = "records"
     c.data.data_dir = f"{WORK}/faces_train"
     c.data.resolution = 64

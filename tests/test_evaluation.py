@@ -182,3 +182,36 @@ def test_command_line_errors_are_one_line_and_exit_2(tmp_path, monkeypatch, caps
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("evaluate: --refs ") and err.count("\n") == 1
+
+
+def test_identity_metrics_against_a_direct_computation():
+    from pv_jax.evaluation.run import identity_metrics
+
+    rng = np.random.default_rng(0)
+    refs = rng.standard_normal((4, 128))
+    person = ["a", "a", "b", "c"]  # references 0 and 1 are two photos of one person
+    # Images 0-2 come from references 0, 1 and 2 and look like them; image 3 (from reference 3)
+    # looks like reference 2; image 4 has no face.
+    desc = np.stack([refs[0], refs[1], refs[2], refs[2], np.full(128, np.nan)])
+    desc[:4] += 0.1 * rng.standard_normal((4, 128))
+    idx = np.array([0, 1, 2, 3, 3])
+    m = identity_metrics(desc, idx, refs, person)
+
+    def cos(a, b):
+        return a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+
+    sims = np.array([[cos(d, r) for r in refs] for d in desc[:4]])
+    assert m["face_rate"] == 0.8 and m["chance"] == 0.25 and m["references"] == 4
+    np.testing.assert_allclose(m["own_mean"], np.mean([sims[i, idx[i]] for i in range(4)]))
+    assert m["identification"] == 0.75  # image 3 is nearest to reference 2
+    others = [[j for j in range(4) if person[j] != person[idx[i]]] for i in range(4)]
+    np.testing.assert_allclose(
+        m["other_people_mean"], np.mean([sims[i, o].mean() for i, o in enumerate(others)])
+    )
+    np.testing.assert_allclose(
+        m["other_people_max"], np.mean([sims[i, o].max() for i, o in enumerate(others)])
+    )
+    # Only images 0 and 1 have another photo of their person: each other's reference.
+    assert m["other_photo_images"] == 2
+    np.testing.assert_allclose(m["other_photo_mean"], (sims[0, 1] + sims[1, 0]) / 2)
+    assert identity_metrics(np.full((2, 128), np.nan), idx[:2], refs)["face_rate"] == 0.0

@@ -33,7 +33,9 @@ from pv_jax.sampling.pipeline import (
     INPUT_ERRORS,
     PhotoVersePipeline,
     ReferencePhotoError,
+    face_descriptor,
     pipeline_from_args,
+    reference_descriptor,
 )
 
 PAPER_PROMPT = "a photo of S*"
@@ -93,6 +95,63 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-12)
+
+
+def identity_metrics(
+    descriptors: np.ndarray,
+    ref_index: np.ndarray,
+    ref_descriptors: np.ndarray,
+    ref_person: Sequence[str] | None = None,
+) -> dict:
+    """Identity beyond the own-reference cosine, over a set of references (one per photo).
+
+    ``descriptors`` (N, 128): the generated images' dlib descriptors, NaN rows where no face was
+    found; ``ref_index`` (N,): the reference each image was generated from; ``ref_descriptors``
+    (R, 128); ``ref_person`` (R,): who each reference shows (photos of one person share it).
+
+    - ``own``: cosine to the image's own reference (the paper's identity similarity);
+    - ``identification``: the fraction of images whose most similar reference is their own
+      (chance: 1 / R);
+    - ``other_people_mean`` / ``other_people_max``: the mean and the largest cosine to
+      references of *other* people, averaged over images (the baseline ``own`` must beat);
+    - ``other_photo``: cosine to the *other* photos of the same person (MultiID-Bench's
+      Sim(GT)), over the images whose person has another photo: copying the reference does not
+      earn it.
+    """
+    desc, refs = np.asarray(descriptors, np.float64), _unit(np.asarray(ref_descriptors, np.float64))
+    idx = np.asarray(ref_index)
+    person = np.asarray(
+        ref_person if ref_person is not None else [str(i) for i in range(len(refs))]
+    )
+    found = ~np.isnan(desc).any(axis=1)
+    out = {"images": int(len(desc)), "face_rate": float(found.mean()) if len(desc) else 0.0}
+    out["references"], out["chance"] = int(len(refs)), 1.0 / len(refs)
+    if not found.any():
+        return out
+    sims = _unit(desc[found]) @ refs.T  # (F, R)
+    own_idx = idx[found]
+    own = sims[np.arange(len(sims)), own_idx]
+    other = person[None, :] != person[own_idx][:, None]  # references of other people
+    same_other = (~other) & (np.arange(len(refs))[None, :] != own_idx[:, None])
+    masked = np.where(other, sims, np.nan)
+    out.update(
+        own_mean=float(own.mean()),
+        own_std=float(own.std()),
+        identification=float(np.mean(np.argmax(sims, axis=1) == own_idx)),
+        other_people_mean=float(np.nanmean(masked, axis=1).mean()),
+        other_people_max=float(np.nanmax(masked, axis=1).mean()),
+    )
+    has_other = same_other.any(axis=1)
+    if has_other.any():
+        gt = np.where(same_other, sims, np.nan)[has_other]
+        out.update(other_photo_mean=float(np.nanmean(gt, axis=1).mean()))
+        out.update(other_photo_images=int(has_other.sum()))
+        out.update(own_mean_same_images=float(own[has_other].mean()))
+    return out
+
+
 def _fmt(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
@@ -111,6 +170,23 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def identification_table(identification: dict) -> str:
+    """The identification metrics (one row per prompt, then all) as a markdown table."""
+    lines = [
+        "| prompt | images | face found | own ref | other photo | other people (mean / max) "
+        "| identification | chance |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for prompt, m in identification.items():
+        lines.append(
+            f"| {'**all**' if prompt == 'all' else prompt} | {m['images']} | "
+            f"{m['face_rate']:.0%} | {_fmt(m.get('own_mean'))} | {_fmt(m.get('other_photo_mean'))}"
+            f" | {_fmt(m.get('other_people_mean'))} / {_fmt(m.get('other_people_max'))} | "
+            f"{_fmt(m.get('identification'))} | {m['chance']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def evaluate(
     pipe: PhotoVersePipeline,
     photos: Sequence[Path],
@@ -120,19 +196,33 @@ def evaluate(
     clip_scorer=None,
     subject: str = "a person",
     save_dir: Path | None = None,
+    people: dict[str, str] | None = None,
+    keep_images: bool = False,
     **sample_kwargs,
 ) -> dict:
-    """Generate for every photo and prompt and score the images; returns the report dict."""
-    rows, skipped = [], []
+    """Generate for every photo and prompt and score the images; returns the report dict.
+
+    With more than one usable photo the report also has ``identification`` (see
+    :func:`identity_metrics`); ``people`` maps photo file names to a person, so that photos of
+    one person count as the same identity and give ``other_photo``. ``keep_images`` puts the
+    images (N, H, W, 3) and descriptors (N, 128; NaN without a face) under ``"arrays"`` (not
+    JSON: the command leaves them out)."""
+    rows, skipped, used, images, descriptors = [], [], [], [], []
     timings = {"compile_s": 0.0, "run_s": 0.0}
     for index, photo in enumerate(tqdm(photos, desc="evaluating", unit="photo")):
         try:
-            result = pipe([photo], prompts, num_images=num_images, **sample_kwargs)
+            result = pipe([photo], prompts, num_images=num_images, identity=False, **sample_kwargs)
         except ReferencePhotoError as e:  # recorded, and the other photos go on
             print(f"evaluate: skipping {e}", file=sys.stderr)
             skipped.append({"reference": str(photo), "error": str(e)})
             continue
         meta = result.metadata
+        ref_desc = reference_descriptor(result.references)
+        used.append((photo, ref_desc))
+        found = [face_descriptor(image) for image in result.images]
+        descriptors += [np.full(128, np.nan) if d is None else d for d in found]
+        if keep_images:
+            images.append(result.images)
         for key in timings:
             timings[key] += meta["timings"][key]
         clip_t = [None] * len(result.images)
@@ -144,7 +234,7 @@ def evaluate(
                 "reference": str(photo),
                 "prompt": meta["prompts"][i],
                 "seed": meta["seeds"][i],
-                "identity": meta["identity_similarity"][i],
+                "identity": None if found[i] is None else _cosine(found[i], ref_desc),
                 "clip_t": clip_t[i],
             }
             if save_dir is not None:
@@ -157,7 +247,7 @@ def evaluate(
             f"none of the {len(photos)} reference photos could be used: "
             + "; ".join(s["error"] for s in skipped)
         )
-    return {
+    report = {
         "references": [str(p) for p in photos],
         "skipped": skipped,
         "prompts": list(prompts),
@@ -168,6 +258,26 @@ def evaluate(
         "summary": summarize(rows),
         "results": rows,
     }
+    if len(used) > 1:
+        ref_index = np.repeat(np.arange(len(used)), len(prompts) * num_images)
+        person = [(people or {}).get(p.name, str(p)) for p, _ in used]
+        ref_desc = np.stack([d for _, d in used])
+        all_desc, ident = np.stack(descriptors), {}
+        for prompt in ["all", *prompts]:
+            which = np.array([prompt == "all" or r["prompt"] == prompt for r in rows])
+            ident[prompt] = identity_metrics(all_desc[which], ref_index[which], ref_desc, person)
+        report["identification"] = ident
+    if keep_images:
+        report["arrays"] = {
+            "images": np.concatenate(images),
+            "descriptors": np.stack(descriptors),
+            "ref_descriptors": np.stack([d for _, d in used]),
+        }
+    return report
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -183,6 +293,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num-images", type=int, default=4, help="images per photo and prompt")
     p.add_argument("--clip-folder", help="a transformers CLIPModel folder: also report CLIP-T")
     p.add_argument("--subject", default="a person", help="replaces S* in the CLIP-T text")
+    p.add_argument(
+        "--people",
+        type=Path,
+        help="JSON {photo file name: person}: photos of one person count as one identity",
+    )
     p.add_argument("--sd-folder")
     p.add_argument("--clip-vision-folder")
     p.add_argument("--seed", type=int, default=0)
@@ -211,6 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
         clip_scorer=clip_scorer,
         subject=args.subject,
         save_dir=args.out if args.save_images else None,
+        people=json.loads(args.people.read_text()) if args.people else None,
         seed=args.seed,
         steps=args.steps,
         guidance=args.guidance,
@@ -227,7 +343,11 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.steps} DDIM steps, CFG {args.guidance}. Identity: cosine of dlib face "
         "descriptors, over the images where a face was found.\n\n"
     )
-    (args.out / "eval.md").write_text(header + markdown_table(report["summary"]))
+    table = markdown_table(report["summary"])
+    if "identification" in report:
+        table += "\n## Identification over all references\n\n"
+        table += identification_table(report["identification"])
+    (args.out / "eval.md").write_text(header + table)
     overall = report["summary"]["overall"]
     print(
         f"evaluate: {overall['images']} images from {len(photos)} photos -> {args.out} | "

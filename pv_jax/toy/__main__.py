@@ -4,8 +4,10 @@
     python -m pv_jax.toy --work toy_work --stages vae    # one stage (earlier ones must be done)
     python -m pv_jax.toy --work /tmp/t --quick           # a few steps of everything (tests)
 
-Stages write under ``--work``; the exported base model (``base/sd``, ``base/clip_vision``) is
-what ``configs/toy_faces.py`` trains PhotoVerse on.
+Data and optimizer states go under ``--work`` (not committed: CelebA's photos are for
+non-commercial research); trained models and reports go under ``--out``
+(``models/toy_faces``: ``vae/``, ``sd/``, ``clip_vision/``), where a finished stage is found
+and not run again. ``configs/toy_faces.py`` trains PhotoVerse on ``sd/`` and ``clip_vision/``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ STAGES = ("data", "vae", "base")
 def main(argv: list[str] | None = None) -> dict:
     """Run the requested stages; returns each stage's report."""
     p = argparse.ArgumentParser(prog="python -m pv_jax.toy", description=__doc__.split("\n")[0])
-    p.add_argument("--work", type=Path, default=Path("toy_work"))
+    p.add_argument("--work", type=Path, default=Path("toy_work"), help="data, optimizer states")
+    p.add_argument(
+        "--out", type=Path, default=Path("models/toy_faces"), help="trained models and reports"
+    )
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     p.add_argument("--quick", action="store_true", help="few photos and steps: a smoke run")
     args = p.parse_args(argv)
@@ -53,13 +58,15 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"data: {json.dumps(reports['data'])}")
     model = None
     if "vae" in args.stages or "base" in args.stages:
-        model, reports["vae"] = vae.train_vae(work, work / "vae", vae_fit)
+        model, reports["vae"] = vae.train_vae(work, args.out, vae_fit)
     if "base" in args.stages:
         reports["base"] = base.train_base(
-            work, work / "base", model, unet_fit=unet_fit, vision_fit=vision_fit, samples=samples
+            work, args.out, model, unet_fit=unet_fit, vision_fit=vision_fit, samples=samples
         )
-    (work / "report.json").write_text(json.dumps(reports, indent=1))
-    print(f"toy: stages {' '.join(args.stages)} done in {time.perf_counter() - t0:.0f}s -> {work}")
+    print(
+        f"toy: stages {' '.join(args.stages)} done in {time.perf_counter() - t0:.0f}s -> "
+        f"{args.out} (work: {work})"
+    )
     return reports
 
 

