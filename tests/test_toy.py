@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
 from pv_jax.toy import attributes, wheel
@@ -159,3 +161,48 @@ def test_photoverse_trains_on_the_toy_base(toy_run, tmp_path):
     assert all(np.isfinite(r["loss"]) and "face" in r for r in rows)
     with pytest.raises(ValueError, match="choose one of"):
         toy_faces.get_config("bogus")
+
+
+class _Line(nnx.Module):
+    def __init__(self):
+        self.w = nnx.Param(jnp.zeros((3,)))
+
+
+def _line_loss(model, batch, key):
+    err = batch["x"] @ model.w.get_value() - batch["y"]
+    return jnp.mean(err**2), {"abs": jnp.mean(jnp.abs(err))}
+
+
+def _line_batch(rng):
+    x = rng.standard_normal((16, 3)).astype(np.float32)
+    return {"x": x, "y": x @ np.array([1.0, -2.0, 0.5], np.float32)}
+
+
+def test_fit_learns_resumes_exactly_and_decays_to_end_factor(tmp_path):
+    from pv_jax.toy.fit import FitConfig, fit, read_metrics
+
+    cfg = FitConfig(steps=40, lr=0.1, batch_size=16, warmup=5, log_every=1, save_every=10)
+    whole, summary = fit("line", _Line(), _line_loss, _line_batch, cfg, tmp_path / "a")
+    assert summary["final"]["loss"] < 0.05 * read_metrics(tmp_path / "a")[0]["loss"]
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "a")]
+    np.testing.assert_allclose(max(lrs), 0.1, rtol=1e-5)
+    assert lrs[-1] < 0.1 * 0.05 * 1.05  # the cosine ends near end_factor * lr, never above lr
+    # Killed during step 26 (after the step-20 save): the resume replays 21..40 exactly.
+    calls = {"n": 0}
+
+    def crashing(rng):
+        calls["n"] += 1
+        if calls["n"] > 25:
+            raise KeyboardInterrupt
+        return _line_batch(rng)
+
+    with pytest.raises(KeyboardInterrupt):
+        fit("line", _Line(), _line_loss, crashing, cfg, tmp_path / "b")
+    assert int(np.load(tmp_path / "b" / "state.npz")["step"]) == 20
+    resumed, s2 = fit("line", _Line(), _line_loss, _line_batch, cfg, tmp_path / "b")
+    assert s2["resumed_from"] == 20
+    whole_w = np.asarray(whole.w.get_value())
+    np.testing.assert_allclose(np.asarray(resumed.w.get_value()), whole_w, rtol=1e-6, atol=1e-7)
+    again, s3 = fit("line", _Line(), _line_loss, _line_batch, cfg, tmp_path / "a")
+    assert s3 == summary  # finished: nothing is trained again
+    np.testing.assert_array_equal(np.asarray(again.w.get_value()), whole_w)

@@ -32,6 +32,7 @@ class FitConfig:
     lr: float
     batch_size: int
     warmup: int = 100
+    end_factor: float = 0.05  # the cosine ends at end_factor * lr
     weight_decay: float = 0.0
     clip_norm: float = 1.0
     log_every: int = 25
@@ -60,7 +61,11 @@ def fit(
     out.mkdir(parents=True, exist_ok=True)
     graphdef, params, rest = nnx.split(module, wrt, ...)
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, config.lr, max(1, min(config.warmup, config.steps - 1)), config.steps, 0.05
+        0.0,
+        config.lr,
+        max(1, min(config.warmup, config.steps - 1)),
+        config.steps,
+        config.end_factor * config.lr,  # optax takes the final value, not a factor
     )
     tx = optax.chain(
         optax.clip_by_global_norm(config.clip_norm),
@@ -86,7 +91,7 @@ def fit(
 
         (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        metrics = dict(metrics, loss=value, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, loss=value, grad_norm=optax.tree.norm(grads))
         return optax.apply_updates(params, updates), opt_state, metrics
 
     jstep = jax.jit(step, donate_argnums=(0, 1))
