@@ -142,23 +142,32 @@ def test_toy_stages_run_and_export_loadable_models(toy_run):
 
 
 @pytest.mark.slow
-def test_photoverse_trains_on_the_toy_base(toy_run, tmp_path):
+def test_photoverse_stage_and_evaluation_on_the_toy_base(toy_run):
     from configs import toy_faces
-    from pv_jax.train import trainer
-    from pv_jax.train.metrics import read_metrics
+    from pv_jax.train.checkpoint import Checkpointer
 
-    work, out, _ = toy_run
-    for variant in toy_faces.VARIANTS:
-        cfg = toy_faces.get_config(variant)
-        assert cfg.data.resolution == 64
-    cfg = toy_faces.get_config("full")
-    cfg.base.sd_folder, cfg.base.clip_vision_folder = str(out / "sd"), str(out / "clip_vision")
-    cfg.data.data_dir = str(work / "faces_train")
-    cfg.train.update(steps=2, batch_size=2, checkpoint_every=2, sample_every=0, progress=False)
-    summary = trainer.train(cfg, tmp_path)
-    assert summary.end_step == 2 and summary.skipped_steps == 0
-    rows = read_metrics(tmp_path)
-    assert all(np.isfinite(r["loss"]) and "face" in r for r in rows)
+    work, out, reports = toy_run
+    run = reports["photoverse"]["full"]
+    assert run["end_step"] == 2 and run["skipped_steps"] == 0
+    assert np.isfinite(run["last_metrics"]["face"])  # the face loss ran through the dlib net
+    release = Checkpointer(out / "photoverse", every=1, keep=1)
+    assert release.latest_step() == 2
+    release.close()
+    assert [p.name for p in (out / "photoverse" / "checkpoints").iterdir()] == ["2"]
+    ev = reports["eval"]["runs"]
+    assert set(ev) == {"full", "base model (no PhotoVerse)", "copy the reference"}
+    for r in ev.values():
+        assert 0.0 <= r["identity"]["all"]["face_rate"] <= 1.0
+    # The reference's own 64 px crop: dlib finds it (after upscaling) and knows who it is.
+    copy = ev["copy the reference"]["identity"]["all"]
+    assert copy["face_rate"] >= 0.75 and copy["own_mean"] > 0.9
+    assert copy["identification"] >= 0.75
+    assert (out / "eval" / "samples_full.png").is_file()
+    # The ablations are the paper's: no face loss; no image branch (sigma 0, no fusion).
+    no_face, no_image = toy_faces.get_config("no_face"), toy_faces.get_config("no_image")
+    assert no_face.model.face_weight == 0.0 and no_face.train.fusion
+    assert no_image.model.sigma == 0.0 and not no_image.train.fusion
+    assert no_image.model.face_weight == toy_faces.get_config("full").model.face_weight
     with pytest.raises(ValueError, match="choose one of"):
         toy_faces.get_config("bogus")
 

@@ -282,6 +282,19 @@ def pipeline_from_args(args) -> tuple[PhotoVersePipeline, str]:
     return pipe, f"trained checkpoint {args.ckpt}"
 
 
+def _find_base_folder(folder: str, workdir: Path) -> str:
+    """A relative base folder of a saved config: from the current directory if it is there,
+    else from the nearest parent of the workdir that holds it (a model folder that carries its
+    base, like ``models/toy_faces``, works from anywhere)."""
+    path = Path(folder)
+    if not folder or path.is_absolute() or path.exists():
+        return folder
+    for parent in workdir.absolute().parents:
+        if (parent / path).exists():
+            return str(parent / path)
+    return folder
+
+
 def load_trained(
     workdir: str | os.PathLike,
     *,
@@ -311,6 +324,8 @@ def load_trained(
         cfg.base.sd_folder = sd_folder
     if clip_vision_folder:
         cfg.base.clip_vision_folder = clip_vision_folder
+    for field in ("sd_folder", "clip_vision_folder"):
+        cfg.base[field] = _find_base_folder(cfg.base[field], workdir)
     if model_overrides:
         cfg.model.update(model_overrides)
     bundle = build_bundle(cfg)

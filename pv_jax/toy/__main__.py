@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-STAGES = ("data", "vae", "base")
+STAGES = ("data", "vae", "base", "photoverse", "eval")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -63,6 +63,22 @@ def main(argv: list[str] | None = None) -> dict:
         reports["base"] = base.train_base(
             work, args.out, model, unet_fit=unet_fit, vision_fit=vision_fit, samples=samples
         )
+    # The smoke run trains and evaluates the full method only (the ablations differ in config
+    # fields, which tests/test_toy.py checks; each run costs a face-loss compile).
+    variants = ("full",) if args.quick else ("full", "no_face", "no_image")
+    runs = {v: work / f"pv_{v}" for v in variants}
+    if "photoverse" in args.stages:
+        from pv_jax.toy.photoverse import train_runs
+
+        quick_train = dict(steps=2, batch_size=2, checkpoint_every=2, sample_every=0)
+        reports["photoverse"] = train_runs(
+            work, args.out, variants, **(quick_train if args.quick else {})
+        )
+    if "eval" in args.stages:
+        from pv_jax.toy.evaluate import evaluate_runs
+
+        sizes = dict(num_images=1, num_references=4, steps=2) if args.quick else {}
+        reports["eval"] = evaluate_runs(work, args.out, runs, **sizes)
     print(
         f"toy: stages {' '.join(args.stages)} done in {time.perf_counter() - t0:.0f}s -> "
         f"{args.out} (work: {work})"

@@ -1,0 +1,164 @@
+"""Plots and tables of the toy experiment (for docs/EXPERIMENTS.md) from the files the stages
+wrote under ``models/toy_faces``.
+
+    python -m pv_jax.toy.report --out models/toy_faces
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pv_jax.toy.fit import read_metrics
+
+PAPER = {"full": 0.696, "no_face": 0.643, "no_image": 0.556}  # ArcFace ID sim, paper Table 3
+
+
+def _smooth(y: np.ndarray, k: int = 5) -> np.ndarray:
+    if len(y) < k:
+        return y
+    return np.convolve(y, np.ones(k) / k, mode="valid")
+
+
+def plot_losses(out: Path, runs: dict[str, Path]) -> Path:
+    """Loss curves: the three toy base stages, then every PhotoVerse loss term per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    terms = ("diffusion", "face", "text_reg", "image_reg")
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    for ax, (stage, key) in zip(
+        axes[0],
+        [("vae", "l1"), ("unet", "loss"), ("vision", "loss"), ("vision", "top1")],
+        strict=True,
+    ):
+        rows = read_metrics_file(out / f"{stage}_metrics.jsonl")
+        if rows:
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows])
+        ax.set_title(f"stage {stage}: {key}")
+        ax.set_xlabel("step")
+    for ax, term in zip(axes[1], terms, strict=True):
+        for name, workdir in runs.items():
+            rows = [r for r in read_metrics(workdir) if term in r]
+            if rows:
+                steps = np.array([r["step"] for r in rows])
+                y = _smooth(np.array([r[term] for r in rows]))
+                ax.plot(steps[len(steps) - len(y) :], y, label=name)
+        ax.set_title(f"PhotoVerse: {term}")
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    path = out / "losses.png"
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def read_metrics_file(path: Path) -> list[dict]:
+    """The rows of a stage's metrics copy (``<stage>_metrics.jsonl``); [] when absent."""
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+
+
+def plot_ablation(out: Path, report: dict) -> Path:
+    """Bars per run: own-reference, other-photo, other-people similarity and identification."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["runs"])
+    keys = [
+        ("own_mean", "own reference"),
+        ("other_photo_mean", "other photo, same person"),
+        ("other_people_mean", "other people (mean)"),
+        ("other_people_max", "other people (max)"),
+    ]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(14, 4.5))
+    width = 0.8 / len(keys)
+    for k, (key, label) in enumerate(keys):
+        vals = [report["runs"][n]["identity"]["all"].get(key, np.nan) for n in names]
+        a1.bar(np.arange(len(names)) + k * width, vals, width, label=label)
+    a1.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=15, fontsize=8)
+    a1.set_ylabel("dlib cosine (held-out people)")
+    a1.legend(fontsize=8)
+    ident = [report["runs"][n]["identity"]["all"].get("identification", np.nan) for n in names]
+    a2.bar(names, ident)
+    chance = report["runs"][names[0]]["identity"]["all"]["chance"]
+    a2.axhline(chance, color="k", ls="--", label=f"chance {chance:.3f}")
+    a2.axhline(10 * chance, color="r", ls=":", label="10x chance (target)")
+    a2.set_ylabel("identification (top-1 own reference)")
+    a2.tick_params(axis="x", rotation=15, labelsize=8)
+    a2.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "ablation.png"
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def _f(x, d=3):
+    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{d}f}"
+
+
+def tables(report: dict) -> str:
+    """Markdown: identity per run (all prompts), then prompt following per run."""
+    lines = [
+        "| run | images | face rate | own ref (± std) | other photo | other people mean / max "
+        "| identification (chance) | paper ArcFace ID |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in report["runs"].items():
+        m = r["identity"]["all"]
+        lines.append(
+            f"| {name} | {m['images']} | {m['face_rate']:.2f} | {_f(m.get('own_mean'))} ± "
+            f"{_f(m.get('own_std'))} | {_f(m.get('other_photo_mean'))} | "
+            f"{_f(m.get('other_people_mean'))} / {_f(m.get('other_people_max'))} | "
+            f"{_f(m.get('identification'))} ({m['chance']:.3f}) | {PAPER.get(name, '')} |"
+        )
+    attrs = None
+    pf_lines = []
+    for name, r in report["runs"].items():
+        pf = r.get("prompt_following")
+        if not pf:
+            continue
+        attrs = attrs or list(pf)
+        cells = " | ".join(
+            f"{pf[a]['with_word']:.2f} vs {pf[a]['without_word']:.2f}" for a in attrs
+        )
+        pf_lines.append(f"| {name} | {cells} |")
+    if attrs:
+        lines += [
+            "",
+            "Prompt following: fraction of images showing the attribute, with the word "
+            'vs without it ("a photo of S*").',
+            "",
+            "| run | " + " | ".join(attrs) + " |",
+            "|---|" + "---|" * len(attrs),
+            *pf_lines,
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Write losses.png, ablation.png and eval/toy_eval.md."""
+    p = argparse.ArgumentParser(prog="python -m pv_jax.toy.report")
+    p.add_argument("--out", type=Path, default=Path("models/toy_faces"))
+    p.add_argument("--work", type=Path, default=Path("toy_work"))
+    args = p.parse_args(argv)
+    runs = {v: args.work / f"pv_{v}" for v in PAPER if (args.work / f"pv_{v}").is_dir()}
+    print(plot_losses(args.out, runs))
+    path = args.out / "eval" / "toy_eval.json"
+    if path.is_file():
+        report = json.loads(path.read_text())
+        print(plot_ablation(args.out, report))
+        (args.out / "eval" / "toy_eval.md").write_text(tables(report))
+        print(tables(report))
+
+
+if __name__ == "__main__":
+    main()
