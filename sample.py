@@ -101,7 +101,12 @@ def main(argv: list[str] | None = None) -> dict:
         f"CFG {meta['guidance']}) -> {args.out} | load {load_s:.1f}s, compile "
         f"{meta['timings']['compile_s']:.1f}s, run {meta['timings']['run_s']:.2f}s "
         f"({meta['timings']['s_per_image']:.2f}s/image) | identity "
-        f"{np.mean(sims) if sims else 'n/a (no face found)'} | {weights}"
+        + (
+            f"{np.mean(sims):.3f} ({len(sims)}/{len(files)} with a face)"
+            if sims
+            else "n/a (no face found)"
+        )
+        + f" | {weights}"
     )
     return meta
 
