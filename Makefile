@@ -22,17 +22,12 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
-# The embedded default: the toy model trained here (models/toy_faces, docs/EXPERIMENTS.md) on
-# two faces it never saw: scikit-image's astronaut and a held-out CelebA photo from the wheel.
-DEMO_CKPT = models/toy_faces/photoverse
+# The embedded default: tiny random networks and a real photo shipped in scikit-image's wheel.
 DEMO_PHOTO = $(shell $(PY) -c "import os, skimage.data as d; print(os.path.join(os.path.dirname(d.__file__), 'astronaut.png'))")
-DEMO_CELEBA = $(shell $(PY) -c "from pv_jax.toy.wheel import celeba_photo; print(celeba_photo('000020.jpg'))")
-DEMO_ARGS = --ckpt $(DEMO_CKPT) --prompt "a photo of S*" --prompt "a photo of S* in red light" \
-	--num-images 2 --steps 25 --guidance 5
 
 demo: $(STAMP)
-	$(PY) sample.py $(DEMO_ARGS) --ref $(DEMO_PHOTO) --out outputs/astronaut
-	$(PY) sample.py $(DEMO_ARGS) --ref $(DEMO_CELEBA) --out outputs/celeba_000020
+	$(PY) sample.py --tiny --ref $(DEMO_PHOTO) --prompt "a photo of S* as an astronaut" \
+		--prompt "an oil painting of S*" --steps 10 --out outputs
 
 # The toy experiment (docs/EXPERIMENTS.md): data, VAE and base model stages; each resumes.
 TOY_WORK ?= toy_work

@@ -139,20 +139,3 @@ def test_trained_weights_from_checkpoint_and_mismatch(tmp_path):
         load_trained(tmp_path, model_overrides={"lora_rank": 8})
     with pytest.raises(FileNotFoundError, match="has no checkpoints/"):
         load_trained(tmp_path / "nothing")
-
-
-def test_demo_on_the_trained_toy_model_finds_a_face(tmp_path, monkeypatch):
-    """make demo's default: the committed toy model (docs/EXPERIMENTS.md) on a face it never saw
-    draws faces that dlib finds; run from elsewhere, the checkpoint's relative base folders are
-    found from the model folder."""
-    ckpt = ROOT / "models" / "toy_faces" / "photoverse"
-    monkeypatch.chdir(tmp_path)
-    meta = sample.main(
-        ["--ckpt", str(ckpt), "--ref", ASTRONAUT, "--prompt", "a photo of S*"]
-        + ["--prompt", "a photo of S* in red light", "--num-images", "2", "--guidance", "5"]
-        + ["--out", str(tmp_path / "out")]
-    )
-    assert meta["resolution"] == 64 and "trained checkpoint" in meta["weights"]
-    sims = [s for s in meta["identity_similarity"] if s is not None]
-    assert sims, "dlib found no face in any demo image"
-    assert all(-1.0 <= s <= 1.0 for s in sims)

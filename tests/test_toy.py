@@ -215,3 +215,31 @@ def test_fit_learns_resumes_exactly_and_decays_to_end_factor(tmp_path):
     again, s3 = fit("line", _Line(), _line_loss, _line_batch, cfg, tmp_path / "a")
     assert s3 == summary  # finished: nothing is trained again
     np.testing.assert_array_equal(np.asarray(again.w.get_value()), whole_w)
+
+
+def test_standardized_vae_decodes_the_same_and_has_unit_latents():
+    import dataclasses
+
+    import jax
+
+    from pv_jax.models.presets import random_module
+    from pv_jax.models.vae import AutoencoderKL
+    from pv_jax.toy.vae import TOY_VAE, standardize_latents, to_unit
+
+    cfg = dataclasses.replace(TOY_VAE, sample_size=16)
+    vae = random_module(lambda r: AutoencoderKL(cfg, rngs=r), np.random.default_rng(0))
+    images = np.random.default_rng(1).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    x = jnp.asarray(to_unit(images))
+    z = jax.random.normal(jax.random.key(0), (3, 4, 4, 4))
+    mean_before = vae.encode(x)[0]
+    decoded_before = vae.decode(mean_before)
+    raw_before = vae.decode(z)
+    vae = standardize_latents(vae, images)
+    mean_after = np.asarray(vae.encode(x)[0]).reshape(-1, 4)
+    np.testing.assert_allclose(mean_after.mean(0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(mean_after.std(0), 1.0, atol=1e-4)
+    assert vae.config.scaling_factor == 1.0
+    # Same images from the same posterior means; a raw latent z now means z * s + m.
+    after = vae.decode(vae.encode(x)[0])
+    np.testing.assert_allclose(np.asarray(after), np.asarray(decoded_before), atol=2e-5)
+    assert not np.allclose(np.asarray(vae.decode(z)), np.asarray(raw_before), atol=1e-3)

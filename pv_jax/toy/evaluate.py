@@ -71,7 +71,7 @@ def evaluate_runs(
     runs: dict[str, Path],
     *,
     num_images: int = 2,
-    num_references: int = 100,
+    num_references: int = 80,
     steps: int = 25,
     guidance: float = 5.0,
 ) -> dict:

@@ -40,11 +40,3 @@ def celeba_photos() -> list[Path]:
             f"{folder} holds no CelebA photos: reinstall the wheel with `{INSTALL}`"
         )
     return photos
-
-
-def celeba_photo(name: str) -> Path:
-    """One CelebA photo of the wheel by file name (e.g. "000020.jpg")."""
-    path = package_dir().joinpath(*CELEBA_DIR, name)
-    if not path.is_file():
-        raise MissingWheelError(f"{path} is missing: reinstall the wheel with `{INSTALL}`")
-    return path
