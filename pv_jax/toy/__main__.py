@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 STAGES = ("data", "vae", "base", "photoverse", "eval")
+VARIANTS = ("full", "no_face", "no_image")  # configs/toy_faces.py: the paper's two ablations
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -31,6 +32,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     p.add_argument("--quick", action="store_true", help="few photos and steps: a smoke run")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=list(VARIANTS),
+        help="PhotoVerse runs to train and evaluate",
+    )
     args = p.parse_args(argv)
 
     from pv_jax.toy import base, vae
@@ -65,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     # The smoke run trains and evaluates the full method only (the ablations differ in config
     # fields, which tests/test_toy.py checks; each run costs a face-loss compile).
-    variants = ("full",) if args.quick else ("full", "no_face", "no_image")
+    variants = ("full",) if args.quick else tuple(args.variants)
     runs = {v: work / f"pv_{v}" for v in variants}
     if "photoverse" in args.stages:
         from pv_jax.toy.photoverse import train_runs
