@@ -152,6 +152,24 @@ def identity_metrics(
     return out
 
 
+def identity_by_prompt(
+    descriptors: np.ndarray,
+    ref_index: np.ndarray,
+    ref_descriptors: np.ndarray,
+    ref_person: Sequence[str] | None,
+    prompts: Sequence[str],
+) -> dict:
+    """:func:`identity_metrics` over all images ("all") and over each prompt's images."""
+    prompts = np.asarray(prompts)
+    out = {"all": identity_metrics(descriptors, ref_index, ref_descriptors, ref_person)}
+    for p in dict.fromkeys(prompts.tolist()):
+        which = prompts == p
+        out[p] = identity_metrics(
+            descriptors[which], np.asarray(ref_index)[which], ref_descriptors, ref_person
+        )
+    return out
+
+
 def _fmt(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
@@ -262,11 +280,9 @@ def evaluate(
         ref_index = np.repeat(np.arange(len(used)), len(prompts) * num_images)
         person = [(people or {}).get(p.name, str(p)) for p, _ in used]
         ref_desc = np.stack([d for _, d in used])
-        all_desc, ident = np.stack(descriptors), {}
-        for prompt in ["all", *prompts]:
-            which = np.array([prompt == "all" or r["prompt"] == prompt for r in rows])
-            ident[prompt] = identity_metrics(all_desc[which], ref_index[which], ref_desc, person)
-        report["identification"] = ident
+        report["identification"] = identity_by_prompt(
+            np.stack(descriptors), ref_index, ref_desc, person, [r["prompt"] for r in rows]
+        )
     if keep_images:
         report["arrays"] = {
             "images": np.concatenate(images),

@@ -46,7 +46,7 @@ from pv_jax.models.unet import UNet2DConditionModel, UNetConfig
 from pv_jax.models.vae import AutoencoderKL
 from pv_jax.toy import attributes
 from pv_jax.toy.fit import FitConfig, fit
-from pv_jax.toy.vae import to_uint8, to_unit
+from pv_jax.toy.vae import batched, to_uint8
 
 TOY_TEXT = CLIPTextConfig(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
@@ -95,12 +95,9 @@ def caption_contexts(text: CLIPTextModel, tokenizer, captions: list[str]) -> np.
     return np.asarray(encode_prompt_states(text, jnp.asarray(np.asarray(ids, np.int32))))
 
 
-def encode_latents(vae: AutoencoderKL, images: np.ndarray, batch: int = 64) -> np.ndarray:
+def encode_latents(vae: AutoencoderKL, images: np.ndarray) -> np.ndarray:
     """Scaled posterior-mean latents of uint8 images."""
-    fn = jax.jit(lambda m, x: m.scale_latents(m.encode(x)[0]))
-    return np.concatenate(
-        [np.asarray(fn(vae, to_unit(images[i : i + batch]))) for i in range(0, len(images), batch)]
-    )
+    return batched(lambda m, x: m.scale_latents(m.encode(x)[0]), vae, images)
 
 
 def diffusion_loss(unet: UNet2DConditionModel, batch: dict, key: jax.Array, schedule):

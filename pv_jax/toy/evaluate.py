@@ -54,17 +54,6 @@ def prompt_following(images: np.ndarray, prompts: list[str], thresholds: dict[st
     return out
 
 
-def _metrics(descriptors, ref_index, ref_desc, person, prompts) -> dict:
-    from pv_jax.evaluation.run import identity_metrics
-
-    prompts = np.asarray(prompts)
-    out = {"all": identity_metrics(descriptors, ref_index, ref_desc, person)}
-    for p in dict.fromkeys(prompts):
-        which = prompts == p
-        out[p] = identity_metrics(descriptors[which], ref_index[which], ref_desc, person)
-    return out
-
-
 def evaluate_runs(
     work: Path,
     out: Path,
@@ -76,7 +65,7 @@ def evaluate_runs(
     guidance: float = 5.0,
 ) -> dict:
     """Evaluate each PhotoVerse run (name -> train_tpu.py workdir) and both baselines."""
-    from pv_jax.evaluation.run import evaluate
+    from pv_jax.evaluation.run import evaluate, identity_by_prompt
     from pv_jax.sampling.pipeline import PhotoVersePipeline, face_descriptor
     from pv_jax.toy.base import caption_contexts, sample_base
     from pv_jax.toy.data import split_arrays
@@ -138,7 +127,7 @@ def evaluate_runs(
     )
     base_desc = _descriptors(base_images, face_descriptor)
     report["runs"]["base model (no PhotoVerse)"] = {
-        "identity": _metrics(base_desc, ref_index, ref_desc, person, prompts),
+        "identity": identity_by_prompt(base_desc, ref_index, ref_desc, person, prompts),
         "prompt_following": prompt_following(base_images, prompts, thresholds),
     }
     # Baseline 2: copying the reference: its own 64 px target crop, once per reference.
@@ -146,7 +135,7 @@ def evaluate_runs(
     crops = np.stack([held["target"][list(held["source"]).index(p.name)] for p in photos])
     copy_desc = _descriptors(crops, face_descriptor)
     report["runs"]["copy the reference"] = {
-        "identity": _metrics(
+        "identity": identity_by_prompt(
             copy_desc, np.arange(len(photos)), ref_desc, person, [PROMPTS[0]] * len(photos)
         ),
     }

@@ -67,12 +67,20 @@ def flip_batch(images: np.ndarray, rng: np.random.Generator, batch_size: int) ->
     return out
 
 
-def reconstruct(vae: AutoencoderKL, images: np.ndarray, batch: int = 64) -> np.ndarray:
-    """uint8 images -> uint8 reconstructions through the posterior mean."""
-    fn = jax.jit(lambda m, x: m.decode(m.encode(x)[0]))
+def batched(fn, vae: AutoencoderKL, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """``jax.jit(fn)(vae, x)`` over uint8 images in chunks of ``batch`` (x in [-1, 1])."""
+    jitted = jax.jit(fn)
     return np.concatenate(
-        [to_uint8(fn(vae, to_unit(images[i : i + batch]))) for i in range(0, len(images), batch)]
+        [
+            np.asarray(jitted(vae, to_unit(images[i : i + batch])))
+            for i in range(0, len(images), batch)
+        ]
     )
+
+
+def reconstruct(vae: AutoencoderKL, images: np.ndarray) -> np.ndarray:
+    """uint8 images -> uint8 reconstructions through the posterior mean."""
+    return to_uint8(batched(lambda m, x: m.decode(m.encode(x)[0]), vae, images))
 
 
 def standardize_latents(vae: AutoencoderKL, images: np.ndarray, batch: int = 64) -> AutoencoderKL:
@@ -82,10 +90,8 @@ def standardize_latents(vae: AutoencoderKL, images: np.ndarray, batch: int = 64)
     ``post_quant_conv`` takes z * s + m back in its weights."""
     if vae.quant_conv is None or vae.post_quant_conv is None:
         raise ValueError("standardize_latents needs a VAE with quant_conv and post_quant_conv")
-    fn = jax.jit(lambda m, x: m.encode(x)[0])
-    means = np.concatenate(
-        [np.asarray(fn(vae, to_unit(images[i : i + batch]))) for i in range(0, len(images), batch)]
-    ).reshape(-1, vae.config.latent_channels)
+    means = batched(lambda m, x: m.encode(x)[0], vae, images, batch)
+    means = means.reshape(-1, vae.config.latent_channels)
     m, s = means.mean(0), means.std(0)
     lc = len(m)
     k, b = (
