@@ -23,6 +23,7 @@ from pv_jax.sampling.pipeline import (
     INPUT_ERRORS,
     pipeline_from_args,
 )
+from pv_jax.sampling.sampler import UNCOND_MODES
 
 
 def contact_sheet(result, size: int = 160) -> Image.Image:
@@ -60,6 +61,12 @@ def main(argv: list[str] | None = None) -> dict:
         default=1.0,
         help="below 1: start from the reference's noised crop (img2img); 1: from pure noise",
     )
+    p.add_argument(
+        "--uncond",
+        choices=UNCOND_MODES,
+        default="base",
+        help="guidance's unconditional pass: the frozen base model, or through the trained LoRA",
+    )
     p.add_argument("--batch-size", type=int, default=4, help="images per sampler call")
     p.add_argument("--num-words", type=int, help="m pseudo-words (default: all trained)")
     p.add_argument("--gamma", type=float)
@@ -80,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         guidance=args.guidance,
         eta=args.eta,
         strength=args.strength,
+        uncond=args.uncond,
         batch_size=args.batch_size,
         num_words=args.num_words,
         gamma=args.gamma,

@@ -191,6 +191,23 @@ def test_guidance_scale_one_equals_the_conditional_pass(setup):
     np.testing.assert_allclose(np.asarray(guided), np.asarray(plain), atol=1e-5)
 
 
+def test_unconditional_pass_is_the_frozen_base_or_the_lora(setup):
+    # guidance 0 keeps the unconditional pass alone. "base" ignores the knobs (no LoRA, no image
+    # branch, text weight 1); "lora" runs the LoRA with text weight gamma + sigma.
+    _, sampler, batch, refs, empty, noise = setup
+
+    def uncond(mode, gamma, sigma, alpha=1.0):
+        spec = SamplerSpec(steps=4, uncond=mode)
+        kw = dict(guidance=0.0, gamma=gamma, sigma=sigma, alpha=alpha, decode=False, spec=spec)
+        return np.asarray(_sample(sampler, batch, refs, empty, noise, **kw))
+
+    np.testing.assert_array_equal(uncond("base", 0.5, 1.0), uncond("base", 2.0, 0.0, 0.3))
+    np.testing.assert_allclose(uncond("lora", 0.5, 1.0), uncond("lora", 1.5, 0.0), atol=1e-6)
+    assert np.abs(uncond("lora", 0.5, 1.0) - uncond("lora", 1.0, 0.0)).max() > 1e-3
+    with pytest.raises(ValueError, match="uncond must be one of"):
+        SamplerSpec(uncond="none")
+
+
 def test_several_references_average(setup):
     pv, _, _, refs, _, _ = setup
     enc = jax.jit(encode_references, static_argnums=2)

@@ -41,7 +41,17 @@ from pv_jax.sampling.pipeline import (
 PAPER_PROMPT = "a photo of S*"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # The sampling settings copied from the pipeline's metadata into the report.
-_SETTINGS = ("num_words", "steps", "eta", "strength", "guidance", "gamma", "sigma", "alpha")
+_SETTINGS = (
+    "num_words",
+    "steps",
+    "eta",
+    "strength",
+    "guidance",
+    "uncond",
+    "gamma",
+    "sigma",
+    "alpha",
+)
 
 
 def find_photos(paths: Sequence[str | Path]) -> list[Path]:

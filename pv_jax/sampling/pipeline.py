@@ -186,6 +186,7 @@ class PhotoVersePipeline:
         guidance: float = 7.5,
         eta: float = 0.0,
         strength: float = 1.0,
+        uncond: str = "base",
         batch_size: int = 4,
         num_words: int | None = None,
         gamma: float | None = None,
@@ -199,6 +200,8 @@ class PhotoVersePipeline:
         ``batch_size`` images go through the sampler at once (the last batch is padded, so one
         compilation serves every batch). ``strength`` < 1 starts from the first reference's
         noised target crop (img2img) and runs the last ``int(steps * strength)`` steps.
+        ``uncond``: the guidance's unconditional pass through the frozen base ("base") or the
+        trained LoRA ("lora"); see :class:`SamplerSpec`.
         """
         cfg = self.bundle.config
         m = num_words or cfg.words
@@ -211,7 +214,7 @@ class PhotoVersePipeline:
             raise ReferencePhotoError("no reference photo given: pass at least one (--ref PHOTO)")
         if num_images < 1 or batch_size < 1:
             raise ValueError(f"num_images and batch_size must be >= 1: {num_images}, {batch_size}")
-        spec = SamplerSpec(steps=steps, eta=eta, strength=strength)  # checks steps and strength
+        spec = SamplerSpec(steps=steps, eta=eta, strength=strength, uncond=uncond)  # checks them
         tokens = self.bundle.tokenizer(list(prompts), m)  # a prompt without S* fails here
         records = [load_reference(r) for r in references]
         refs = np.stack([r.reference for r in records])
@@ -255,6 +258,7 @@ class PhotoVersePipeline:
             "eta": eta,
             "strength": strength,
             "guidance": guidance,
+            "uncond": uncond,
             **knobs,
             "batch_size": rows,
             "resolution": int(images.shape[1]),
@@ -328,7 +332,7 @@ def load_trained(
         cfg.base[field] = _find_base_folder(cfg.base[field], workdir)
     if model_overrides:
         cfg.model.update(model_overrides)
-    bundle = build_bundle(cfg)
+    bundle = build_bundle(cfg, face_net=False)  # sampling needs no face net (frozen, not saved)
     graphdef, trainable, frozen = split_trainable(bundle.model)
     host = TrainState.create(trainable, make_optimizer_from_config(cfg), cfg.train.ema_decay > 0)
     mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])

@@ -3,9 +3,10 @@
 Compiled once per shape (batch, resolution, m, steps, eta, strength); the knobs gamma, sigma,
 alpha and the guidance scale are traced values, so changing them (or the seed) reuses the
 compilation. Classifier-free guidance runs the unconditional and conditional passes as one
-batch: the unconditional half gets the empty prompt and sigma = 0 (SPEC.md), the conditional half
-the placeholder prompt with the pseudo-words and the image tokens. Each batch row has its own
-noise and random key, so an image depends on its seed only, not on the batch it was drawn in.
+batch: the unconditional half gets the empty prompt and sigma = 0 (SPEC.md), through the frozen
+base or the trained LoRA (``SamplerSpec.uncond``); the conditional half the placeholder prompt
+with the pseudo-words and the image tokens. Each batch row has its own noise and random key, so
+an image depends on its seed only, not on the batch it was drawn in.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from pv_jax.diffusion import (
 from pv_jax.models.clip import encode_prompt_states
 from pv_jax.photoverse.model import PhotoVerse
 
+UNCOND_MODES = ("base", "lora")
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplerSpec:
@@ -36,7 +39,11 @@ class SamplerSpec:
     steps: int = 25
     eta: float = 0.0
     cfg: bool = True  # batch the unconditional pass for classifier-free guidance
-    uncond_gamma: float = 1.0  # the unconditional half: plain text attention, no image branch
+    # The unconditional half (empty prompt, sigma 0; SPEC.md) runs either through the frozen
+    # base model ("base": no LoRA, text weight 1: the prediction SD itself was trained to make
+    # for the empty prompt) or through the trained LoRA ("lora", with text weight gamma + sigma:
+    # random fusion always trains gamma + sigma = 2). docs/EXPERIMENTS.md measures both.
+    uncond: str = "base"
     # img2img: start from the init image noised to the step int(steps * strength) before the end
     # (diffusers' img2img rule) and run only those steps; 1.0 runs every step.
     strength: float = 1.0
@@ -44,6 +51,8 @@ class SamplerSpec:
     def __post_init__(self):
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.uncond not in UNCOND_MODES:
+            raise ValueError(f"uncond must be one of {UNCOND_MODES}, got {self.uncond!r}")
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {self.eta}")
         if not 0.0 < self.strength <= 1.0 or int(self.steps * self.strength) < 1:
@@ -104,8 +113,10 @@ def denoise_loop(
         )
         context = jnp.concatenate([jnp.broadcast_to(uncond, cond.shape), cond])
         tokens = jnp.concatenate([image_tokens, image_tokens])
-        gammas = jnp.concatenate([jnp.full((b,), spec.uncond_gamma), jnp.full((b,), gamma)])
+        u_gamma, u_alpha = (1.0, 0.0) if spec.uncond == "base" else (gamma + sigma, alpha)
+        gammas = jnp.concatenate([jnp.full((b,), u_gamma), jnp.full((b,), gamma)])
         sigmas = jnp.concatenate([jnp.zeros((b,)), jnp.full((b,), sigma)])
+        alpha = jnp.concatenate([jnp.full((b,), u_alpha), jnp.full((b,), alpha)])
     else:
         context, tokens = cond, image_tokens
         gammas, sigmas = jnp.full((b,), gamma), jnp.full((b,), sigma)

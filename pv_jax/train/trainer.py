@@ -90,9 +90,14 @@ def check_config(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Non
     PhotoVerseConfig.from_dict(cfg.model.to_dict())  # raises on a bad method setting
 
 
-def build_bundle(cfg: ml_collections.ConfigDict) -> PhotoVerseBundle:
-    """The PhotoVerse model of the config, on the host (sharded placement follows)."""
+def build_bundle(
+    cfg: ml_collections.ConfigDict, *, face_net: bool | None = None
+) -> PhotoVerseBundle:
+    """The PhotoVerse model of the config, on the host (sharded placement follows).
+    ``face_net``: build the frozen face net (default: when the face loss is on; sampling
+    needs none)."""
     pv_cfg = PhotoVerseConfig.from_dict(cfg.model.to_dict())
+    with_face_net = bool(pv_cfg.face_weight) if face_net is None else face_net
     dtype = DTYPES[cfg.base.dtype]
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
         if cfg.base.kind != "folders":  # random networks of a preset
@@ -100,7 +105,7 @@ def build_bundle(cfg: ml_collections.ConfigDict) -> PhotoVerseBundle:
                 pv_cfg,
                 cfg.base.kind.removeprefix("random_"),
                 seed=cfg.base.seed,
-                with_face_net=bool(pv_cfg.face_weight),
+                with_face_net=with_face_net,
                 dtype=dtype,
                 attention=cfg.base.attention,
                 remat=cfg.base.remat,
@@ -110,7 +115,7 @@ def build_bundle(cfg: ml_collections.ConfigDict) -> PhotoVerseBundle:
             sd_folder=cfg.base.sd_folder,
             clip_vision_folder=cfg.base.clip_vision_folder,
             face_net_path=cfg.base.face_net_path or None,
-            with_face_net=bool(pv_cfg.face_weight),
+            with_face_net=with_face_net,
             dtype=dtype,
             attention=cfg.base.attention,
             remat=cfg.base.remat,
