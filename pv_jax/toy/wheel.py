@@ -40,3 +40,14 @@ def celeba_photos() -> list[Path]:
             f"{folder} holds no CelebA photos: reinstall the wheel with `{INSTALL}`"
         )
     return photos
+
+
+def celeba_photo(name: str) -> Path:
+    """One CelebA photo of the wheel by file name (e.g. ``000020.jpg``, held out of training)."""
+    path = package_dir().joinpath(*CELEBA_DIR, name)
+    if not path.is_file():
+        raise MissingWheelError(
+            f"{path} is not in the installed wheel (names run 000001.jpg ... 000999.jpg): "
+            f"reinstall it with `{INSTALL}`"
+        )
+    return path
