@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo toy lint format bench clean
+.PHONY: test demo demo-tiny toy lint format bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,14 +22,25 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
-# The embedded default: tiny random networks and a real photo shipped in scikit-image's wheel.
-DEMO_PHOTO = $(shell $(PY) -c "import os, skimage.data as d; print(os.path.join(os.path.dirname(d.__file__), 'astronaut.png'))")
+# The embedded default: the toy model trained here (docs/EXPERIMENTS.md, models/toy_faces) on
+# two real faces it never saw: scikit-image's astronaut and a held-out CelebA photo of the wheel.
+# A plain and an attribute prompt; the guidance is the one chosen on the validation people.
+ASTRONAUT = $(shell $(PY) -c "import os, skimage.data as d; print(os.path.join(os.path.dirname(d.__file__), 'astronaut.png'))")
+CELEBA = $(shell $(PY) -c "from pv_jax.toy.wheel import celeba_photo; print(celeba_photo('000020.jpg'))")
+DEMO_ARGS = --ckpt models/toy_faces/photoverse --prompt "a photo of S*" \
+	--prompt "a grayscale photo of S*" --num-images 4 --steps 25 --guidance $(DEMO_GUIDANCE)
+DEMO_GUIDANCE = $(shell $(PY) -c "import json; print(json.load(open('models/toy_faces/tuning.json'))['guidance'])")
 
 demo: $(STAMP)
-	$(PY) sample.py --tiny --ref $(DEMO_PHOTO) --prompt "a photo of S* as an astronaut" \
-		--prompt "an oil painting of S*" --steps 10 --out outputs
+	$(PY) sample.py $(DEMO_ARGS) --ref $(ASTRONAUT) --out outputs/astronaut
+	$(PY) sample.py $(DEMO_ARGS) --ref $(CELEBA) --out outputs/celeba_000020
 
-# The toy experiment (docs/EXPERIMENTS.md): data, VAE and base model stages; each resumes.
+# Tiny random networks (untrained: noise by design), for a quick check of the sampling path.
+demo-tiny: $(STAMP)
+	$(PY) sample.py --tiny --ref $(ASTRONAUT) --prompt "a photo of S* as an astronaut" \
+		--prompt "an oil painting of S*" --steps 10 --out outputs/tiny
+
+# The toy experiment (docs/EXPERIMENTS.md): every stage, each resumes; finished ones are skipped.
 TOY_WORK ?= toy_work
 toy: $(STAMP)
 	$(PY) -m pv_jax.toy --work $(TOY_WORK)

@@ -139,3 +139,31 @@ def test_trained_weights_from_checkpoint_and_mismatch(tmp_path):
         load_trained(tmp_path, model_overrides={"lora_rank": 8})
     with pytest.raises(FileNotFoundError, match="has no checkpoints/"):
         load_trained(tmp_path / "nothing")
+
+
+@pytest.mark.slow
+def test_make_demo_draws_faces_with_the_trained_toy_model(tmp_path):
+    """`make demo`'s own commands (read with `make -n`), run through sample.py: the trained toy
+    model on the astronaut and a held-out CelebA photo finds a face and measures its identity."""
+    import shlex
+    import subprocess
+
+    dry = subprocess.run(
+        ["make", "-s", "-n", "demo", f"PY={sys.executable}", f"STAMP={ROOT / 'Makefile'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    commands = [shlex.split(line) for line in dry.splitlines() if "sample.py" in line]
+    assert len(commands) == 2
+    for i, argv in enumerate(commands):
+        args = argv[argv.index("sample.py") + 1 :]
+        args[args.index("--out") + 1] = str(tmp_path / str(i))
+        assert "--ckpt" in args and "--tiny" not in args
+        meta = sample.main(args)
+        found = [s for s in meta["identity_similarity"] if s is not None]
+        assert found, f"no face in the demo's images of {args[args.index('--ref') + 1]}"
+        assert all(0.5 < s <= 1.0 for s in found)
+        assert "trained checkpoint" in meta["weights"]
+        assert meta["prompts"][-1] == "a grayscale photo of S*"
