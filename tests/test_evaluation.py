@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import chex
 import jax.numpy as jnp
@@ -122,6 +123,12 @@ def test_identity_of_a_real_face_end_to_end(tiny_pv):
     report = evaluate(pipe, [ASTRONAUT], ["a photo of S*"], num_images=1, steps=2)
     none = report["summary"]["overall"]
     assert none["face_rate"] == 0.0 and none["identity_mean"] is None
+    # Seeds: the same for every photo by default (paired), photo i from i * seed_stride.
+    two = [Path(ASTRONAUT), Path(ASTRONAUT)]
+    paired = evaluate(pipe, two, ["a photo of S*"], num_images=2, steps=2)
+    own = evaluate(pipe, two, ["a photo of S*"], num_images=2, steps=2, seed_stride=2)
+    assert [r["seed"] for r in paired["results"]] == [0, 1, 0, 1]
+    assert [r["seed"] for r in own["results"]] == [0, 1, 2, 3]
 
 
 def test_evaluation_command_writes_json_and_markdown(clip_folder, tmp_path):

@@ -226,6 +226,7 @@ def evaluate(
     save_dir: Path | None = None,
     people: dict[str, str] | None = None,
     keep_images: bool = False,
+    seed_stride: int = 0,
     **sample_kwargs,
 ) -> dict:
     """Generate for every photo and prompt and score the images; returns the report dict.
@@ -234,12 +235,14 @@ def evaluate(
     :func:`identity_metrics`); ``people`` maps photo file names to a person, so that photos of
     one person count as the same identity and give ``other_photo``. ``keep_images`` puts the
     images (N, H, W, 3) and descriptors (N, 128; NaN without a face) under ``"arrays"`` (not
-    JSON: the command leaves them out)."""
+    JSON: the command leaves them out). ``seed_stride``: photo i samples from seed
+    ``seed + i * seed_stride`` (0: every photo gets the same seeds, a paired design)."""
     rows, skipped, used, images, descriptors = [], [], [], [], []
     timings = {"compile_s": 0.0, "run_s": 0.0}
     for index, photo in enumerate(tqdm(photos, desc="evaluating", unit="photo")):
         try:
-            result = pipe([photo], prompts, num_images=num_images, identity=False, **sample_kwargs)
+            kwargs = dict(sample_kwargs, seed=sample_kwargs.get("seed", 0) + index * seed_stride)
+            result = pipe([photo], prompts, num_images=num_images, identity=False, **kwargs)
         except ReferencePhotoError as e:  # recorded, and the other photos go on
             print(f"evaluate: skipping {e}", file=sys.stderr)
             skipped.append({"reference": str(photo), "error": str(e)})

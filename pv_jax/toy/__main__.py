@@ -39,6 +39,11 @@ def main(argv: list[str] | None = None) -> dict:
         default=list(VARIANTS),
         help="PhotoVerse runs to train and evaluate",
     )
+    p.add_argument(
+        "--own-seeds",
+        action="store_true",
+        help="eval: every image its own seed (default: seeds 0..7 for every reference, paired)",
+    )
     args = p.parse_args(argv)
 
     from pv_jax.toy import base, vae
@@ -93,7 +98,9 @@ def main(argv: list[str] | None = None) -> dict:
 
         sizes = dict(num_images=1, num_references=4, steps=2) if args.quick else {}
         guidance = chosen_guidance(args.out)
-        reports["eval"] = evaluate_runs(work, args.out, runs, guidance=guidance, **sizes)
+        reports["eval"] = evaluate_runs(
+            work, args.out, runs, guidance=guidance, own_seeds=args.own_seeds, **sizes
+        )
     print(
         f"toy: stages {' '.join(args.stages)} done in {time.perf_counter() - t0:.0f}s -> "
         f"{args.out} (work: {work})"

@@ -54,9 +54,12 @@ def prompt_following(images: np.ndarray, prompts: list[str], thresholds: dict[st
     return out
 
 
-def sample_and_score(pipe, photos, people, thresholds, *, num_images, steps, guidance) -> dict:
+def sample_and_score(
+    pipe, photos, people, thresholds, *, num_images, steps, guidance, own_seeds: bool = False
+) -> dict:
     """Every prompt of ``PROMPTS`` for every photo through ``pv_jax.evaluation.evaluate``:
-    its report plus ``prompt_following``; every photo must be usable."""
+    its report plus ``prompt_following``; every photo must be usable. ``own_seeds``: every
+    image its own seed (as the base baseline's); False: each photo the same seeds (paired)."""
     from pv_jax.evaluation.run import evaluate
 
     r = evaluate(
@@ -69,6 +72,7 @@ def sample_and_score(pipe, photos, people, thresholds, *, num_images, steps, gui
         steps=steps,
         guidance=guidance,
         batch_size=len(PROMPTS) * num_images,
+        seed_stride=len(PROMPTS) * num_images if own_seeds else 0,
     )
     used = {row["reference"] for row in r["results"]}
     if len(used) != len(photos):
@@ -87,8 +91,11 @@ def evaluate_runs(
     num_references: int = 80,
     steps: int = 25,
     guidance: float = 5.0,
+    own_seeds: bool = False,
 ) -> dict:
-    """Evaluate each PhotoVerse run (name -> train_tpu.py workdir) and both baselines."""
+    """Evaluate each PhotoVerse run (name -> train_tpu.py workdir) and both baselines.
+    ``own_seeds``: every image its own seed (as the base baseline's) instead of seeds 0..7 for
+    every reference (the paired design that docs/EXPERIMENTS.md's numbers were measured with)."""
     from pv_jax.evaluation.run import identity_by_prompt
     from pv_jax.sampling.pipeline import PhotoVersePipeline, face_descriptor
     from pv_jax.toy.base import caption_contexts, sample_base
@@ -100,13 +107,20 @@ def evaluate_runs(
     photos, people = choose_references(work, num_references)
     thresholds = json.loads((out / "base_report.json").read_text())["thresholds"]
     report: dict = {"references": [p.name for p in photos], "num_images": num_images}
-    report.update(steps=steps, guidance=guidance, runs={})
+    report.update(steps=steps, guidance=guidance, own_seeds=own_seeds, runs={})
     ref_desc = None
     arrays = {}
     for name, workdir in runs.items():
         pipe = PhotoVersePipeline.from_checkpoint(workdir)
         r = sample_and_score(
-            pipe, photos, people, thresholds, num_images=num_images, steps=steps, guidance=guidance
+            pipe,
+            photos,
+            people,
+            thresholds,
+            num_images=num_images,
+            steps=steps,
+            guidance=guidance,
+            own_seeds=own_seeds,
         )
         ref_desc = r["arrays"]["ref_descriptors"]
         arrays[name] = r["arrays"]["images"]

@@ -72,7 +72,13 @@ def tune_guidance(
     rows = {}
     for g in guidances:
         r = sample_and_score(
-            pipe, photos, people, thresholds, num_images=num_images, steps=steps, guidance=g
+            pipe,
+            photos,
+            people,
+            thresholds,
+            num_images=num_images,
+            steps=steps,
+            guidance=g,
         )
         rows[str(g)] = dict(r["identification"]["all"], prompt_following=r["prompt_following"])
         m = rows[str(g)]
