@@ -116,10 +116,10 @@ def denoise_loop(
         u_gamma, u_alpha = (1.0, 0.0) if spec.uncond == "base" else (gamma + sigma, alpha)
         gammas = jnp.concatenate([jnp.full((b,), u_gamma), jnp.full((b,), gamma)])
         sigmas = jnp.concatenate([jnp.zeros((b,)), jnp.full((b,), sigma)])
-        alpha = jnp.concatenate([jnp.full((b,), u_alpha), jnp.full((b,), alpha)])
+        alphas = jnp.concatenate([jnp.full((b,), u_alpha), jnp.full((b,), alpha)])
     else:
         context, tokens = cond, image_tokens
-        gammas, sigmas = jnp.full((b,), gamma), jnp.full((b,), sigma)
+        gammas, sigmas, alphas = jnp.full((b,), gamma), jnp.full((b,), sigma), alpha
 
     ts = ddim_timesteps(schedule, spec.steps)
     prev = ddim_prev_timesteps(schedule, ts)
@@ -133,7 +133,7 @@ def denoise_loop(
     def step(x, inputs):
         t, pt, k = inputs
         x_in = jnp.concatenate([x, x]) if spec.cfg else x
-        out = model.denoise(x_in, t, context, tokens, gamma=gammas, sigma=sigmas, alpha=alpha)
+        out = model.denoise(x_in, t, context, tokens, gamma=gammas, sigma=sigmas, alpha=alphas)
         if spec.cfg:
             out_uncond, out_cond = jnp.split(out, 2)
             out = out_uncond + guidance * (out_cond - out_uncond)

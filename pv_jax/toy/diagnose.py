@@ -37,23 +37,16 @@ CONDITIONINGS = {
 
 
 def conditioning_gain(
-    run: Path,
-    work: Path,
-    split: str = "val",
-    *,
-    count: int = 32,
-    seed: int = 0,
-    step: int | None = None,
+    bundle, work: Path, split: str = "val", *, count: int = 32, seed: int = 0
 ) -> dict:
-    """Epsilon MSE per conditioning (``CONDITIONINGS``) and timestep, the mean over ``count``
-    photos of ``split``, with the same noise for every conditioning."""
+    """Epsilon MSE per conditioning (``CONDITIONINGS``) and timestep of a trained PhotoVerse
+    bundle (``load_trained``; a pipeline's ``.bundle``), the mean over ``count`` photos of
+    ``split``, with the same noise for every conditioning."""
     from pv_jax.diffusion import add_noise
     from pv_jax.models.clip import encode_prompt_states
     from pv_jax.photoverse.losses import to_unit
-    from pv_jax.sampling.pipeline import load_trained
     from pv_jax.toy.data import split_arrays
 
-    bundle = load_trained(run, step=step)
     model, cfg = bundle.model, bundle.config
     size = model.vae.config.downsample_factor * model.unet.config.sample_size
     data = split_arrays(work, split, size)
@@ -104,7 +97,7 @@ def conditioning_gain(
             )
             for i, t in enumerate(TIMESTEPS)
         }
-    return {"run": str(run), "step": step, "split": split, "photos": n, "mse": out}
+    return {"split": split, "photos": n, "mse": out}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -113,6 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
     import argparse
     import json
 
+    from pv_jax.sampling.pipeline import load_trained
+
     p = argparse.ArgumentParser(prog="python -m pv_jax.toy.diagnose")
     p.add_argument("--run", type=Path, required=True, help="a train_tpu.py workdir")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
@@ -120,7 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--work", type=Path, default=Path("toy_work"))
     p.add_argument("--into", type=Path, help="a JSON file collecting the results")
     args = p.parse_args(argv)
-    r = conditioning_gain(args.run, args.work, args.split, step=args.step)
+    bundle = load_trained(args.run, step=args.step)
+    r = dict(run=str(args.run), step=args.step, **conditioning_gain(bundle, args.work, args.split))
     for name, row in r["mse"].items():
         print(f"{name:38s}", " ".join(f"{v:.4f}" for v in row.values()))
     if args.into:

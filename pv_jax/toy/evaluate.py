@@ -127,7 +127,7 @@ def evaluate_runs(
         report["runs"][name] = {
             "identity": r["identification"],
             "prompt_following": r["prompt_following"],
-            "conditioning_gain": conditioning_gain(workdir, work, "heldout"),
+            "conditioning_gain": conditioning_gain(pipe.bundle, work, "heldout"),
             "timings": r["timings"],
         }
     person = [people[p.name] for p in photos]
