@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Parse arguments, sample, write the outputs; returns the metadata written."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", type=Path, help="a train_tpu.py workdir")
+    src.add_argument("--ckpt", help="a train_tpu.py workdir (a local folder or gs://BUCKET/run)")
     src.add_argument("--tiny", action="store_true", help="tiny random networks (demo, tests)")
     p.add_argument("--ref", action="append", required=True, help="reference photo (repeatable)")
     p.add_argument("--prompt", action="append", required=True, help="prompt with S* (repeatable)")

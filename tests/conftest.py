@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Tests run on the CPU with float32 matmuls at full precision (parity is measured in fp32).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -150,3 +151,41 @@ def tiny_stable_diffusion(seed: int = 0):
         tokenizer=load_tokenizer(),
         scheduler_config=NoiseSchedule().to_diffusers(),
     )
+
+
+@pytest.fixture
+def gcs_bucket(monkeypatch, tmp_path):
+    """A real GCS API on a free localhost port (``tests/gcs_emulator.py``) with the bucket
+    ``gs://bucket``, in memory; this process and ``env`` (for subprocesses) point gcsfs,
+    google-cloud-storage and tensorstore at it. Yields that env."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "gcs_emulator.log", "w")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "gcs_emulator.py"), "start"]
+        + ["--host", "127.0.0.1", "--port", str(port), "--default-bucket", "bucket", "-M", "-q"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, "the GCS emulator did not start"
+            time.sleep(0.2)
+    url = f"http://127.0.0.1:{port}"
+    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    yield env
+    proc.kill()
+    proc.wait()
+    log.close()

@@ -14,6 +14,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -31,9 +32,10 @@ def spec_str(x) -> str:
     return str(tuple(x.sharding.spec))
 
 
-def run_mesh(cfg, shape):
+def run_mesh(cfg, shape, mesh=None):
     data, fsdp = shape
-    mesh = sharding.make_mesh(data, fsdp, devices=jax.devices()[: data * fsdp])
+    if mesh is None:
+        mesh = sharding.make_mesh(data, fsdp, devices=jax.devices()[: data * fsdp])
     run = setup(cfg, mesh)
     state = sharding.put_global(run.host_state, run.state_sh)
     losses = []
@@ -111,6 +113,15 @@ def main() -> None:
                 ),
                 "mesh_devices": len(r_tr[lora].get_value().sharding.device_set),
             }
+    # The mesh built by hand, as before JAX's mesh utilities chose the order (reversed device
+    # order here): the same losses.
+    by_hand = Mesh(np.asarray(jax.devices()[::-1]).reshape(4, 2), sharding.MESH_AXES)
+    _, _, _, losses, params, _ = run_mesh(cfg, (4, 2), mesh=by_hand)
+    out["meshes"]["(4, 2) by hand"] = {
+        "losses": losses,
+        "loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)),
+        "param_diff": max(float(np.abs(params[k] - ref_params[k]).max()) for k in params),
+    }
     print("RESULT " + json.dumps(out))
 
 

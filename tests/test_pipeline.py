@@ -8,8 +8,10 @@ import os
 import sys
 from pathlib import Path
 
+import chex
 import jax
 import numpy as np
+import optax
 import pytest
 import skimage.data
 from PIL import Image
@@ -112,33 +114,53 @@ def test_prompt_without_placeholder(pipe):
         pipe([ASTRONAUT], ["an astronaut"], steps=2)
 
 
-def _save_checkpoint(workdir: Path, cfg, bundle, shift: float) -> dict:
-    """A train_tpu.py-style checkpoint whose trainable weights are the model's + ``shift``."""
+def _save_checkpoint(workdir, cfg, bundle, shift: float, tx=None, ema_shift=None) -> dict:
+    """A train_tpu.py-style checkpoint whose trainable weights are the model's + ``shift``
+    (and EMA weights + ``ema_shift`` if given), with the optimizer state of ``tx``."""
     _, trainable, _ = split_trainable(bundle.model)
     trainable = jax.tree.map(lambda x: x + shift, trainable)
-    state = TrainState.create(trainable, make_optimizer_from_config(cfg), ema=False)
+    tx = tx or make_optimizer_from_config(cfg)
+    state = TrainState.create(trainable, tx, ema=ema_shift is not None)
+    if ema_shift is not None:
+        state = state.replace(ema=jax.tree.map(lambda x: x + ema_shift, trainable))
     data = SyntheticBatches(
         bundle.tokenizer, ["a photo of S*"], local_batch=1, resolution=32, num_words=5
     )
     ckpt = Checkpointer(workdir, every=1, keep=1)
     ckpt.save(7, state, data, cfg.to_dict(), force=True)
     ckpt.close()
-    return trainable
+    return {"trainable": state.trainable, "ema": state.ema}
+
+
+def _assert_weights(bundle, want) -> None:
+    _, got, _ = split_trainable(bundle.model)
+    chex.assert_trees_all_equal_structs(got, want)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_trained_weights_from_checkpoint_and_mismatch(tmp_path):
     cfg = tiny.get_config()
     bundle = tiny_photoverse()
     want = _save_checkpoint(tmp_path, cfg, bundle, shift=0.25)
-    loaded = load_trained(tmp_path)
-    _, got, _ = split_trainable(loaded.model)
-    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    _assert_weights(load_trained(tmp_path), want["trainable"])
     # A base model of another shape (here: LoRA rank 8, not the tiny config's 4).
     with pytest.raises(CheckpointMismatchError, match="does not fit the base model"):
         load_trained(tmp_path, model_overrides={"lora_rank": 8})
     with pytest.raises(FileNotFoundError, match="has no checkpoints/"):
         load_trained(tmp_path / "nothing")
+
+
+def test_trained_weights_load_whatever_the_optimizer_was(tmp_path):
+    """Only the weights are restored (a partial restore): a run saved with an optimizer that
+    today's config would not build (SGD with momentum, another state tree) still loads, and the
+    EMA weights are chosen when kept."""
+    cfg = tiny.get_config()
+    bundle = tiny_photoverse()
+    other_tx = optax.chain(optax.clip(1.0), optax.sgd(0.1, momentum=0.9))
+    want = _save_checkpoint(tmp_path, cfg, bundle, shift=0.25, tx=other_tx, ema_shift=-0.5)
+    _assert_weights(load_trained(tmp_path), want["ema"])
+    _assert_weights(load_trained(tmp_path, use_ema=False), want["trainable"])
 
 
 @pytest.mark.slow

@@ -16,16 +16,19 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import skimage.data
+from etils import epath
 from PIL import Image
 
 from pv_jax.train import sharding, trainer
-from pv_jax.train.metrics import read_metrics
+from pv_jax.train.metrics import MetricWriter, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--config", str(ROOT / "configs" / "tiny.py")]
 # The kill/resume and multi-process tests check the checkpoint and process plumbing; the face
 # loss (compile-heavy on a CPU) is covered under sharding by tests/multi_device.py.
 NO_FACE = ["--config.model.face_weight=0"]
+ASTRONAUT = os.path.join(os.path.dirname(skimage.data.__file__), "astronaut.png")
 
 
 def _env(**extra) -> dict:
@@ -45,13 +48,15 @@ def _by_step(workdir: Path) -> dict[int, dict]:
     return out
 
 
-def _wait_for_step(proc: subprocess.Popen, workdir: Path, step: int, timeout: float = 300):
+def _wait_for_step(proc: subprocess.Popen, workdir, step: int, timeout: float = 300):
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else "exited early"
-        path = workdir / "metrics.jsonl"
-        if path.exists() and any(r["step"] >= step for r in read_metrics(workdir)):
-            return
+        try:
+            if any(r["step"] >= step for r in read_metrics(workdir)):
+                return
+        except FileNotFoundError:  # no metrics.jsonl yet
+            pass
         time.sleep(0.2)
     raise TimeoutError(f"step {step} not reached")
 
@@ -66,7 +71,7 @@ def test_multi_device_meshes_agree_and_restore_onto_another_mesh():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.split("RESULT ", 1)[1])
-    for mesh in ("(8, 1)", "(4, 2)", "(2, 4)"):
+    for mesh in ("(8, 1)", "(4, 2)", "(2, 4)", "(4, 2) by hand"):
         r = result["meshes"][mesh]
         assert r["loss_diff"] < 1e-5 and r["param_diff"] < 1e-5, (mesh, r)
     # Parameter classes on the (data=2, fsdp=4) mesh: input widths over fsdp, the rest whole.
@@ -89,38 +94,74 @@ def test_multi_device_meshes_agree_and_restore_onto_another_mesh():
     assert restore["mesh_devices"] == 8
 
 
-def test_kill_and_sigterm_resume_exactly(tmp_path):
+def test_kill_and_sigterm_resume_exactly_from_a_bucket(tmp_path, gcs_bucket):
+    """The uninterrupted run on local disk, the interrupted one in gs://bucket/run (a real GCS
+    API on localhost): SIGTERM saves, kill -9 loses nothing past the last checkpoint, every
+    replayed step equals the uninterrupted one, and sample.py samples from the bucket."""
     steps = ["--config.train.steps=9", "--config.train.checkpoint_every=3"]
     ref = tmp_path / "uninterrupted"
     subprocess.run(_train_cmd(ref, *NO_FACE, *steps), check=True, env=_env(), timeout=600)
     want = _by_step(ref)
     assert sorted(want) == list(range(1, 10))
 
-    run = tmp_path / "interrupted"
-    cmd = _train_cmd(run, *NO_FACE, *steps)
+    run = "gs://bucket/run"
+    env = _env(**gcs_bucket)
+    # Metrics uploaded on every log step here, so that the test can watch the run's progress.
+    cmd = _train_cmd(run, *NO_FACE, *steps, "--config.train.metrics_flush_s=0")
     # 1) SIGTERM after step 2: saves the step it reached and exits cleanly.
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _wait_for_step(proc, run, 2)
     proc.send_signal(signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0
     summary = json.loads(stdout.decode().strip().splitlines()[-1])
     assert summary["stopped_by"] == "sigterm"
-    saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    ckpts = epath.Path(run) / "checkpoints"
+    saved = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
     assert saved[-1] == summary["end_step"] >= 2
     # 2) Resume, then kill -9 mid-run: no chance to save.
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _wait_for_step(proc, run, summary["end_step"] + 4)
     proc.kill()
     proc.wait()
-    # 3) Resume from the last finished checkpoint and finish.
-    subprocess.run(cmd, check=True, env=_env(), timeout=600)
+    # 3) Resume from the last finished checkpoint in the bucket and finish.
+    subprocess.run(cmd, check=True, env=env, timeout=600)
 
+    assert not Path("gs:").exists() and not (ROOT / "gs:").exists()  # nothing went to local disk
     got = read_metrics(run)
     assert {r["step"] for r in got} == set(range(1, 10))
     for row in got:  # every logged step, replays included, equals the uninterrupted run
         for key in ("loss", "diffusion", "text_reg", "image_reg", "grad_norm", "learning_rate"):
             assert row[key] == want[row["step"]][key], (row["step"], key)
+    assert (epath.Path(run) / "tensorboard").is_dir()
+
+    sys.path.insert(0, str(ROOT))
+    import sample
+
+    out = sample.main(
+        ["--ckpt", run, "--ref", ASTRONAUT, "--prompt", "a photo of S*", "--steps", "2"]
+        + ["--out", str(tmp_path / "samples")]
+    )
+    assert out["weights"] == f"trained checkpoint {run}"
+    assert len(out["images"]) == 1 and (tmp_path / "samples" / "contact_sheet.png").exists()
+
+
+def test_metrics_in_a_bucket_are_uploaded_whole_when_flushed(gcs_bucket):
+    """A bucket object cannot be appended to: lines wait for a flush (rate limit, checkpoint or
+    close), and a resumed writer keeps the lines already there."""
+    run = "gs://bucket/metrics-run"
+    writer = MetricWriter(run, tensorboard=False, flush_every_s=1e9)
+    writer.write(1, {"loss": 1.0})
+    writer.write(2, {"loss": 0.5})
+    with pytest.raises(FileNotFoundError):
+        read_metrics(run)  # not uploaded yet
+    writer.flush()
+    assert [r["step"] for r in read_metrics(run)] == [1, 2]
+    writer.close()
+    writer = MetricWriter(run, tensorboard=False, flush_every_s=0.0)
+    writer.write(3, {"loss": 0.25})  # flush_every_s=0: uploaded at once
+    assert [r["loss"] for r in read_metrics(run)] == [1.0, 0.5, 0.25]
+    writer.close()
 
 
 def test_two_processes_agree_with_one(tmp_path):
@@ -148,6 +189,7 @@ def test_two_processes_agree_with_one(tmp_path):
                 f"--coordinator_address=localhost:{port}",
                 "--num_processes=2",
                 f"--process_id={i}",
+                "--config.mesh.dcn_data=2",  # each process one granule (a "slice") of data
             ),
             env=_env(),
             stdout=subprocess.PIPE,
@@ -252,5 +294,13 @@ def test_config_errors_before_compiling(tmp_path):
 
     with pytest.raises(DataError, match="holds no built PhotoVerse face dataset"):
         trainer.setup(cfg, sharding.make_mesh(1, 1))
+    cfg.data.data_dir = "gs://bucket/faces"
+    with pytest.raises(
+        trainer.ConfigError,
+        match="data.data_dir='gs://bucket/faces' is in a bucket.*copy it to local disk.*gcsfuse",
+    ):
+        trainer.check_config(cfg, sharding.make_mesh(1, 1))
     with pytest.raises(ValueError, match="mesh data=3 x fsdp=1 = 3 devices, but 1 are present"):
         sharding.make_mesh(3, 1)
+    with pytest.raises(ValueError, match="mesh.dcn_data=2 does not divide mesh data=1"):
+        sharding.make_mesh(1, 1, dcn_data=2)

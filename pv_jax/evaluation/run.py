@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
         prog="python -m pv_jax.evaluation", description=__doc__.split("\n")[0]
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", type=Path, help="a train_tpu.py workdir")
+    src.add_argument("--ckpt", help="a train_tpu.py workdir (a local folder or gs://BUCKET/run)")
     src.add_argument("--tiny", action="store_true", help="tiny random networks (tests, a dry run)")
     p.add_argument("--refs", nargs="+", required=True, help="photos or folders; one person each")
     p.add_argument("--prompt", action="append", help=f"prompt with S* (default: {PAPER_PROMPT!r})")

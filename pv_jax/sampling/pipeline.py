@@ -37,6 +37,7 @@ from pv_jax.data.preprocess import (
     preprocess_image,
     target_descriptor,
 )
+from pv_jax.paths import is_remote, run_path
 from pv_jax.photoverse import PhotoVerseBundle, split_trainable
 from pv_jax.sampling.sampler import Sampler, SamplerSpec
 
@@ -286,14 +287,14 @@ def pipeline_from_args(args) -> tuple[PhotoVersePipeline, str]:
     return pipe, f"trained checkpoint {args.ckpt}"
 
 
-def _find_base_folder(folder: str, workdir: Path) -> str:
+def _find_base_folder(folder: str, workdir) -> str:
     """A relative base folder of a saved config: from the current directory if it is there,
     else from the nearest parent of the workdir that holds it (a model folder that carries its
     base, like ``models/toy_faces``, works from anywhere)."""
     path = Path(folder)
-    if not folder or path.is_absolute() or path.exists():
+    if not folder or path.is_absolute() or path.exists() or is_remote(workdir):
         return folder
-    for parent in workdir.absolute().parents:
+    for parent in Path(workdir).parents:
         if (parent / path).exists():
             return str(parent / path)
     return folder
@@ -308,38 +309,37 @@ def load_trained(
     use_ema: bool = True,
     model_overrides: dict | None = None,
 ) -> PhotoVerseBundle:
-    """The PhotoVerse of a training run with its trained weights (EMA ones if kept)."""
+    """The PhotoVerse of a training run (local or ``gs://``) with its trained weights (the EMA
+    ones if kept and ``use_ema``). Only those weights are read (an Orbax partial restore): no
+    optimizer is built and the optimizer state is never loaded."""
     from pv_jax.train import sharding
     from pv_jax.train.checkpoint import Checkpointer
-    from pv_jax.train.step import TrainState
-    from pv_jax.train.trainer import build_bundle, make_optimizer_from_config
+    from pv_jax.train.trainer import build_bundle
 
-    workdir = Path(workdir)
+    workdir = run_path(workdir)
     if not (workdir / "checkpoints").is_dir():
         raise FileNotFoundError(
             f"{workdir} has no checkpoints/: pass the --workdir of a train_tpu.py run"
         )
     ckpt = Checkpointer(workdir, every=1, keep=1_000_000)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{workdir}/checkpoints holds no finished checkpoint")
-    cfg = ml_collections.ConfigDict(ckpt.saved_config(step))
-    if sd_folder:
-        cfg.base.sd_folder = sd_folder
-    if clip_vision_folder:
-        cfg.base.clip_vision_folder = clip_vision_folder
-    for field in ("sd_folder", "clip_vision_folder"):
-        cfg.base[field] = _find_base_folder(cfg.base[field], workdir)
-    if model_overrides:
-        cfg.model.update(model_overrides)
-    bundle = build_bundle(cfg, face_net=False)  # sampling needs no face net (frozen, not saved)
-    graphdef, trainable, frozen = split_trainable(bundle.model)
-    host = TrainState.create(trainable, make_optimizer_from_config(cfg), cfg.train.ema_decay > 0)
-    mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
-    shardings = jax.tree.map(lambda _: sharding.replicated(mesh), host)
     try:
-        ckpt.check_shapes(step, host)
-        state = ckpt.restore(step, host, shardings)
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{workdir}/checkpoints holds no finished checkpoint")
+        cfg = ml_collections.ConfigDict(ckpt.saved_config(step))
+        if sd_folder:
+            cfg.base.sd_folder = sd_folder
+        if clip_vision_folder:
+            cfg.base.clip_vision_folder = clip_vision_folder
+        for field in ("sd_folder", "clip_vision_folder"):
+            cfg.base[field] = _find_base_folder(cfg.base[field], workdir)
+        if model_overrides:
+            cfg.model.update(model_overrides)
+        bundle = build_bundle(cfg, face_net=False)  # sampling needs no face net (not saved)
+        graphdef, trainable, frozen = split_trainable(bundle.model)
+        mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+        shardings = jax.tree.map(lambda _: sharding.replicated(mesh), trainable)
+        weights, _ = ckpt.restore_weights(step, trainable, shardings, ema=use_ema)
     except ValueError as e:
         raise CheckpointMismatchError(
             f"checkpoint {workdir} step {step} does not fit the base model built from its "
@@ -348,6 +348,5 @@ def load_trained(
         ) from e
     finally:
         ckpt.close()
-    weights = state.ema if (use_ema and state.ema is not None) else state.trainable
     bundle.model = nnx.merge(graphdef, weights, frozen)
     return bundle

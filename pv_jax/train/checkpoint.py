@@ -1,6 +1,7 @@
 """Orbax checkpoints of a training run: train state, data-iterator position and config.
 
-One ``CheckpointManager`` under ``<workdir>/checkpoints`` with three named items: ``state``
+One ``CheckpointManager`` under ``<workdir>/checkpoints`` (a local folder or a bucket path,
+``gs://BUCKET/run``) with three named items: ``state``
 (the :class:`~pv_jax.train.step.TrainState`: trainable weights, optimizer state, EMA, step and
 NaN counters), ``data`` (each process's data-iterator position, through grain's handler) and
 ``config`` (JSON). Saves are asynchronous; a run restores the latest finished step onto
@@ -10,19 +11,20 @@ whatever mesh it runs on now (the target shardings are given at restore time).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from pv_jax.paths import run_path
+
 
 class Checkpointer:
     """Save every ``every`` steps, keep the last ``keep``, resume from the latest."""
 
     def __init__(self, workdir: str | os.PathLike, *, every: int, keep: int, use_async=True):
-        self.directory = Path(workdir).absolute() / "checkpoints"
+        self.directory = run_path(workdir) / "checkpoints"
         self.manager = ocp.CheckpointManager(
             self.directory,
             # Named handlers let a fresh manager read item metadata (shapes) before a restore.
@@ -63,19 +65,38 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         return self.manager.restore(step, args=ocp.args.Composite(**items)).state
 
+    def restore_weights(self, step: int, like, shardings, *, ema: bool = True) -> tuple[Any, str]:
+        """Only the trained weights saved at ``step`` (the EMA ones when ``ema`` and the run kept
+        them, else ``trainable``), shaped like ``like`` and placed with ``shardings``; the
+        optimizer state is never read, so it need not match the optimizer config of today.
+        Returns the weights and the name of the item read ("ema" or "trainable")."""
+        weights = ocp.CheckpointManager(
+            self.directory,
+            item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+            options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+        )
+        try:
+            saved = weights.item_metadata(step)["state"]
+            name = "ema" if ema and saved.get("ema") is not None else "trainable"
+            _check_same_shapes(jax.tree.leaves(saved[name]), jax.tree.leaves(like))
+            target = jax.tree.map(
+                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like, shardings
+            )
+            restore = ocp.args.PyTreeRestore(
+                item={name: target},
+                restore_args={name: ocp.checkpoint_utils.construct_restore_args(target)},
+                partial_restore=True,
+            )
+            out = weights.restore(step, args=ocp.args.Composite(state=restore))
+        finally:
+            weights.close()
+        return out.state[name], name
+
     def check_shapes(self, step: int, state_like) -> None:
         """Raise ValueError when the saved state's tensor shapes differ from ``state_like``'s
         (before restoring: a mismatched restore fails deep inside Orbax's async readers)."""
         saved = jax.tree.leaves(self.manager.item_metadata(step)["state"])
-        saved_shapes = sorted(tuple(m.shape) for m in saved)
-        want_shapes = sorted(tuple(x.shape) for x in jax.tree.leaves(state_like))
-        if saved_shapes != want_shapes:
-            only_saved = sorted(set(saved_shapes) - set(want_shapes))[:5]
-            only_model = sorted(set(want_shapes) - set(saved_shapes))[:5]
-            raise ValueError(
-                f"{len(saved_shapes)} saved tensors vs {len(want_shapes)} in the model; shapes "
-                f"only in the checkpoint {only_saved}, only in the model {only_model}"
-            )
+        _check_same_shapes(saved, jax.tree.leaves(state_like))
 
     def saved_config(self, step: int) -> dict:
         """The config stored with ``step``."""
@@ -90,3 +111,16 @@ class Checkpointer:
         """Finish pending saves and release the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _check_same_shapes(saved: list, wanted: list) -> None:
+    """ValueError naming the differing shapes when the two lists of tensors differ."""
+    saved_shapes = sorted(tuple(m.shape) for m in saved)
+    want_shapes = sorted(tuple(x.shape) for x in wanted)
+    if saved_shapes != want_shapes:
+        only_saved = sorted(set(saved_shapes) - set(want_shapes))[:5]
+        only_model = sorted(set(want_shapes) - set(saved_shapes))[:5]
+        raise ValueError(
+            f"{len(saved_shapes)} saved tensors vs {len(want_shapes)} in the model; shapes "
+            f"only in the checkpoint {only_saved}, only in the model {only_model}"
+        )

@@ -45,7 +45,8 @@ def default_config() -> ml_collections.ConfigDict:
         worker_count=0,  # grain worker processes per host
         seed=0,
     )
-    c.mesh = dict(data=-1, fsdp=1)  # -1: all remaining devices
+    # data=-1: all remaining devices; dcn_data: slices the data axis spans (multi-slice).
+    c.mesh = dict(data=-1, fsdp=1, dcn_data=1)
     c.optim = dict(
         lr=1e-4,  # [paper]
         schedule="constant",  # or "cosine" [ours]
@@ -64,7 +65,9 @@ def default_config() -> ml_collections.ConfigDict:
         fusion=True,  # random fusion of gamma / sigma [paper]
         ema_decay=0.0,  # 0: no EMA of the trainable weights
         max_nan_streak=10,  # stop after this many consecutive non-finite steps
-        log_every=10,
+        log_every=10,  # metrics come to the host on these steps only
+        metrics_flush_s=30.0,  # in a bucket: rewrite metrics.jsonl at most this often
+        preemption_check_every=10,  # multi-process: agree on SIGTERM every N steps
         checkpoint_every=1000,
         keep_checkpoints=3,
         async_checkpoints=True,

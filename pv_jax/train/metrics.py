@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
-from pathlib import Path
+import time
 
 import jax
+
+from pv_jax.paths import is_remote, run_path
 
 # Peak dense bf16 FLOP/s per device, for model FLOP utilisation. The CPU figure is this
 # project's measured sgemm peak of a 2-core machine (fp32); override with train.peak_tflops.
@@ -44,31 +47,65 @@ def peak_tflops(device: jax.Device, override: float = 0.0) -> float:
 
 
 class MetricWriter:
-    """Appends ``{"step": n, ...}`` lines to ``metrics.jsonl`` and TensorBoard scalars."""
+    """Appends ``{"step": n, ...}`` lines to ``metrics.jsonl`` and TensorBoard scalars.
 
-    def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
+    On local disk each line is appended and flushed at once. A bucket object cannot be appended
+    to, so there the lines are kept and ``metrics.jsonl`` is rewritten whole (one atomic upload)
+    at most every ``flush_every_s`` seconds, on :meth:`flush` (the trainer calls it before each
+    checkpoint, so no step before a checkpoint is lost) and on :meth:`close`.
+    """
+
+    def __init__(
+        self, workdir: str | os.PathLike, *, tensorboard: bool = True, flush_every_s: float = 30.0
+    ):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
-        workdir = Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.workdir = workdir
-        self.jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
+        self.workdir = run_path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.path = self.workdir / "metrics.jsonl"
+        self.remote = is_remote(self.workdir)
+        self.flush_every_s = flush_every_s
+        if self.remote:
+            self.lines = self.path.read_text().splitlines(True) if self.path.exists() else []
+            self.unflushed = 0
+            self.last_flush = time.monotonic()
+        else:
+            self.jsonl = self.path.open("a")
         self.tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+            self.tb = SummaryWriter(os.fspath(self.workdir / "tensorboard"))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         """Record scalars for ``step``."""
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-        self.jsonl.flush()
+        line = json.dumps({"step": step, **scalars}) + "\n"
+        if self.remote:
+            self.lines.append(line)
+            self.unflushed += 1
+            if time.monotonic() - self.last_flush >= self.flush_every_s:
+                self.flush()
+        else:
+            self.jsonl.write(line)
+            self.jsonl.flush()
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, step)
+
+    def flush(self) -> None:
+        """Make every line written so far durable (uploads ``metrics.jsonl`` in a bucket)."""
+        if not self.enabled:
+            return
+        if self.remote and self.unflushed:
+            self.path.write_text("".join(self.lines))
+            self.unflushed = 0
+        if self.remote:
+            self.last_flush = time.monotonic()
+        if self.tb is not None:
+            self.tb.flush()
 
     def write_image(self, step: int, name: str, image) -> None:
         """Save an (H, W, 3) uint8 image as ``<name>/step_<step>.png`` and to TensorBoard."""
@@ -77,8 +114,10 @@ class MetricWriter:
         from PIL import Image
 
         folder = self.workdir / name
-        folder.mkdir(exist_ok=True)
-        Image.fromarray(image).save(folder / f"step_{step:07d}.png")
+        folder.mkdir(parents=True, exist_ok=True)
+        png = io.BytesIO()
+        Image.fromarray(image).save(png, format="PNG")
+        (folder / f"step_{step:07d}.png").write_bytes(png.getvalue())
         if self.tb is not None:
             self.tb.add_image(name, image, step, dataformats="HWC")
 
@@ -86,12 +125,14 @@ class MetricWriter:
         """Flush and close the files."""
         if not self.enabled:
             return
-        self.jsonl.close()
+        self.flush()
+        if not self.remote:
+            self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
     """Every line of ``metrics.jsonl`` (a resumed run appends; later lines win per step)."""
-    path = Path(workdir) / "metrics.jsonl"
+    path = run_path(workdir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pv_jax.models import layers
@@ -34,8 +35,20 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
 )
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp) mesh over ``devices`` (default: all); ``data=-1`` takes what is left."""
+def make_mesh(
+    data: int = -1,
+    fsdp: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+    *,
+    dcn_data: int = 1,
+) -> Mesh:
+    """A (data, fsdp) mesh over ``devices`` (default: all); ``data=-1`` takes what is left.
+
+    The device order comes from JAX's mesh utilities, so that on a TPU slice each axis follows
+    the ICI topology. ``dcn_data`` > 1 splits the data axis over that many slices (multi-slice:
+    data parallel across the slow data-centre network, fsdp inside each slice); on platforms
+    without slices (CPU, GPU) each process counts as one.
+    """
     devices = list(devices if devices is not None else jax.devices())
     n = len(devices)
     if data == -1:
@@ -47,7 +60,22 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
             f"mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but {n} are present; "
             "set mesh.data = -1 to use them all"
         )
-    return Mesh(np.asarray(devices).reshape(data, fsdp), MESH_AXES)
+    if dcn_data < 1 or data % dcn_data:
+        raise ValueError(
+            f"mesh.dcn_data={dcn_data} does not divide mesh data={data}: use the number of "
+            "slices (a divisor of the data axis)"
+        )
+    if dcn_data == 1:
+        grid = mesh_utils.create_device_mesh((data, fsdp), devices, allow_split_physical_axes=True)
+    else:
+        grid = mesh_utils.create_hybrid_device_mesh(
+            (data // dcn_data, fsdp),
+            (dcn_data, 1),
+            devices,
+            process_is_granule=devices[0].platform != "tpu",
+            allow_split_physical_axes=True,
+        )
+    return Mesh(grid, MESH_AXES)
 
 
 def logical_to_spec(

@@ -129,6 +129,7 @@ def make_train_step(
             learning_rate=lr_schedule(state.step - state.nan_total),
             skipped=(~ok).astype(jnp.int32),
             nan_streak=new_state.nan_streak,
+            nan_total=new_state.nan_total,
         )
         return new_state, metrics
 

@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 from tqdm import tqdm
 
+from pv_jax.paths import require_local, run_path
 from pv_jax.photoverse import (
     PhotoVerseBundle,
     PhotoVerseConfig,
@@ -73,6 +74,7 @@ def check_config(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Non
             ("clip_vision_folder", "a transformers CLIP ViT-L/14 vision folder"),
         ):
             path = cfg.base[field]
+            _local_only(path, f"base.{field}")
             if not path or not Path(path).is_dir():
                 raise ConfigError(
                     f"base.{field}={path!r} is not a folder: pass --config.base.{field}=DIR with "
@@ -87,7 +89,17 @@ def check_config(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Non
             "data.data_dir is empty: pass --config.data.data_dir=DIR (a dataset built with "
             "`python -m pv_jax.data.preprocess`) or --config.data.source=synthetic"
         )
+    if cfg.data.source == "records":
+        _local_only(cfg.data.data_dir, "data.data_dir")  # grain's ArrayRecord reader
     PhotoVerseConfig.from_dict(cfg.model.to_dict())  # raises on a bad method setting
+
+
+def _local_only(path: str, field: str) -> None:
+    """ConfigError for a bucket path where the reader needs local files."""
+    try:
+        require_local(path, field)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def build_bundle(
@@ -206,23 +218,32 @@ class SampleGrid:
 
 
 class _Preemption:
-    """SIGTERM (TPU preemption, job stop) sets a flag that the loop checks between steps."""
+    """SIGTERM (TPU preemption, job stop) sets a flag that the loop checks between steps.
 
-    def __init__(self):
+    One process reads its own flag every step (free). Several processes must stop at the same
+    step, so they agree (an all-gather of the flags) only every ``every`` steps: the loop does
+    not wait for the devices on the other steps.
+    """
+
+    def __init__(self, every: int = 10):
         self.requested = False
+        self.every = max(int(every), 1)
         self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
 
-    def agreed(self) -> bool:
+    def agreed(self, step: int) -> bool:
         """True when any process was asked to stop (all processes stop at the same step)."""
         if jax.process_count() == 1:
             return self.requested
+        if step % self.every:
+            return False
         flags = multihost_utils.process_allgather(np.int32(self.requested))
         return bool(np.asarray(flags).any())
 
     def restore(self) -> None:
+        """Put back the SIGTERM handler that was there before."""
         signal.signal(signal.SIGTERM, self._previous)
 
 
@@ -319,19 +340,33 @@ def setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Run:
     )
 
 
+def _mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """The mesh of ``cfg.mesh``; a shape that does not fit the devices is a ConfigError."""
+    try:
+        return sharding.make_mesh(
+            cfg.mesh.data, cfg.mesh.fsdp, dcn_data=cfg.mesh.get("dcn_data", 1)
+        )
+    except ValueError as e:
+        raise ConfigError(f"mesh {dict(cfg.mesh)} on {jax.device_count()} devices: {e}") from e
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunSummary:
-    """Train (or resume) the run of ``cfg`` in ``workdir``; returns its summary."""
-    workdir = Path(workdir)
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    """Train (or resume) the run of ``cfg`` in ``workdir`` (local or ``gs://``); returns its
+    summary.
+
+    The loop dispatches steps without waiting for the devices: metrics come to the host only on
+    logging steps, checkpoint steps and sample-grid steps (where the host waits anyway), and
+    the timings are averages over the steps since the previous such sync.
+    """
+    workdir = run_path(workdir)
+    mesh = _mesh(cfg)
     run = setup(cfg, mesh)
     data, frozen = run.data, run.frozen
     n_trainable, n_frozen = run.trainable_params, run.frozen_params
+    t = cfg.train
 
     ckpt = Checkpointer(
-        workdir,
-        every=cfg.train.checkpoint_every,
-        keep=cfg.train.keep_checkpoints,
-        use_async=cfg.train.async_checkpoints,
+        workdir, every=t.checkpoint_every, keep=t.keep_checkpoints, use_async=t.async_checkpoints
     )
     start = ckpt.latest_step()
     if start is None:
@@ -339,64 +374,75 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunSumm
     else:
         state = ckpt.restore(start, run.host_state, run.state_sh, data)
     run.host_state = None  # the placed state is the only copy from here on
+    nan_total_start = int(jax.device_get(state.nan_total))
     local_batch = next(data)
     batch = sharding.put_batch(local_batch, mesh)
     t0 = time.perf_counter()
     compiled = run.step.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - t0
     flops = compiled_flops(compiled)
-    peak = peak_tflops(jax.devices()[0], cfg.train.peak_tflops) * 1e12
+    peak = peak_tflops(jax.devices()[0], t.peak_tflops) * 1e12
 
-    writer = MetricWriter(workdir, tensorboard=cfg.train.tensorboard)
-    grid = SampleGrid(run, local_batch, cfg) if cfg.train.sample_every else None
-    preemption = _Preemption()
+    writer = MetricWriter(
+        workdir, tensorboard=t.tensorboard, flush_every_s=t.get("metrics_flush_s", 30.0)
+    )
+    grid = SampleGrid(run, local_batch, cfg) if t.sample_every else None
+    preemption = _Preemption(every=t.get("preemption_check_every", 10))
     config_dict = cfg.to_dict()
-    stopped_by, metrics_host, skipped = "steps", {}, 0
+    stopped_by, metrics_host = "steps", {}
     bar = tqdm(
-        total=cfg.train.steps,
+        total=t.steps,
         initial=start,
         desc="train",
         unit="step",
-        disable=not cfg.train.progress or jax.process_index() != 0,
+        disable=not t.progress or jax.process_index() != 0,
     )
-    t_train = time.perf_counter()
-    step = saved = start
+    t_train = t_sync = time.perf_counter()
+    step = saved = synced = start
     try:
-        while step < cfg.train.steps:
-            t_step = time.perf_counter()
+        while step < t.steps:
             if step > start:
                 batch = sharding.put_batch(next(data), mesh)
-            state, metrics = compiled(state, frozen, batch)
-            metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            state, metrics = compiled(state, frozen, batch)  # dispatched, not waited for
             step += 1
-            dt = time.perf_counter() - t_step
-            skipped += int(metrics_host["skipped"])
-            metrics_host.update(
-                step_time_s=dt,
-                examples_per_s=cfg.train.batch_size / dt,
-                mfu=flops / dt / peak if peak else 0.0,
-            )
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                writer.write(step, metrics_host)
-            bar.set_postfix(loss=f"{metrics_host['loss']:.4f}", refresh=False)
             bar.update()
-            if grid is not None and step % cfg.train.sample_every == 0:
-                writer.write_image(step, "samples", grid(state.trainable))
-            if metrics_host["nan_streak"] >= cfg.train.max_nan_streak:
-                raise TrainingDiverged(
-                    f"{int(metrics_host['nan_streak'])} consecutive steps had a non-finite loss "
-                    f"or gradient (up to step {step}); stopped without saving, so the last good "
-                    f"checkpoint (step {ckpt.latest_step()}) is kept. Lower optim.lr or check "
-                    "the data."
+            log_due = step % t.log_every == 0 or step == t.steps
+            save_due = ckpt.manager.should_save(step)
+            grid_due = grid is not None and step % t.sample_every == 0
+            if log_due or save_due or grid_due:
+                metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                dt = (now - t_sync) / (step - synced)
+                t_sync, synced = now, step
+                metrics_host.update(
+                    step_time_s=dt,
+                    examples_per_s=t.batch_size / dt,
+                    mfu=flops / dt / peak if peak else 0.0,
                 )
-            if ckpt.save(step, state, data, config_dict):
-                saved = step
-            if preemption.agreed():
+                if log_due:
+                    writer.write(step, metrics_host)
+                bar.set_postfix(loss=f"{metrics_host['loss']:.4f}", refresh=False)
+                if metrics_host["nan_streak"] >= t.max_nan_streak:
+                    raise TrainingDiverged(
+                        f"{int(metrics_host['nan_streak'])} consecutive steps had a non-finite "
+                        f"loss or gradient (up to step {step}); stopped without saving, so the "
+                        f"last good checkpoint (step {ckpt.latest_step()}) is kept. Lower "
+                        "optim.lr or check the data."
+                    )
+                if grid_due:
+                    writer.write_image(step, "samples", grid(state.trainable))
+            if save_due:
+                writer.flush()  # the metrics up to a checkpoint are durable before it is
+                if ckpt.save(step, state, data, config_dict):
+                    saved = step
+            if preemption.agreed(step):
                 stopped_by = "sigterm"
                 break
         if saved != step:  # the final (or preempted) step is always saved
+            writer.flush()
             ckpt.save(step, state, data, config_dict, force=True)
         ckpt.wait()
+        skipped = int(jax.device_get(state.nan_total)) - nan_total_start
     finally:
         bar.close()
         writer.close()
@@ -419,7 +465,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunSumm
         steps_run = max(step - start, 1)
         print(
             f"train: steps {start}->{step} ({stopped_by}) | compile {compile_s:.1f}s, "
-            f"{train_s / steps_run:.3f}s/step, {cfg.train.batch_size * steps_run / train_s:.2f} "
+            f"{train_s / steps_run:.3f}s/step, {t.batch_size * steps_run / train_s:.2f} "
             f"examples/s | loss {metrics_host.get('loss', float('nan')):.4f} | skipped "
             f"{skipped} | trainable {n_trainable:,} of {n_trainable + n_frozen:,} params | "
             f"{workdir}"
