@@ -28,6 +28,12 @@ GOOD = ("astronaut.png", "hopper.jpg", "gray.png", "rgba.png", "sixteen.png", "r
 # The dataset build uses parsing masks where the masks folder has one (astronaut only).
 BUILD = dataclasses.replace(FAST, mask="dataset")
 BAD = {"corrupt.jpg": "corrupt", "noise.png": "no_face"}
+# Apache Beam's local runner with two worker processes.
+BEAM_2 = (
+    "--runner=DirectRunner",
+    "--direct_num_workers=2",
+    "--direct_running_mode=multi_processing",
+)
 
 
 def hopper_path() -> str:
@@ -70,13 +76,13 @@ def write_rotated_jpeg(upright: np.ndarray, path) -> None:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, photo_dir) -> dict:
-    """The dataset built once from photo_dir: 2 tfds shards, resume chunks of 3 files."""
+    """The dataset built once from photo_dir by one process: 2 tfds shards, chunks of 3 files."""
     out = tmp_path_factory.mktemp("dataset")
     masks = tmp_path_factory.mktemp("masks")
     mask = np.zeros((512, 512), np.uint8)
     mask[100:300, 150:300] = 255
     Image.fromarray(mask).save(masks / "astronaut.png")  # same stem as the photo
-    options = ds.BuildOptions(num_shards=2, chunk_size=3)
+    options = ds.BuildOptions(num_shards=2, chunk_size=3, workers=1)
     summary = ds.build_dataset(photo_dir, out, masks, config=BUILD, options=options)
     return summary | {"out": str(out), "photo_dir": photo_dir, "masks_dir": str(masks)}
 
@@ -283,13 +289,14 @@ def test_rebuild_reuses_finished_chunks(built, tmp_path, monkeypatch):
         return pp.preprocess_file(path, *args, **kwargs)
 
     monkeypatch.setattr(ds, "preprocess_file", counted)
-    options = ds.BuildOptions(num_shards=2, chunk_size=3)
+    options = ds.BuildOptions(num_shards=2, chunk_size=3, workers=1)
     again = ds.build_dataset(built["photo_dir"], out, built["masks_dir"], BUILD, options)
     assert calls == [] and again["chunks_reused"] == again["num_chunks"] == 3
-    # Interrupted run: the final dataset never appeared and the last chunk was not finished.
+    # Interrupted run: the final dataset never appeared and the last chunk was not finished
+    # (its examples were written, its meta, written last, was not).
     shutil.rmtree(out / "photo_verse_faces")
     work = out / "photo_verse_faces_work"
-    last = sorted(os.listdir(work))[-1]
+    last = sorted(f for f in os.listdir(work) if f.endswith(".json"))[-1]
     os.remove(work / last)
     again = ds.build_dataset(built["photo_dir"], out, built["masks_dir"], BUILD, options)
     files, _ = ds.list_files(built["photo_dir"])
@@ -297,6 +304,61 @@ def test_rebuild_reuses_finished_chunks(built, tmp_path, monkeypatch):
     assert (again["chunks_reused"], again["chunks_computed"]) == (2, 1)
     assert again["num_written"] == built["num_written"]
     assert sorted(_sources(ds.make_loader(ds.load_source(out), 3, seed=0))) == sorted(GOOD)
+
+
+def _records(data_dir) -> dict[str, dict]:
+    source = ds.load_source(data_dir)
+    return {str(r["source"]): r for r in (source[i] for i in range(len(source)))}
+
+
+def _same_report(a: dict, b: dict) -> None:
+    keep = ("num_files", "num_written", "skipped", "ignored_non_images", "num_chunks")
+    assert {k: a[k] for k in keep} == {k: b[k] for k in keep}
+
+
+def test_two_workers_and_beam_write_the_records_of_one(built, tmp_path):
+    """A 2-process pool and a 2-worker Beam pipeline store the same bytes and report as 1."""
+    one = _records(built["out"])
+    runs = {
+        "pool": ds.BuildOptions(num_shards=2, chunk_size=3, workers=2),
+        "beam": ds.BuildOptions(num_shards=2, chunk_size=3, beam=BEAM_2),
+    }
+    for name, options in runs.items():
+        out = tmp_path / name
+        summary = ds.build_dataset(built["photo_dir"], out, built["masks_dir"], BUILD, options)
+        assert summary["workers"] == (2 if name == "pool" else "beam")
+        _same_report(summary, built)
+        got = _records(out)
+        assert got.keys() == one.keys(), name
+        for src, record in one.items():
+            for key, value in record.items():
+                np.testing.assert_array_equal(got[src][key], value, err_msg=f"{name} {src} {key}")
+
+
+def test_beam_resume_recomputes_only_the_unfinished_chunk(built, tmp_path):
+    """Beam reuses finished chunks like the pool: only the chunk without its meta is redone."""
+    out = tmp_path / "out"
+    shutil.copytree(built["out"], out)
+    shutil.rmtree(out / "photo_verse_faces")
+    work = out / "photo_verse_faces_work"
+    metas = sorted(f for f in os.listdir(work) if f.endswith(".json"))
+    kept = {f: os.stat(work / f).st_mtime_ns for f in os.listdir(work) if f not in metas[1:2]}
+    os.remove(work / metas[1])
+    options = ds.BuildOptions(num_shards=2, chunk_size=3, beam=BEAM_2)
+    again = ds.build_dataset(built["photo_dir"], out, built["masks_dir"], BUILD, options)
+    assert (again["chunks_reused"], again["chunks_computed"]) == (2, 1)
+    _same_report(again, built)
+    for name, mtime in kept.items():
+        if not name.startswith(metas[1][:-5]):  # the redone chunk's examples are rewritten
+            assert os.stat(work / name).st_mtime_ns == mtime, name
+    assert _records(out).keys() == _records(built["out"]).keys()
+
+
+def test_bad_worker_count_fails_before_any_work(photo_dir, tmp_path):
+    """A negative --workers is refused with the field's name before anything is written."""
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        ds.build_dataset(photo_dir, tmp_path / "out", None, BUILD, ds.BuildOptions(workers=-1))
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_summary(built, capsys):

@@ -13,6 +13,12 @@ processed in fixed chunks, and each finished chunk's encoded records are kept un
 config. A re-run reuses every finished chunk and only serialises them into the tfds shards again,
 which costs a small fraction of preprocessing.
 
+Parallelism: chunks are the unit of work. On one host a process pool runs them on every core
+(``BuildOptions.workers``); past one host tfds generates the dataset with Apache Beam
+(``BuildOptions.beam``: DirectRunner locally, Dataflow / Spark / Flink at scale; the work folder
+must then be storage every worker sees). Either way the records, the skip report (read back from
+each chunk's meta file) and the resume are those of a single process.
+
 Reading: ``make_loader`` builds a ``grain.DataLoader`` over ``builder.as_data_source()`` with a
 seeded shuffle, sharding by JAX process (or explicit index/count), PNG decoding and batching;
 its iterator has ``get_state()`` / ``set_state()``.
@@ -20,10 +26,12 @@ its iterator has ``get_state()`` / ``set_state()``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import pickle
 import time
@@ -52,6 +60,11 @@ class BuildOptions:
     image_format: str = "png"  # png is lossless; jpeg is ~5x smaller
     jpeg_quality: int = 95
     overwrite: bool = False  # rewrite the final tfds dataset (finished chunks are still reused)
+    workers: int = 0  # preprocessing processes on this host; 0: every core
+    # Apache Beam pipeline flags (e.g. ("--runner=DirectRunner", "--direct_num_workers=4",
+    # "--direct_running_mode=multi_processing"), or a Dataflow/Spark/Flink runner): tfds then
+    # generates the dataset with Beam, one chunk per element. None: the local process pool.
+    beam: tuple[str, ...] | None = None
 
 
 def list_files(root: str | os.PathLike) -> tuple[list[str], list[str]]:
@@ -192,57 +205,152 @@ class PhotoVerseFaces(tfds.core.GeneratorBasedBuilder):
             sig.append(_file_signature(masks.get(os.path.splitext(rel)[0])))
         return hashlib.sha256(json.dumps(sig).encode()).hexdigest()[:16]
 
-    def _process_chunk(self, chunk: list[str], masks: dict[str, str], bar: tqdm) -> dict:
-        examples, skips = [], []
-        for rel in chunk:
-            mask_path = masks.get(os.path.splitext(rel)[0])
-            out = preprocess_file(os.path.join(self._input_dir, rel), self._config, mask_path)
-            if isinstance(out, Skip):
-                skips.append({"source": rel, "reason": out.reason, "detail": out.detail})
-            else:
-                examples.append((rel, encode_record(out, rel, self._options)))
-            bar.update(1)
-        return {"examples": examples, "skips": skips}
-
-    def _generate_examples(self):
-        t0 = time.perf_counter()
-        files, others = list_files(self._input_dir)
+    def _plan(self) -> list[Chunk]:
+        """The input split into resumable chunks; stale chunks of other inputs are removed."""
+        files, self._others = list_files(self._input_dir)
         masks = self._mask_index()
         size = max(1, self._options.chunk_size)
-        chunks = [files[i : i + size] for i in range(0, len(files), size)]
         os.makedirs(self.work_dir, exist_ok=True)
-        skips, reused, written = [], 0, 0
-        with tqdm(total=len(files), desc="preprocess", unit="img") as bar:
-            for i, chunk in enumerate(chunks):
-                path = os.path.join(self.work_dir, f"chunk-{i:05d}-{self._chunk_key(chunk, masks)}")
-                if os.path.exists(path):
-                    with open(path, "rb") as f:
-                        done = pickle.load(f)  # our own cache, written just below
-                    reused += 1
-                    bar.update(len(chunk))
-                else:
-                    done = self._process_chunk(chunk, masks, bar)
-                    for old in os.listdir(self.work_dir):  # same index, other inputs: stale
-                        if old.startswith(f"chunk-{i:05d}-"):
-                            os.remove(os.path.join(self.work_dir, old))
-                    with open(path + ".tmp", "wb") as f:
-                        pickle.dump(done, f, protocol=pickle.HIGHEST_PROTOCOL)
-                    os.replace(path + ".tmp", path)  # atomic: a crash never leaves half a chunk
-                skips.extend(done["skips"])
-                written += len(done["examples"])
-                yield from done["examples"]
+        existing = os.listdir(self.work_dir)
+        chunks = []
+        for i in range(0, len(files), size):
+            rel = tuple(files[i : i + size])
+            name = f"chunk-{i // size:05d}-{self._chunk_key(list(rel), masks)}"
+            for old in existing:  # same index, other inputs or settings: stale
+                if old.startswith(name[:12]) and old not in (name + ".pkl", name + ".json"):
+                    os.remove(os.path.join(self.work_dir, old))
+            mask_paths = tuple(masks.get(os.path.splitext(r)[0]) for r in rel)
+            chunks.append(Chunk(os.path.join(self.work_dir, name), rel, mask_paths))
+        return chunks
+
+    def _generate_examples(self):
+        self._t0 = time.perf_counter()
+        self._chunks = self._plan()
+        self._reused = sum(os.path.exists(c.meta_path) for c in self._chunks)
+        job = ChunkJob(self._input_dir, self._config, self._options)
+        if self._options.beam is not None:
+            import apache_beam as beam
+
+            # Each Beam worker preprocesses (or reuses) whole chunks; the report is read back
+            # from the chunks' small meta files once the pipeline has finished.
+            return beam.Create(self._chunks) | "preprocess" >> beam.FlatMap(job.examples)
+        return self._generate_local(job)
+
+    def _generate_local(self, job: ChunkJob):
+        """Chunks in order, preprocessed by a process pool over this host's cores."""
+        total = sum(len(c.files) for c in self._chunks)
+        workers = min(resolve_workers(self._options.workers), max(1, len(self._chunks)))
+        pool = None
+        if workers > 1:
+            # spawn: the parent may hold threads (tfds, grain) that fork would copy mid-state.
+            ctx = multiprocessing.get_context("spawn")
+            pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx)
+        try:
+            done = pool.map(job.run, self._chunks) if pool else map(job.run, self._chunks)
+            with tqdm(total=total, desc=f"preprocess ({workers} proc)", unit="img") as bar:
+                for chunk, _ in zip(self._chunks, done, strict=True):
+                    bar.update(len(chunk.files))
+                    yield from job.load(chunk)
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+
+    def finish_report(self) -> dict[str, Any] | None:
+        """The skip report of the generation this builder ran (None if it reused the dataset)."""
+        if getattr(self, "_chunks", None) is None:
+            return None
+        metas = [c.read_meta() for c in self._chunks]
+        skips = [s for m in metas for s in m["skips"]]
         self.report = {
-            "num_files": len(files),
-            "num_written": written,
+            "num_files": sum(len(c.files) for c in self._chunks),
+            "num_written": sum(m["num_written"] for m in metas),
             "num_skipped": len(skips),
             "skipped_by_reason": dict(Counter(s["reason"] for s in skips)),
             "skipped": skips,
-            "ignored_non_images": others,
-            "num_chunks": len(chunks),
-            "chunks_reused": reused,
-            "chunks_computed": len(chunks) - reused,
-            "preprocess_seconds": round(time.perf_counter() - t0, 3),
+            "ignored_non_images": self._others,
+            "num_chunks": len(self._chunks),
+            "chunks_reused": self._reused,
+            "chunks_computed": len(self._chunks) - self._reused,
+            "workers": "beam"
+            if self._options.beam is not None
+            else resolve_workers(self._options.workers),
+            "preprocess_seconds": round(time.perf_counter() - self._t0, 3),
         }
+        return self.report
+
+
+def resolve_workers(workers: int) -> int:
+    """Preprocessing processes: ``workers``, or every core this process may use when 0."""
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0 (0: every core), got {workers}")
+    if workers:
+        return workers
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """A resumable unit of preprocessing: files, their masks, and where its result is kept."""
+
+    path: str  # <work_dir>/chunk-<index>-<key>: .pkl (examples) and .json (meta, written last)
+    files: tuple[str, ...]
+    masks: tuple[str | None, ...]
+
+    @property
+    def meta_path(self) -> str:
+        """The chunk's meta file; it exists only once the chunk is complete."""
+        return self.path + ".json"
+
+    def read_meta(self) -> dict[str, Any]:
+        """Records written and files skipped by this (finished) chunk."""
+        with open(self.meta_path) as f:
+            return json.load(f)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkJob:
+    """Preprocess a chunk (or reuse its finished result): picklable for process pools and Beam."""
+
+    input_dir: str
+    config: PreprocessConfig
+    options: BuildOptions
+
+    def run(self, chunk: Chunk) -> dict[str, Any]:
+        """Preprocess the chunk unless it is finished; return its meta."""
+        if os.path.exists(chunk.meta_path):
+            return chunk.read_meta()
+        examples, skips = [], []
+        for rel, mask_path in zip(chunk.files, chunk.masks, strict=True):
+            out = preprocess_file(os.path.join(self.input_dir, rel), self.config, mask_path)
+            if isinstance(out, Skip):
+                skips.append({"source": rel, "reason": out.reason, "detail": out.detail})
+            else:
+                examples.append((rel, encode_record(out, rel, self.options)))
+        meta = {"num_written": len(examples), "skips": skips}
+        # Examples first, meta last, each by an atomic rename: a crash never leaves a chunk
+        # that looks finished.
+        _write_atomic(chunk.path + ".pkl", pickle.dumps(examples, pickle.HIGHEST_PROTOCOL))
+        _write_atomic(chunk.meta_path, json.dumps(meta).encode())
+        return meta
+
+    def load(self, chunk: Chunk) -> list[tuple[str, dict[str, Any]]]:
+        """The finished chunk's (key, example) pairs."""
+        with open(chunk.path + ".pkl", "rb") as f:
+            return pickle.load(f)  # our own cache, written by run()
+
+    def examples(self, chunk: Chunk):
+        """Beam: run the chunk, then yield its examples."""
+        self.run(chunk)
+        yield from self.load(chunk)
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
 
 
 def _check_same_config(dataset_dir: str, config: PreprocessConfig) -> None:
@@ -271,6 +379,7 @@ def build_dataset(
     """Build (or reuse) the dataset under output_dir; return the skip report plus its location."""
     config = config or PreprocessConfig()
     options = options or BuildOptions()
+    resolve_workers(options.workers)  # a bad count fails before anything is written
     builder = PhotoVerseFaces(
         data_dir=os.fspath(output_dir),
         input_dir=input_dir,
@@ -285,13 +394,16 @@ def build_dataset(
         if options.overwrite
         else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
     )
+    beam_options = None
+    if options.beam is not None:
+        beam_options = _beam_pipeline_options(options.beam)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(
-            num_shards=options.num_shards, download_mode=mode
+            num_shards=options.num_shards, download_mode=mode, beam_options=beam_options
         )
     )
     report_path = os.path.join(builder.data_dir, SKIP_REPORT)
-    if builder.report is not None:
+    if builder.finish_report() is not None:
         with open(report_path, "w") as f:
             json.dump(builder.report, f, indent=1)
         report = builder.report
@@ -300,6 +412,16 @@ def build_dataset(
             report = json.load(f)
         report = dict(report, chunks_reused=report["num_chunks"], chunks_computed=0)
     return dict(report, dataset_dir=builder.data_dir, report_path=report_path)
+
+
+def _beam_pipeline_options(flags: tuple[str, ...]):
+    try:
+        from apache_beam.options.pipeline_options import PipelineOptions
+    except ImportError as e:
+        raise ValueError(
+            "BuildOptions.beam (--beam) needs Apache Beam: pip install 'pv-jax[beam]'"
+        ) from e
+    return PipelineOptions(list(flags))
 
 
 def load_source(data_dir: str | os.PathLike, split: str = "train"):

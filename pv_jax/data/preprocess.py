@@ -12,7 +12,8 @@ Crops that extend past the image are padded with zeros by default (``pad_mode="e
 the border instead).
 
 CLI (builds the dataset, see ``pv_jax.data.dataset``):
-    python -m pv_jax.data.preprocess --input DIR [--masks DIR] --output DIR
+    python -m pv_jax.data.preprocess --input DIR [--masks DIR] --output DIR [--workers N]
+    python -m pv_jax.data.preprocess --input DIR --output DIR --beam "--runner=DataflowRunner ..."
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import dataclasses
 import functools
 import os
+import shlex
 import sys
 import time
 from typing import Literal
@@ -323,6 +325,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-size", type=int, default=BuildOptions.chunk_size)
     p.add_argument("--image-format", default=BuildOptions.image_format, choices=["png", "jpeg"])
     p.add_argument("--overwrite", action="store_true", help="rewrite the final dataset")
+    p.add_argument(
+        "--workers", type=int, default=BuildOptions.workers, help="processes (0: every core)"
+    )
+    p.add_argument(
+        "--beam",
+        default=None,
+        metavar="FLAGS",
+        help="generate with Apache Beam instead, e.g. '--runner=DirectRunner "
+        "--direct_num_workers=8 --direct_running_mode=multi_processing' or a Dataflow runner",
+    )
     args = p.parse_args(argv)
 
     config = PreprocessConfig(
@@ -339,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         chunk_size=args.chunk_size,
         image_format=args.image_format,
         overwrite=args.overwrite,
+        workers=args.workers,
+        beam=tuple(shlex.split(args.beam)) if args.beam is not None else None,
     )
     t0 = time.perf_counter()
     summary = build_dataset(args.input, args.output, args.masks, config, options)
@@ -347,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         f"pv_jax.data: {summary['num_files']} files -> {summary['num_written']} records, "
         f"{summary['num_skipped']} skipped ({skipped or 'none'}), "
         f"{summary['chunks_reused']}/{summary['num_chunks']} chunks reused, "
+        f"workers={summary.get('workers', '-')}, "
         f"{time.perf_counter() - t0:.1f} s -> {summary['dataset_dir']}"
     )
     return 0
