@@ -35,7 +35,16 @@ MATRIX = [
 ]
 
 
-def run_one(config: str, resolution: int, batch: int, face: bool, remat: bool, steps: int):
+def run_one(
+    config: str,
+    resolution: int,
+    batch: int,
+    face: bool,
+    remat: bool,
+    steps: int,
+    face_window: float = 1.0,
+    face_fraction: float | None = None,
+):
     """Build, compile and time the step; returns the JSON record."""
     import jax
 
@@ -55,6 +64,8 @@ def run_one(config: str, resolution: int, batch: int, face: bool, remat: bool, s
     cfg.base.remat = bool(remat)
     if not face:
         cfg.model.face_weight = 0.0
+    cfg.model.face_window = face_window
+    cfg.model.face_batch_fraction = face_fraction
     t0 = time.perf_counter()
     mesh = sharding.make_mesh(1, 1)
     run = trainer.setup(cfg, mesh)
@@ -72,6 +83,8 @@ def run_one(config: str, resolution: int, batch: int, face: bool, remat: bool, s
         "batch": batch,
         "face_loss": bool(face),
         "remat": bool(remat),
+        "face_window": face_window,
+        "face_fraction": face_fraction,
         "step_gflop": round(flops / 1e9, 2),
         "compile_s": round(compile_s, 2),
     }
@@ -107,12 +120,25 @@ def main() -> None:
     p.add_argument("--face", type=int, default=1)
     p.add_argument("--remat", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="timed steps; 0: compile only")
+    p.add_argument("--face-window", type=float, default=1.0, help="1.0: whole-image decode")
+    p.add_argument(
+        "--face-fraction", type=float, default=None, help="face sub-batch (default: P(t<=500))"
+    )
     p.add_argument("--only", choices=["tiny", "sd15"], help="run the matrix rows of one config")
     args = p.parse_args()
     if args.config:
         print(
             json.dumps(
-                run_one(args.config, args.resolution, args.batch, args.face, args.remat, args.steps)
+                run_one(
+                    args.config,
+                    args.resolution,
+                    args.batch,
+                    args.face,
+                    args.remat,
+                    args.steps,
+                    args.face_window,
+                    args.face_fraction,
+                )
             ),
             flush=True,
         )

@@ -28,6 +28,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         text_layers=(6, 1, 2, 3, 4),  # the toy vision tower has 6 layers: deepest, then spaced
         adapter=AdapterConfig(hidden=256),
         lora_rank=4,
+        # The committed toy runs decode every sample whole (i.i.d. t): at 64 px the face branch
+        # is cheap, and the window's gradient is far from the whole decode's there
+        # (docs/BENCHMARKS.md, bench/face_window.py).
+        face_batch_fraction=1.0,
+        face_window=1.0,
     )
     c = default_config()
     c.model = model.to_dict()

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from configs import tiny  # noqa: E402
 from pv_jax.train import sharding  # noqa: E402
 from pv_jax.train.checkpoint import Checkpointer  # noqa: E402
-from pv_jax.train.trainer import setup  # noqa: E402
+from pv_jax.train.trainer import _face_sharding, setup  # noqa: E402
 
 MESHES = [(1, 1), (8, 1), (4, 2), (2, 4)]
 STEPS = 2
@@ -52,7 +52,9 @@ def run_mesh(cfg, shape, mesh=None):
 
 def main() -> None:
     cfg = tiny.get_config()
-    cfg.train.batch_size = 8  # one example per device on the (8, 1) mesh
+    # Two examples per device on the (8, 1) mesh: the face loss's sub-batch of 8 is then
+    # sharded over the devices like the batch (trainer._face_sharding).
+    cfg.train.batch_size = 16
     out = {"meshes": {}}
     ref_params = None
     for shape in MESHES:
@@ -60,6 +62,9 @@ def main() -> None:
         if ref_params is None:
             ref_params, ref_losses = params, losses
         diff = max(float(np.abs(params[k] - ref_params[k]).max()) for k in params)
+        out.setdefault("face_sharding", {})[str(shape)] = str(
+            getattr(_face_sharding(cfg, run.bundle, mesh), "spec", None)
+        )
         out["meshes"][str(shape)] = {
             "losses": losses,
             "loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)),

@@ -5,24 +5,28 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import skimage.data
 from conftest import face_batch
 from flax import nnx
 
+from pv_jax.data import preprocess as pp
 from pv_jax.diffusion import add_noise
 from pv_jax.face import align_faces
 from pv_jax.photoverse import (
+    PhotoVerseConfig,
     cross_attentions,
     photoverse_loss,
     split_trainable,
     tiny_photoverse,
 )
-from pv_jax.photoverse.losses import face_descriptors, face_loss
+from pv_jax.photoverse.losses import draw_timesteps, face_descriptors, face_loss, face_subset_size
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +41,12 @@ def _cos(a, b):
 
 
 def test_loss_terms_match_direct_computation(pv):
-    (bundle, loss_fn) = pv
-    model, cfg, sched = bundle.model, bundle.config, bundle.schedule
+    (bundle, _) = pv
+    model, sched = bundle.model, bundle.schedule
+    # The whole image decoded (the window is tested against the full decode separately); the
+    # default sub-batch of round(2 * 0.501) = 1 sample keeps the one with t <= 500.
+    cfg = dataclasses.replace(bundle.config, face_window=1.0)
+    loss_fn = jax.jit(functools.partial(photoverse_loss, schedule=sched, fusion=False, config=cfg))
     batch = face_batch(bundle.tokenizer)
     batch["timesteps"] = np.array([200, 800])  # one sample inside the face-loss range, one not
     key = jax.random.key(3)
@@ -102,13 +110,13 @@ def test_face_loss_zero_for_an_image_compared_with_itself(tiny_pv):
             m, jnp.clip(m.vae.decode(m.vae.unscale_latents(z)) / 2 + 0.5, 0, 1), lm
         )
     )(model, latents, batch["landmarks"])
-    run = jax.jit(face_loss, static_argnums=1)
+    run = jax.jit(lambda *a: face_loss(model, sched, *a, image_hw=(32, 32))[0], static_argnums=())
     # The true noise as prediction: x0_hat is the clean latent, decoded to the same image.
-    loss = run(model, sched, noise, x_t, t, batch["landmarks"], own, jnp.array([True, True]))
+    loss = run(noise, x_t, t, batch["landmarks"], own, jnp.array([True, True]))
     assert abs(float(loss)) < 1e-5
-    other = run(model, sched, noise * 0.5, x_t, t, batch["landmarks"], own, jnp.ones(2, bool))
+    other = run(noise * 0.5, x_t, t, batch["landmarks"], own, jnp.ones(2, bool))
     assert float(other) > 1e-3
-    none = run(model, sched, noise * 0.5, x_t, t, batch["landmarks"], own, jnp.zeros(2, bool))
+    none = run(noise * 0.5, x_t, t, batch["landmarks"], own, jnp.zeros(2, bool))
     assert float(none) == 0.0
 
 
@@ -172,3 +180,93 @@ def test_overfit_tiny_batch():
     assert np.isfinite([h["loss"] for h in history]).all()
     assert last["loss"] < 0.5 * first["loss"]
     assert last["diffusion"] < first["diffusion"]
+
+
+@pytest.fixture(scope="module")
+def astronaut_256():
+    """skimage's astronaut preprocessed to a 256 px target with its 5 landmarks."""
+    rec = pp.preprocess_image(
+        skimage.data.astronaut(), pp.PreprocessConfig(upsample=0, target_size=256)
+    )
+    return rec.target.astype(np.float32) / 255.0, rec.landmarks
+
+
+def _local_decoder_model(face_net, factor: int = 8):
+    """A model whose VAE decoder is pixel-local: each latent becomes a factor x factor block."""
+
+    def decode(z):
+        return jnp.repeat(jnp.repeat(z, factor, axis=1), factor, axis=2) * 2.0 - 1.0
+
+    vae = types.SimpleNamespace(decode=decode, unscale_latents=lambda z: z)
+    return types.SimpleNamespace(vae=vae, face_net=face_net)
+
+
+def test_window_and_sub_batch_equal_the_full_decode_for_a_local_decoder(tiny_pv, astronaut_256):
+    """With a pixel-local decoder, the windowed sub-batch face loss (and its gradient) is the
+    whole-image, whole-batch one: the window origin, landmark shift and pyramid are exact."""
+    image, lm = astronaut_256
+    shifted = np.roll(image, (24, -40), axis=(0, 1))  # the face off centre
+    images = np.stack([image, image[:, ::-1], shifted])
+    lms = np.stack([lm, np.stack([255 - lm[:, 0], lm[:, 1]], -1), lm + [-40, 24]])
+    latents = jnp.asarray(images.reshape(3, 32, 8, 32, 8, 3).mean((2, 4)))
+    sched = tiny_pv.schedule
+    noise = jax.random.normal(jax.random.key(0), latents.shape)
+    t = jnp.array([100, 700, 300])
+    x_t = add_noise(sched, latents, noise, t)
+    model = _local_decoder_model(tiny_pv.model.face_net)
+    desc = jax.random.normal(jax.random.key(1), (3, 128))
+    mask = t <= 500
+
+    def loss(pred, subset, window):
+        return face_loss(
+            model,
+            sched,
+            pred,
+            x_t,
+            t,
+            jnp.asarray(lms),
+            desc,
+            mask,
+            image_hw=(256, 256),
+            subset=subset,
+            window=window,
+        )
+
+    full, full_fit = jax.jit(lambda p: loss(p, None, 1.0))(noise)
+    win, fit = jax.jit(lambda p: loss(p, 2, 0.625))(noise)
+    np.testing.assert_allclose(win, full, atol=1e-6)
+    assert float(full) > 0.0 and float(fit) == float(full_fit) == 1.0
+    g_full = jax.jit(jax.grad(lambda p: loss(p, None, 1.0)[0]))(noise)
+    g_win = jax.jit(jax.grad(lambda p: loss(p, 2, 0.625)[0]))(noise)
+    np.testing.assert_allclose(g_win, g_full, rtol=1e-4, atol=1e-6)  # fp32 summation order
+    assert float(jnp.abs(g_full[1]).max()) == 0.0 and float(jnp.abs(g_full[0]).max()) > 0.0
+    # A window too small for the chip is reported (the loss is still computed on what it holds).
+    _, small_fit = jax.jit(lambda p: loss(p, 2, 0.3))(noise)
+    assert float(small_fit) == 0.0
+
+
+def test_stratified_timesteps_keep_a_uniform_marginal():
+    """t stays uniform on [0, T) per sample; the face-range count is floor(Bp) or floor(Bp)+1."""
+    cfg = PhotoVerseConfig()
+    p = 501 / 1000
+    assert [face_subset_size(b, cfg, 1000) for b in (1, 2, 3, 8, 64)] == [1, 1, 2, 4, 32]
+    assert face_subset_size(8, dataclasses.replace(cfg, face_batch_fraction=1.0), 1000) == 8
+    n = 4000
+    for b in (1, 3, 64):
+        keys = jax.random.split(jax.random.key(b), n)
+        t = np.asarray(jax.vmap(lambda k, b=b: draw_timesteps(k, b, 1000, cfg))(keys))
+        assert t.min() >= 0 and t.max() <= 999
+        low = (t <= 500).sum(1)
+        assert set(np.unique(low)) <= {int(b * p), int(b * p) + 1}
+        np.testing.assert_allclose(low.mean(), b * p, atol=4 * 0.5 / np.sqrt(n))
+        # Each position's marginal is uniform: 10 bins of t, within 5 sigma of n / 10.
+        counts = np.bincount(t[:, 0] // 100, minlength=10)
+        assert np.all(np.abs(counts - n / 10) < 5 * np.sqrt(n / 10 * 0.9)), counts
+
+
+def test_face_loss_options_are_checked():
+    """Out-of-range face sub-batch and window fractions fail with the field's name."""
+    with pytest.raises(ValueError, match="face_window must be in"):
+        PhotoVerseConfig(face_window=0.0)
+    with pytest.raises(ValueError, match="face_batch_fraction must be in"):
+        PhotoVerseConfig(face_batch_fraction=1.5)

@@ -74,6 +74,8 @@ def test_multi_device_meshes_agree_and_restore_onto_another_mesh():
     for mesh in ("(8, 1)", "(4, 2)", "(2, 4)", "(4, 2) by hand"):
         r = result["meshes"][mesh]
         assert r["loss_diff"] < 1e-5 and r["param_diff"] < 1e-5, (mesh, r)
+    # The face loss's sub-batch (8 of 16) is constrained to the batch sharding on every mesh.
+    assert set(result["face_sharding"].values()) == {"P(('data', 'fsdp'),)"}
     # Parameter classes on the (data=2, fsdp=4) mesh: input widths over fsdp, the rest whole.
     assert result["specs"] == {
         "conv_kernel": "(None, None, 'fsdp', None)",

@@ -160,6 +160,39 @@ def _sample_level(
     return jnp.where(valid[..., None], out, 0.0)
 
 
+def _chip_support(
+    angle: jax.Array, rect: jax.Array, size: int, pyramid_levels: int
+) -> tuple[jax.Array, jax.Array]:
+    """Pyramid levels a chip needs and the (unclipped) image box it is sampled from."""
+    # extract_image_chips: levels k with rect_down^k(rect).area() > size^2 (square rect, whose
+    # width - 1 halves at each step), capped at what was computed.
+    span = rect[..., 2] - rect[..., 0]
+    k_needed = sum((span / 2**j > size - 1).astype(jnp.int32) for j in range(1, pyramid_levels + 1))
+    k_needed = k_needed if pyramid_levels else jnp.zeros(span.shape, jnp.int32)
+    # The crop the pyramid is built from: the rotated rect's bounding box, grown by a border
+    # of 2^(k+2) - 2 pixels.
+    c, s = jnp.abs(jnp.cos(angle)), jnp.abs(jnp.sin(angle))
+    cx, cy = (rect[..., 0] + rect[..., 2]) / 2, (rect[..., 1] + rect[..., 3]) / 2
+    ext = span / 2 * (c + s)  # square rect: half extent of its rotated bounding box
+    ext = ext + (2.0 ** (k_needed + 2) - 2).astype(jnp.float32)
+    return k_needed, jnp.stack([cx - ext, cy - ext, cx + ext, cy + ext], axis=-1)
+
+
+def chip_support(
+    landmarks5: jax.Array,
+    image_hw: tuple[int, int],
+    size: int = 150,
+    padding: float = 0.25,
+) -> jax.Array:
+    """(..., 4) image box (left, top, right, bottom) whose pixels ``align_faces`` reads for a chip.
+
+    A chip cut from any crop of the image that holds this box equals the chip cut from the
+    whole image (with ``pyramid_levels`` of the whole image and the landmarks shifted).
+    """
+    angle, rect = face_chip_details(landmarks5, size, padding)
+    return _chip_support(angle, rect, size, default_pyramid_levels(*image_hw, size))[1]
+
+
 def align_faces(
     images: jax.Array,
     landmarks5: jax.Array,
@@ -180,27 +213,10 @@ def align_faces(
     if pyramid_levels is None:
         pyramid_levels = default_pyramid_levels(h, w, size)
     angle, rect = face_chip_details(landmarks5, size, padding)
-    # extract_image_chips: levels k with rect_down^k(rect).area() > size^2 (square rect, whose
-    # width - 1 halves at each step), capped at what was computed.
-    span = rect[:, 2] - rect[:, 0]
-    k_needed = sum((span / 2**j > size - 1).astype(jnp.int32) for j in range(1, pyramid_levels + 1))
-    k_needed = k_needed if pyramid_levels else jnp.zeros((n,), jnp.int32)
-    # The crop the pyramid is built from: the rotated rect's bounding box, grown by a border
-    # of 2^(k+2) - 2 pixels, clipped to the image and rounded (lround) to integers.
-    c, s = jnp.abs(jnp.cos(angle)), jnp.abs(jnp.sin(angle))
-    hw = (rect[:, 2] - rect[:, 0]) / 2
-    cx, cy = (rect[:, 0] + rect[:, 2]) / 2, (rect[:, 1] + rect[:, 3]) / 2
-    ext = hw * (c + s)  # square rect: half extent of its rotated bounding box
-    grow = (2.0 ** (k_needed + 2) - 2).astype(jnp.float32)
-    box = jnp.stack(
-        [
-            jnp.maximum(cx - ext - grow, 0.0),
-            jnp.maximum(cy - ext - grow, 0.0),
-            jnp.minimum(cx + ext + grow, w - 1.0),
-            jnp.minimum(cy + ext + grow, h - 1.0),
-        ],
-        axis=-1,
-    )
+    k_needed, support = _chip_support(angle, rect, size, pyramid_levels)
+    # The crop the pyramid is built from, clipped to the image and rounded (lround) to integers.
+    low, high = jnp.zeros((2,), jnp.float32), jnp.asarray([w - 1.0, h - 1.0], jnp.float32)
+    box = jnp.concatenate([jnp.maximum(support[:, :2], low), jnp.minimum(support[:, 2:], high)], -1)
     box = jnp.floor(box + 0.5).astype(jnp.int32)
     origin = box[:, :2]
     crop_hw = jnp.stack([box[:, 3] - box[:, 1] + 1, box[:, 2] - box[:, 0] + 1], axis=-1)

@@ -5,7 +5,10 @@
 - L_diff: MSE between the UNet's prediction and its target (noise, or v).
 - L_face: 1 - cos(F(face(x0_hat)), F(face(x))) on samples with t <= t_face_max, where x0_hat is
   the single-step clean-latent estimate decoded by the frozen VAE, face() the dlib chip cut by
-  the target's 5 landmarks (differentiable) and F the dlib face net.
+  the target's 5 landmarks (differentiable) and F the dlib face net. Only a sub-batch is
+  decoded (``face_batch_fraction``: the samples of smallest t, as many as the paper's expected
+  share; t is drawn stratified so that the face-range samples fit it), and, as an option, only a
+  latent window around each face (``face_window``; see docs/BENCHMARKS.md for its cost/fidelity).
 - L_Treg = mean |S1..Sm|; L_Sreg = mean |V_S| (see :meth:`PhotoVerse.image_value_l1`).
 
 A batch is a dict of arrays:
@@ -19,11 +22,14 @@ A batch is a dict of arrays:
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 from pv_jax.diffusion import NoiseSchedule, add_noise, predict_x0, training_target
 from pv_jax.face import align_faces, identity_loss
+from pv_jax.face.align import chip_support, default_pyramid_levels
 from pv_jax.photoverse.attention import random_fusion
 from pv_jax.photoverse.config import PhotoVerseConfig
 from pv_jax.photoverse.model import PhotoVerse
@@ -53,6 +59,71 @@ def face_descriptors(model: PhotoVerse, images01: jax.Array, landmarks: jax.Arra
     return model.face_net(chips)
 
 
+def face_subset_size(batch: int, config: PhotoVerseConfig, num_train_timesteps: int) -> int:
+    """How many samples the face loss decodes: round(B * fraction), at least 1, at most B."""
+    fraction = config.face_batch_fraction
+    if fraction is None:
+        fraction = face_share(config, num_train_timesteps)
+    return int(min(batch, max(1, round(batch * fraction))))
+
+
+def face_share(config: PhotoVerseConfig, num_train_timesteps: int) -> float:
+    """P(t <= t_face_max) for t uniform in [0, T): the paper's expected face-loss share."""
+    return min(1.0, (config.t_face_max + 1) / num_train_timesteps)
+
+
+def draw_timesteps(
+    key: jax.Array, batch: int, num_train_timesteps: int, config: PhotoVerseConfig
+) -> jax.Array:
+    """(B,) timesteps, each uniform in [0, T), with a stratified count of face-loss samples.
+
+    The number of samples with t <= t_face_max is floor(B p) or floor(B p) + 1 (p the uniform
+    share, with mean B p), the samples chosen at random: every t keeps its uniform marginal
+    while the count stays within the face sub-batch of :func:`face_subset_size`.
+    """
+    low = min(config.t_face_max + 1, num_train_timesteps)
+    if low >= num_train_timesteps:
+        return jax.random.randint(key, (batch,), 0, num_train_timesteps)
+    k_count, k_low, k_high, k_perm = jax.random.split(key, 4)
+    expected = batch * low / num_train_timesteps
+    count = int(expected) + (jax.random.uniform(k_count) < expected - int(expected))
+    is_low = jax.random.permutation(k_perm, batch) < count
+    t_low = jax.random.randint(k_low, (batch,), 0, low)
+    t_high = jax.random.randint(k_high, (batch,), low, num_train_timesteps)
+    return jnp.where(is_low, t_low, t_high)
+
+
+def latent_window_origin(
+    landmarks: jax.Array, latent_hw: tuple[int, int], window: int, factor: int
+) -> jax.Array:
+    """(B, 2) int32 (x, y) latent origin of the ``window`` square centred on each face's chip."""
+    h, w = latent_hw
+    support = chip_support(landmarks, (h * factor, w * factor))
+    centre = (support[..., :2] + support[..., 2:]) / 2.0 / factor
+    origin = jnp.round(centre - window / 2.0).astype(jnp.int32)
+    return jnp.clip(origin, 0, jnp.asarray([w - window, h - window], jnp.int32))
+
+
+def decode_face_windows(
+    model: PhotoVerse, x0: jax.Array, landmarks: jax.Array, window: int, factor: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Decode a latent window around each face: ([0, 1] images, shifted landmarks, fits).
+
+    ``fits`` (B,) says whether the pixels the face chip reads lie inside the decoded window.
+    """
+    b, h, w, c = x0.shape
+    origin = latent_window_origin(landmarks, (h, w), window, factor)
+    crops = jax.vmap(lambda z, o: jax.lax.dynamic_slice(z, (o[1], o[0], 0), (window, window, c)))(
+        x0, origin
+    )
+    decoded = model.vae.decode(model.vae.unscale_latents(crops))
+    offset = (origin * factor).astype(jnp.float32)[:, None, :]
+    support = chip_support(landmarks, (h * factor, w * factor)) - jnp.tile(offset[:, 0], 2)
+    side = window * factor
+    fits = jnp.all((support[:, :2] >= 0) & (support[:, 2:] <= side - 1), axis=-1)
+    return jnp.clip(decoded / 2 + 0.5, 0.0, 1.0), landmarks - offset, fits
+
+
 def face_loss(
     model: PhotoVerse,
     schedule: NoiseSchedule,
@@ -62,16 +133,50 @@ def face_loss(
     landmarks: jax.Array,
     target_descriptor: jax.Array,
     mask: jax.Array,
-) -> jax.Array:
-    """L_face on the samples selected by ``mask``; skipped (0) when no sample is selected."""
+    *,
+    image_hw: tuple[int, int],
+    subset: int | None = None,
+    window: float = 1.0,
+    sub_batch_sharding: jax.sharding.Sharding | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """L_face on the samples selected by ``mask``, and the share of their chips in the window.
 
-    def term() -> jax.Array:
+    ``subset``: decode only this many samples, those of smallest t (None: all). ``window``:
+    decode a square latent window of this fraction of the latent side around each face (1.0:
+    the whole image). Skipped (0) when no sample is selected.
+    """
+    b, h, w, _ = x_t.shape
+    factor = image_hw[0] // h
+    if subset is not None and subset < b:
+        idx = jnp.argsort(t, stable=True)[:subset]
+        parts = (prediction, x_t, t, landmarks, target_descriptor, mask)
+        parts = tuple(jnp.take(x, idx, axis=0) for x in parts)
+        if sub_batch_sharding is not None:
+            parts = jax.lax.with_sharding_constraint(parts, sub_batch_sharding)
+        prediction, x_t, t, landmarks, target_descriptor, mask = parts
+    side = min(h, w)
+    win = min(side, max(1, math.ceil(window * side)))
+
+    def term() -> tuple[jax.Array, jax.Array]:
         x0 = predict_x0(schedule, prediction, x_t, t)
-        decoded = model.vae.decode(model.vae.unscale_latents(x0))
-        images = jnp.clip(decoded / 2 + 0.5, 0.0, 1.0)
-        return identity_loss(face_descriptors(model, images, landmarks), target_descriptor, mask)
+        if window < 1.0 and win < side:
+            images, lms, fits = decode_face_windows(model, x0, landmarks, win, factor)
+        else:
+            decoded = model.vae.decode(model.vae.unscale_latents(x0))
+            images, lms = jnp.clip(decoded / 2 + 0.5, 0.0, 1.0), landmarks
+            fits = jnp.ones(mask.shape, bool)
+        chips = align_faces(
+            images * 255.0,
+            lms,
+            quantize=False,
+            pyramid_levels=default_pyramid_levels(*image_hw),
+        )
+        loss = identity_loss(model.face_net(chips), target_descriptor, mask)
+        fit = jnp.sum(fits & mask) / jnp.maximum(jnp.sum(mask), 1)
+        return loss, fit.astype(jnp.float32)
 
-    return jax.lax.cond(jnp.any(mask), term, lambda: jnp.zeros((), jnp.float32))
+    zeros = (jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32))
+    return jax.lax.cond(jnp.any(mask), term, lambda: zeros)
 
 
 def photoverse_loss(
@@ -82,11 +187,13 @@ def photoverse_loss(
     schedule: NoiseSchedule,
     config: PhotoVerseConfig | None = None,
     fusion: bool = True,
+    face_sharding: jax.sharding.Sharding | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The total loss and its metrics (every term, unweighted, plus the face-loss fraction).
 
     ``fusion``: draw (gamma, sigma) per sample by random fusion (training); otherwise use the
-    config's fixed gamma and sigma.
+    config's fixed gamma and sigma. ``face_sharding``: the sharding of the face loss's
+    sub-batch (the batch's, so that each device decodes its share of it).
     """
     cfg = config or model.config
     if cfg.face_weight and model.face_net is None:
@@ -97,11 +204,15 @@ def photoverse_loss(
     target = to_unit(batch["target"])
     b = target.shape[0]
     k_latent, k_noise, k_t, k_fuse = jax.random.split(key, 4)
+    num_t = schedule.num_train_timesteps
+    subset = face_subset_size(b, cfg, num_t) if cfg.face_weight else b
 
     latents = jax.lax.stop_gradient(model.vae.sample_latents(target * 2.0 - 1.0, k_latent))
     t = batch.get("timesteps")
-    if t is None:
-        t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
+    if t is None and cfg.face_weight and cfg.face_batch_fraction != 1.0:
+        t = draw_timesteps(k_t, b, num_t, cfg)
+    elif t is None:
+        t = jax.random.randint(k_t, (b,), 0, num_t)
     noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
     x_t = add_noise(schedule, latents, noise, t)
 
@@ -119,13 +230,25 @@ def photoverse_loss(
         "image_reg": model.image_value_l1(image_tokens),
     }
     face_mask = t <= cfg.t_face_max
+    window_fit = jnp.ones((), jnp.float32)
     if cfg.face_weight:
         desc = batch.get("descriptor")
         if desc is None:
             desc = face_descriptors(model, target, batch["landmarks"])
         desc = jax.lax.stop_gradient(desc)
-        terms["face"] = face_loss(
-            model, schedule, prediction, x_t, t, batch["landmarks"], desc, face_mask
+        terms["face"], window_fit = face_loss(
+            model,
+            schedule,
+            prediction,
+            x_t,
+            t,
+            batch["landmarks"],
+            desc,
+            face_mask,
+            image_hw=target.shape[1:3],
+            subset=subset,
+            window=cfg.face_window,
+            sub_batch_sharding=face_sharding,
         )
     else:
         terms["face"] = jnp.zeros((), jnp.float32)
@@ -135,5 +258,12 @@ def photoverse_loss(
         + cfg.text_reg_weight * terms["text_reg"]
         + cfg.image_reg_weight * terms["image_reg"]
     )
-    metrics = {"loss": total, **terms, "face_fraction": jnp.mean(face_mask.astype(jnp.float32))}
+    # Samples that took the face loss: those with t <= t_face_max among the `subset` smallest t.
+    taken = jnp.minimum(jnp.sum(face_mask), subset) if cfg.face_weight else jnp.sum(face_mask)
+    metrics = {
+        "loss": total,
+        **terms,
+        "face_fraction": taken.astype(jnp.float32) / b,
+        "face_window_fit": window_fit,
+    }
     return total, metrics

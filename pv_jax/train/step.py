@@ -85,8 +85,12 @@ def make_train_step(
     seed: int,
     fusion: bool = True,
     ema_decay: float = 0.0,
+    face_sharding: jax.sharding.Sharding | None = None,
 ) -> Callable[[TrainState, nnx.State, dict], tuple[TrainState, dict]]:
     """The pure train step; jit it with explicit shardings (``train_tpu.py``).
+
+    ``face_sharding``: where the face loss's sub-batch lives (the batch sharding: each device
+    decodes its share instead of XLA's choice, which may be every device decoding all of it).
 
     The step's randomness is ``fold_in(key(seed), step)``, so a resumed run draws exactly what an
     uninterrupted one would.
@@ -95,7 +99,13 @@ def make_train_step(
     def loss_fn(trainable, frozen, batch, key):
         model = nnx.merge(graphdef, trainable, frozen)
         return photoverse_loss(
-            model, batch, key, schedule=noise_schedule, config=config, fusion=fusion
+            model,
+            batch,
+            key,
+            schedule=noise_schedule,
+            config=config,
+            fusion=fusion,
+            face_sharding=face_sharding,
         )
 
     def step(state: TrainState, frozen: nnx.State, batch: dict) -> tuple[TrainState, dict]:

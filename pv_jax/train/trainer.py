@@ -9,6 +9,7 @@ once (explicit in/out shardings, donated state), then drive it from Python.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import signal
 import time
@@ -34,6 +35,7 @@ from pv_jax.photoverse import (
     random_photoverse,
     split_trainable,
 )
+from pv_jax.photoverse.losses import face_subset_size
 from pv_jax.train import sharding
 from pv_jax.train.checkpoint import Checkpointer
 from pv_jax.train.data import RecordBatches, SyntheticBatches
@@ -297,6 +299,15 @@ class Run:
     frozen_params: int
 
 
+def _face_sharding(cfg, bundle, mesh: jax.sharding.Mesh) -> jax.sharding.Sharding | None:
+    """The batch sharding for the face loss's sub-batch when it splits evenly over devices."""
+    subset = face_subset_size(
+        cfg.train.batch_size, bundle.config, bundle.schedule.num_train_timesteps
+    )
+    shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+    return sharding.batch_sharding(mesh) if subset % shards == 0 else None
+
+
 def setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Run:
     """Check the config, build the model and data, place the frozen networks, jit the step."""
     check_config(cfg, mesh)
@@ -318,6 +329,7 @@ def setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Run:
         seed=cfg.train.seed,
         fusion=cfg.train.fusion,
         ema_decay=cfg.train.ema_decay,
+        face_sharding=_face_sharding(cfg, bundle, mesh),
     )
     jitted = jax.jit(
         step_fn,
