@@ -5,25 +5,24 @@ photo.jpg --prompt "a photo of S* as an astronaut"``.
 folders; ``--sd-folder``/``--clip-vision-folder`` override them). ``--tiny`` instead samples tiny
 random networks (the embedded demo: untrained, so the images are noise). Writes PNGs, a contact
 sheet (reference crops, masks, results) and ``samples.json`` (settings, seeds, timings, identity
-similarity of each result to the reference) under ``--out``.
+similarity of each result to the reference) under ``--out``. The sampling flags are the fields of
+``pv_jax.sampling.options.SamplingOptions``. Bad settings, prompts and photos are reported (one
+line, exit status 2) before the model is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from pv_jax.sampling.pipeline import (
-    INPUT_ERRORS,
-    pipeline_from_args,
-)
-from pv_jax.sampling.sampler import UNCOND_MODES
+from pv_jax.errors import run_command
+from pv_jax.sampling.options import add_sampling_args, check_prompts, options_from_args
+from pv_jax.sampling.pipeline import check_model_args, load_reference, pipeline_from_args
 
 
 def contact_sheet(result, size: int = 160) -> Image.Image:
@@ -41,7 +40,8 @@ def contact_sheet(result, size: int = 160) -> Image.Image:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Parse arguments, sample, write the outputs; returns the metadata written."""
+    """Parse arguments, check the photos and prompts, load the model, sample, write the
+    outputs; returns the metadata written."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="a train_tpu.py workdir (a local folder or gs://BUCKET/run)")
@@ -50,50 +50,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prompt", action="append", required=True, help="prompt with S* (repeatable)")
     p.add_argument("--sd-folder")
     p.add_argument("--clip-vision-folder")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--eta", type=float, default=0.0)
-    p.add_argument(
-        "--strength",
-        type=float,
-        default=1.0,
-        help="below 1: start from the reference's noised crop (img2img); 1: from pure noise",
-    )
-    p.add_argument(
-        "--uncond",
-        choices=UNCOND_MODES,
-        default="base",
-        help="guidance's unconditional pass: the frozen base model, or through the trained LoRA",
-    )
-    p.add_argument("--batch-size", type=int, default=4, help="images per sampler call")
-    p.add_argument("--num-words", type=int, help="m pseudo-words (default: all trained)")
-    p.add_argument("--gamma", type=float)
-    p.add_argument("--sigma", type=float)
-    p.add_argument("--alpha", type=float)
     p.add_argument("--out", type=Path, default=Path("outputs"))
+    add_sampling_args(p)
     args = p.parse_args(argv)
 
+    # Everything that can be wrong with the input fails here, before the model load (20 s to
+    # minutes): settings, prompts, paths, and the photos' faces (dlib needs no diffusion model).
+    options = options_from_args(args)
+    check_prompts(args.prompt, options)
+    check_model_args(args)
+    references = [load_reference(r, face_index=options.face_index) for r in args.ref]
     t0 = time.perf_counter()
     pipe, weights = pipeline_from_args(args)
     load_s = time.perf_counter() - t0
-    result = pipe(
-        args.ref,
-        args.prompt,
-        num_images=args.num_images,
-        seed=args.seed,
-        steps=args.steps,
-        guidance=args.guidance,
-        eta=args.eta,
-        strength=args.strength,
-        uncond=args.uncond,
-        batch_size=args.batch_size,
-        num_words=args.num_words,
-        gamma=args.gamma,
-        sigma=args.sigma,
-        alpha=args.alpha,
-    )
+    result = pipe(references, args.prompt, options)
     args.out.mkdir(parents=True, exist_ok=True)
     files = []
     for i, img in enumerate(result.images):
@@ -119,9 +89,10 @@ def main(argv: list[str] | None = None) -> dict:
     return meta
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """The command: errors in the input are one line on stderr and exit status 2."""
+    run_command("sample.py", main, argv)
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except INPUT_ERRORS as e:
-        print(f"sample.py: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli()

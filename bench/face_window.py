@@ -55,7 +55,7 @@ def load_part_vae(part: str):
     """The VAE of a part and its target resolution."""
     from pv_jax.models.presets import SD15_VAE, random_module
     from pv_jax.models.vae import AutoencoderKL
-    from pv_jax.weights.checkpoints import load_vae
+    from pv_jax.weights.hf_folders import load_vae
 
     if part == "toy":
         return load_vae(TOY / "vae"), 64
@@ -118,8 +118,7 @@ def gradient_part(part: str, faces: int) -> dict:
     """Cosine of the trainable-parameter gradients, window vs full decode."""
     from flax import nnx
 
-    from pv_jax.photoverse import photoverse_loss, split_trainable
-    from pv_jax.train import trainer
+    from pv_jax.photoverse import build_bundle, photoverse_loss, split_trainable
 
     sys.path.insert(0, str(ROOT))
     t0 = time.perf_counter()
@@ -127,9 +126,9 @@ def gradient_part(part: str, faces: int) -> dict:
         from pv_jax.toy.photoverse import run_config
 
         cfg = run_config("full", ROOT / "unused", TOY)
-        bundle = trainer.build_bundle(cfg, face_net=True)
+        bundle = build_bundle(cfg, face_net=True)
         size = cfg.data.resolution
-        from pv_jax.train.checkpoint import Checkpointer
+        from pv_jax.run_checkpoint import Checkpointer
 
         ckpt = Checkpointer(TOY / "photoverse", every=1, keep=1)
         _, trainable, _ = split_trainable(bundle.model)
@@ -149,7 +148,7 @@ def gradient_part(part: str, faces: int) -> dict:
         cfg.base.kind = "random_sd15"
         cfg.base.remat = True
         size = 256
-        bundle = trainer.build_bundle(cfg, face_net=True)
+        bundle = build_bundle(cfg, face_net=True)
     recs = heldout_faces(faces, size)
     ids = bundle.tokenizer(["a photo of S*"] * len(recs), bundle.config.words)
     batch = {

@@ -33,7 +33,7 @@ def _load(folder: str) -> None:
     """Child process: import the libraries, note the baseline, load, print JSON."""
     import jax
 
-    from pv_jax.weights.checkpoints import find_weights, load_unet
+    from pv_jax.weights.hf_folders import find_weights, load_unet
 
     jax.numpy.zeros(1).block_until_ready()  # initialise the backend before the baseline
     baseline = _rss_gib()

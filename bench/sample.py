@@ -31,13 +31,11 @@ import numpy as np
 import torch
 from flax import nnx
 
-from pv_jax.models.clip import CLIP_RULES
-from pv_jax.photoverse import PhotoVerseConfig, random_photoverse
+from pv_jax.photoverse import TINY_CONFIG, PhotoVerseConfig, random_photoverse
 from pv_jax.photoverse.attention import UNET_EXTRAS
-from pv_jax.photoverse.model import TINY_CONFIG
 from pv_jax.sampling import Sampler, SamplerSpec, denoise_loop, encode_references
-from pv_jax.weights.checkpoints import load_tokenizer
-from pv_jax.weights.convert import export_state
+from pv_jax.weights.convert import CLIP_RULES, export_state
+from pv_jax.weights.hf_folders import load_tokenizer
 
 PROMPT = "a photo of S* as an astronaut"
 

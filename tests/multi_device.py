@@ -20,8 +20,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from configs import tiny  # noqa: E402
+from pv_jax.run_checkpoint import Checkpointer  # noqa: E402
 from pv_jax.train import sharding  # noqa: E402
-from pv_jax.train.checkpoint import Checkpointer  # noqa: E402
 from pv_jax.train.trainer import _face_sharding, setup  # noqa: E402
 
 MESHES = [(1, 1), (8, 1), (4, 2), (2, 4)]

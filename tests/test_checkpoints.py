@@ -27,7 +27,8 @@ from safetensors.numpy import load_file, save_file
 from transformers import CLIPTextConfig, CLIPVisionConfig, CLIPVisionModelWithProjection
 from transformers import CLIPTextModel as TorchCLIPText
 
-from pv_jax.weights.checkpoints import (
+from pv_jax.weights.convert import WeightImportError
+from pv_jax.weights.hf_folders import (
     CheckpointFolderError,
     load_clip_text,
     load_clip_vision,
@@ -37,7 +38,6 @@ from pv_jax.weights.checkpoints import (
     save_clip_vision,
     save_stable_diffusion,
 )
-from pv_jax.weights.convert import WeightImportError
 
 TOL = 1e-4  # fp32 parity, as in the per-network tests
 
@@ -201,7 +201,7 @@ def test_bad_folders_say_what_was_expected(sd_folder, tmp_path):
 def test_safetensors_reader_dtypes_and_truncation(tmp_path):
     from safetensors.torch import save_file as torch_save_file
 
-    from pv_jax.weights.checkpoints import open_tensors
+    from pv_jax.weights.hf_folders import open_tensors
 
     want = {
         "bf16": torch.randn(3, 4, dtype=torch.bfloat16),

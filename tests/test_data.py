@@ -19,6 +19,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
+from pv_jax.data import cli
 from pv_jax.data import dataset as ds
 from pv_jax.data import preprocess as pp
 
@@ -365,19 +366,19 @@ def test_cli_summary(built, capsys):
     """The CLI on a finished dataset reuses everything and prints one summary line."""
     args = ["--input", built["photo_dir"], "--output", built["out"], "--masks", built["masks_dir"]]
     args += ["--upsample", "0", "--reference-size", "64", "--target-size", "128"]
-    pp.main(args)
+    cli.main(args)
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("pv_jax.data: 8 files -> 6 records, 2 skipped (corrupt=1 no_face=1)")
     assert "3/3 chunks reused" in line
     with pytest.raises(ValueError, match="reference_size, target_size"):
-        pp.main(args[:8])  # default 224/512 sizes differ from the stored dataset
+        cli.main(args[:8])  # default 224/512 sizes differ from the stored dataset
 
 
 def test_training_batches_from_records(built):
     """train.data.RecordBatches: resized targets with scaled landmarks, prompts, exact resume."""
     from pv_jax.photoverse import PlaceholderTokenizer
     from pv_jax.train.data import DataError, RecordBatches
-    from pv_jax.weights.checkpoints import load_tokenizer
+    from pv_jax.weights.hf_folders import load_tokenizer
 
     tok = PlaceholderTokenizer(load_tokenizer())
     prompts = ["a photo of S*", "S* smiling"]

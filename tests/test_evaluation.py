@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import time
 from pathlib import Path
 
 import chex
@@ -16,13 +18,14 @@ import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPModel
 
+from pv_jax.errors import InputError
 from pv_jax.evaluation import evaluate, markdown_table, summarize
 from pv_jax.evaluation import run as evaluate_module
 from pv_jax.evaluation.clip_score import CLIPScorer
 from pv_jax.models.clip import preprocess_images
 from pv_jax.models.presets import TINY_TEXT, TINY_VISION
 from pv_jax.sampling.pipeline import PhotoVersePipeline, ReferencePhotoError, load_reference
-from pv_jax.weights.checkpoints import CheckpointFolderError, load_clip
+from pv_jax.weights.hf_folders import CheckpointFolderError, load_clip
 
 ASTRONAUT = os.path.join(os.path.dirname(skimage.data.__file__), "astronaut.png")
 
@@ -189,6 +192,43 @@ def test_command_line_errors_are_one_line_and_exit_2(tmp_path, monkeypatch, caps
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("evaluate: --refs ") and err.count("\n") == 1
+
+
+def _no_model(args):
+    pytest.fail("the model was loaded before the input was checked")
+
+
+def test_bad_input_fails_in_one_line_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(evaluate_module, "pipeline_from_args", _no_model)
+    (tmp_path / "notes.jpg").write_text("not an image")
+    (tmp_path / "people.json").write_text("[1, 2]")
+    cases = [
+        (["--tiny", "--refs", str(tmp_path / "typo.jpg")], r"--refs .*typo\.jpg: no such file"),
+        (
+            ["--tiny", "--refs", ASTRONAUT, "--prompt", "an astronaut"],
+            r"has no placeholder 'S\*'.*--missing-placeholder append",
+        ),
+        (["--tiny", "--refs", str(tmp_path / "notes.jpg")], r"notes\.jpg: it could not be read"),
+        (["--tiny", "--refs", ASTRONAUT, "--people", str(tmp_path / "people.json")], "object"),
+        (["--tiny", "--refs", ASTRONAUT, "--num-images", "0"], "num_images must be >= 1"),
+        (["--ckpt", str(tmp_path / "no_run"), "--refs", ASTRONAUT], "no_run has no checkpoints/"),
+    ]
+    for argv, message in cases:
+        t0 = time.perf_counter()
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate_module.cli([*argv, "--out", str(tmp_path / "eval")])
+        assert time.perf_counter() - t0 < 2.0
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith("evaluate: ") and err.count("\n") == 1
+        assert re.search(message, err), err
+
+    def broken(args):  # a bug, not bad input: it keeps its traceback (exit status 1)
+        raise ValueError("operands could not be broadcast together with shapes (2,3) (4,)")
+
+    monkeypatch.setattr(evaluate_module, "pipeline_from_args", broken)
+    with pytest.raises(ValueError, match="broadcast") as info:
+        evaluate_module.cli(["--tiny", "--refs", ASTRONAUT, "--out", str(tmp_path / "eval")])
+    assert not isinstance(info.value, InputError)
 
 
 def test_identity_metrics_against_a_direct_computation():

@@ -45,8 +45,8 @@ from pv_jax.photoverse import (
     random_fusion,
     split_trainable,
 )
-from pv_jax.weights.checkpoints import save_clip_vision, save_stable_diffusion
 from pv_jax.weights.convert import export_state, load_into
+from pv_jax.weights.hf_folders import save_clip_vision, save_stable_diffusion
 
 
 def _perturbed(model: PhotoVerse, scale: float = 0.05, seed: int = 1) -> PhotoVerse:

@@ -3,9 +3,12 @@ errors for bad photos, prompts and checkpoints."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import sys
+import time
 from pathlib import Path
 
 import chex
@@ -16,14 +19,17 @@ import pytest
 import skimage.data
 from PIL import Image
 
+from pv_jax.errors import InputError
 from pv_jax.photoverse import PromptError, split_trainable, tiny_photoverse
+from pv_jax.run_checkpoint import Checkpointer
+from pv_jax.sampling.options import SamplingOptions
 from pv_jax.sampling.pipeline import (
     CheckpointMismatchError,
     PhotoVersePipeline,
     ReferencePhotoError,
+    load_reference,
     load_trained,
 )
-from pv_jax.train.checkpoint import Checkpointer
 from pv_jax.train.data import SyntheticBatches
 from pv_jax.train.step import TrainState
 from pv_jax.train.trainer import make_optimizer_from_config
@@ -69,6 +75,7 @@ def test_demo_command_writes_its_files(tmp_path):
     assert meta["seeds"] == [0, 1, 2, 3] and meta["prompts"][2] == "S* surfing"
     assert meta["timings"]["compile_s"] > 0 and meta["timings"]["run_s"] > 0
     assert len(meta["identity_similarity"]) == 4  # None where no face is found (noise)
+    assert meta["face_index"] == [0, 0] and len(meta["faces_found"]) == 2
     assert "untrained" in meta["weights"]
     with Image.open(tmp_path / "sample_000.png") as im:
         assert im.size == (32, 32)
@@ -81,7 +88,8 @@ def pipe(tiny_pv):
 
 def test_batching_seeds_and_img2img(pipe):
     kw = dict(num_images=3, steps=2, identity=False)
-    one = pipe([ASTRONAUT], ["a photo of S*"], batch_size=1, **kw)
+    options = SamplingOptions(num_images=3, steps=2, batch_size=1)  # = the keywords below
+    one = pipe([ASTRONAUT], ["a photo of S*"], options, identity=False)
     two = pipe([ASTRONAUT], ["a photo of S*"], batch_size=2, **kw)  # batches of 2, last padded
     assert two.metadata["seeds"] == [0, 1, 2] and two.metadata["batch_size"] == 2
     # Image j has seed j whatever its batch: equal up to float rounding (one grey level).
@@ -112,6 +120,137 @@ def test_unreadable_photo(pipe, tmp_path):
 def test_prompt_without_placeholder(pipe):
     with pytest.raises(PromptError, match="'an astronaut' has no placeholder"):
         pipe([ASTRONAUT], ["an astronaut"], steps=2)
+
+
+@pytest.fixture(scope="module")
+def two_faces(tmp_path_factory) -> Path:
+    """A photo of two faces: the astronaut's face in colour on the left, and smaller and in
+    greyscale on the right (so that each crop shows which face it came from)."""
+    face = skimage.data.astronaut()[40:220, 130:310]  # 180 px around the face
+    grey = Image.fromarray(face).convert("L").convert("RGB").resize((120, 120))
+    canvas = np.zeros((240, 360, 3), np.uint8)
+    canvas[30:210, :180] = face
+    canvas[60:180, 220:340] = np.asarray(grey)
+    path = tmp_path_factory.mktemp("faces") / "two_faces.png"
+    Image.fromarray(canvas).save(path)
+    return path
+
+
+def test_several_faces_are_reported_and_chosen_by_index(two_faces, capsys):
+    big, small = (load_reference(two_faces, face_index=i) for i in (0, 1))
+    assert big.num_faces == small.num_faces == 2 and (big.face_index, small.face_index) == (0, 1)
+    assert big.face_box[2] <= 180 <= small.face_box[0]  # the large left face, then the right one
+    assert np.ptp(big.reference.astype(int), axis=-1).mean() > 10  # colour
+    assert np.ptp(small.reference.astype(int), axis=-1).max() <= 2  # greyscale
+    err = capsys.readouterr().err
+    assert "two_faces.png: 2 faces found, using face 0 (by size, 0 = the largest)" in err
+    assert "using face 1" in err and "--face-index N" in err
+    with pytest.raises(
+        ReferencePhotoError, match=r"no such face.*index 2 asked for, 2 faces found"
+    ):
+        load_reference(two_faces, face_index=2)
+    assert load_reference(ASTRONAUT).face_index == 0  # training's choice: the largest face
+
+
+class GreySampler:
+    """Stands in for the compiled sampler (nothing compiles): grey images; keeps its inputs."""
+
+    last_compile_s = 0.0
+
+    def __call__(self, refs, input_ids, slots, *args, **kwargs):
+        self.refs, self.slots = np.asarray(refs), np.asarray(slots)
+        return np.full((len(input_ids), 32, 32, 3), 0.5, np.float32)
+
+
+def test_options_reach_the_pipeline_and_the_metadata(tiny_pv, two_faces):
+    pipe = PhotoVersePipeline(tiny_pv)
+    pipe.sampler = GreySampler()
+    opts = SamplingOptions(num_images=2, steps=2, face_index=1, missing_placeholder="append")
+    result = pipe([two_faces], ["an astronaut"], opts, identity=False)
+    meta = result.metadata
+    assert set(meta) == {
+        *("prompts", "seeds", "references", "num_words", "steps", "eta", "strength"),
+        *("guidance", "uncond", "gamma", "sigma", "alpha", "batch_size", "resolution"),
+        *("identity_similarity", "timings", "face_index", "faces_found"),
+    }
+    assert meta["face_index"] == [1] and meta["faces_found"] == [2] and meta["seeds"] == [0, 1]
+    np.testing.assert_array_equal(pipe.sampler.refs[0], result.references[0].reference)
+    # "an astronaut, a photo of S*": each row holds the m pseudo-word slots.
+    m = meta["num_words"]
+    assert m == tiny_pv.config.words and ((pipe.sampler.slots > 0).sum(axis=1) == m).all()
+    same = pipe([two_faces], ["an astronaut"], identity=False, **dataclasses.asdict(opts))
+    assert {k: v for k, v in same.metadata.items() if k != "timings"} == {
+        k: v for k, v in meta.items() if k != "timings"
+    }
+    with pytest.raises(PromptError, match="missing_placeholder='append'"):
+        pipe([two_faces], ["an astronaut"], opts, missing_placeholder="error")
+    with pytest.raises(InputError, match="num_words .* more than"):
+        pipe([two_faces], ["a photo of S*"], num_words=m + 1)
+    with pytest.raises(TypeError, match="stpes"):
+        pipe([two_faces], ["a photo of S*"], stpes=2)
+
+
+class Loaded(Exception):
+    """Raised by a stand-in model loader: every check before the model load passed."""
+
+
+def _loaded(args):
+    raise Loaded
+
+
+def _no_model(args):
+    pytest.fail("the model was loaded before the input was checked")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--ref", "typo.jpg", "--prompt", "a photo of S*"], "reference typo.jpg: no such file"),
+        (
+            ["--ref", ASTRONAUT, "--prompt", "an astronaut"],
+            r"'an astronaut' has no placeholder 'S\*'.*--missing-placeholder append",
+        ),
+        (["--ref", ASTRONAUT, "--prompt", "S*", "--steps", "2", "--strength", "0.1"], "no step"),
+        (["--ref", ASTRONAUT, "--prompt", "S*", "--face-index", "-1"], "face_index must be >= 0"),
+    ],
+)
+def test_bad_input_fails_in_one_line_before_the_model_loads(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(sample, "pipeline_from_args", _no_model)
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        sample.cli(["--tiny", *argv])
+    assert time.perf_counter() - t0 < 2.0
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("sample.py: ") and err.count("\n") == 1
+    assert re.search(message, err), err
+
+
+def test_face_index_and_appended_placeholder_are_checked_before_the_model(
+    two_faces, monkeypatch, capsys
+):
+    monkeypatch.setattr(sample, "pipeline_from_args", _no_model)
+    argv = ["--tiny", "--ref", str(two_faces), "--prompt", "a photo of S*"]
+    with pytest.raises(SystemExit) as exit_info:
+        sample.cli([*argv, "--face-index", "2"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "two_faces.png: there is no such face" in err and "2 faces found" in err
+    monkeypatch.setattr(sample, "pipeline_from_args", _loaded)
+    with pytest.raises(Loaded):  # the checks pass: the prompt gets ", a photo of S*"
+        sample.cli([*argv, "--prompt", "an astronaut", "--missing-placeholder", "append"])
+
+
+def test_internal_errors_keep_their_traceback(monkeypatch):
+    """A bug (here a shape ValueError raised while loading) is no input error: it propagates,
+    so Python prints its traceback and exits with status 1, not 2."""
+
+    def broken(args):
+        raise ValueError("operands could not be broadcast together with shapes (2,3) (4,)")
+
+    monkeypatch.setattr(sample, "pipeline_from_args", broken)
+    with pytest.raises(ValueError, match="broadcast") as info:
+        sample.cli(["--tiny", "--ref", ASTRONAUT, "--prompt", "a photo of S*"])
+    assert not isinstance(info.value, InputError)
 
 
 def _save_checkpoint(workdir, cfg, bundle, shift: float, tx=None, ema_shift=None) -> dict:

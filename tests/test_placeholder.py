@@ -15,7 +15,7 @@ from pv_jax.photoverse import (
     encode_prompts,
     inject_pseudo_words,
 )
-from pv_jax.weights.checkpoints import load_tokenizer
+from pv_jax.weights.hf_folders import load_tokenizer
 
 BOS, EOS = 49406, 49407
 
@@ -70,12 +70,18 @@ def test_missing_placeholder_is_an_error_naming_the_prompt(tok):
         tok(["a photo of S*", "a photo of a dog"], 2)
 
 
-def test_missing_placeholder_appended_by_option():
+def test_missing_placeholder_appended_by_option(tok):
     pt = PlaceholderTokenizer(load_tokenizer(), "S*", missing="append")
     out = pt(["an astronaut on the moon"], 2)
     want = pt(["an astronaut on the moon, a photo of S*"], 2)
     np.testing.assert_array_equal(out.input_ids, want.input_ids)
     assert out.slots.sum() == 3
+    # Per call (the pipeline's SamplingOptions.missing_placeholder), either way round.
+    np.testing.assert_array_equal(
+        tok(["an astronaut on the moon"], 2, missing="append").slots, out.slots
+    )
+    with pytest.raises(PromptError, match="missing_placeholder='append'"):
+        pt(["an astronaut on the moon"], 2, missing="error")
 
 
 def test_placeholder_cut_off_by_length_is_an_error(tok):

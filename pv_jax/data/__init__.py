@@ -1,5 +1,6 @@
 """PhotoVerse data: per-photo preprocessing (face crops, landmarks, mask, descriptor) and the
-array_record dataset written with tfds and read with grain, all without TensorFlow.
+array_record dataset written with tfds and read with grain, all without TensorFlow. The
+command that builds the dataset is ``python -m pv_jax.data`` (``cli.py``).
 
 Names are imported lazily so that ``python -m pv_jax.data.preprocess`` does not import its own
 module twice (runpy warns when the package has already imported it).

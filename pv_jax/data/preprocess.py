@@ -11,26 +11,22 @@ exactly the image the face loss later compares against.
 Crops that extend past the image are padded with zeros by default (``pad_mode="edge"`` repeats
 the border instead).
 
-CLI (builds the dataset, see ``pv_jax.data.dataset``):
-    python -m pv_jax.data.preprocess --input DIR [--masks DIR] --output DIR [--workers N]
-    python -m pv_jax.data.preprocess --input DIR --output DIR --beam "--runner=DataflowRunner ..."
+The dataset-building command is ``pv_jax.data.cli`` (``python -m pv_jax.data``; running this
+module runs it too).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import os
-import shlex
-import sys
-import time
 from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-SKIP_REASONS = ("no_face", "corrupt", "too_small", "too_large", "unreadable")
+# "face_index": a face asked for by index (sampling's --face-index) that was not found.
+SKIP_REASONS = ("no_face", "corrupt", "too_small", "too_large", "unreadable", "face_index")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +65,7 @@ class FaceRecord:
     num_faces: int
     mask_source: str  # "dataset", "ellipse" or "none"
     source: str
+    face_index: int = 0  # which of the num_faces faces, largest first
 
 
 @dataclasses.dataclass
@@ -140,6 +137,20 @@ def load_image(
             raise SkipError("corrupt", f"{type(e).__name__}: {e}") from e
 
 
+def check_image(path: str | os.PathLike) -> None:
+    """Cheaply check that a file is an image (header, and checksums where the format has them)
+    without decoding it; raise SkipError if not."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Image.DecompressionBombError as e:
+        raise SkipError("too_large", str(e)) from e
+    except UnidentifiedImageError as e:
+        raise SkipError("unreadable", f"{type(e).__name__}: {e}") from e
+    except Exception as e:  # verify raises OSError, SyntaxError, struct.error... on bad data
+        raise SkipError("corrupt", f"{type(e).__name__}: {e}") from e
+
+
 def load_mask(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
     """A parsing mask file as (H, W) uint8 {0, 1} at the photo's size (non-zero = keep)."""
     with Image.open(path) as m:
@@ -161,8 +172,9 @@ def _check_size(size: tuple[int, int], config: PreprocessConfig) -> None:
         raise SkipError("too_large", f"{w}x{h} > {config.max_megapixels} megapixels")
 
 
-def detect_largest_face(image: np.ndarray, config: PreprocessConfig) -> tuple[np.ndarray, int]:
-    """HOG-detect faces; return the largest box (left, top, right, bottom) and the face count."""
+def detect_faces(image: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """HOG-detect faces: boxes (N, 4) (left, top, right, bottom), largest first (ties keep the
+    detector's order); raise SkipError when there is none."""
     detector, _, _ = _dlib_models()
     h, w = image.shape[:2]
     factor = min(1.0, config.detect_max_side / max(h, w))
@@ -173,10 +185,16 @@ def detect_largest_face(image: np.ndarray, config: PreprocessConfig) -> tuple[np
     rects = detector(small, config.upsample)
     if len(rects) == 0:
         raise SkipError("no_face", f"no face found at upsample={config.upsample}")
-    best = max(rects, key=lambda r: r.width() * r.height())
+    rects = sorted(rects, key=lambda r: r.width() * r.height(), reverse=True)  # stable
     # dlib rectangles are inclusive; right/bottom + 1 makes width = right - left.
-    box = np.array([best.left(), best.top(), best.right() + 1, best.bottom() + 1], np.float64)
-    return box / factor, len(rects)
+    boxes = [[r.left(), r.top(), r.right() + 1, r.bottom() + 1] for r in rects]
+    return np.array(boxes, np.float64) / factor
+
+
+def detect_largest_face(image: np.ndarray, config: PreprocessConfig) -> tuple[np.ndarray, int]:
+    """HOG-detect faces; return the largest box (left, top, right, bottom) and the face count."""
+    boxes = detect_faces(image, config)
+    return boxes[0], len(boxes)
 
 
 def face_landmarks(image: np.ndarray, box: np.ndarray) -> np.ndarray:
@@ -244,11 +262,19 @@ def preprocess_image(
     config: PreprocessConfig = PreprocessConfig(),
     mask: np.ndarray | None = None,
     source: str = "",
+    face_index: int = 0,
 ) -> FaceRecord:
-    """Preprocess an RGB uint8 image (and optional parsing mask); raise SkipError if unusable."""
+    """Preprocess an RGB uint8 image (and optional parsing mask); raise SkipError if unusable.
+
+    ``face_index``: which face when there are several, by size (0, the default: the largest)."""
     image = np.ascontiguousarray(image, dtype=np.uint8)
     _check_size((image.shape[1], image.shape[0]), config)
-    box, num_faces = detect_largest_face(image, config)
+    boxes = detect_faces(image, config)
+    num_faces = len(boxes)
+    if not 0 <= face_index < num_faces:
+        found = f"{num_faces} face{'s' if num_faces > 1 else ''} found"
+        raise SkipError("face_index", f"face index {face_index} asked for, {found}")
+    box = boxes[face_index]
     landmarks = face_landmarks(image, box)
 
     ref_box = square_box(box, config.reference_scale)
@@ -281,6 +307,7 @@ def preprocess_image(
         num_faces=num_faces,
         mask_source=mask_source,
         source=source,
+        face_index=face_index,
     )
 
 
@@ -306,66 +333,7 @@ def preprocess_file(
         return Skip(source, "corrupt", f"{type(e).__name__}: {e}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI: build the array_record dataset from a folder and print a one-line summary."""
-    from pv_jax.data.dataset import BuildOptions, build_dataset
+if __name__ == "__main__":  # the command of ``python -m pv_jax.data``, under its old name
+    from pv_jax.data.cli import main
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--input", required=True, help="folder of photos (searched recursively)")
-    p.add_argument("--masks", default=None, help="parsing masks with the photos' relative stems")
-    p.add_argument("--output", required=True, help="tfds data_dir to write into")
-    p.add_argument("--mask", default=None, choices=["ellipse", "dataset", "none"])
-    p.add_argument("--upsample", type=int, default=PreprocessConfig.upsample)
-    p.add_argument("--reference-size", type=int, default=PreprocessConfig.reference_size)
-    p.add_argument("--target-size", type=int, default=PreprocessConfig.target_size)
-    p.add_argument("--pad-mode", default=PreprocessConfig.pad_mode, choices=["constant", "edge"])
-    p.add_argument("--min-side", type=int, default=PreprocessConfig.min_side)
-    p.add_argument("--max-megapixels", type=float, default=PreprocessConfig.max_megapixels)
-    p.add_argument("--num-shards", type=int, default=BuildOptions.num_shards)
-    p.add_argument("--chunk-size", type=int, default=BuildOptions.chunk_size)
-    p.add_argument("--image-format", default=BuildOptions.image_format, choices=["png", "jpeg"])
-    p.add_argument("--overwrite", action="store_true", help="rewrite the final dataset")
-    p.add_argument(
-        "--workers", type=int, default=BuildOptions.workers, help="processes (0: every core)"
-    )
-    p.add_argument(
-        "--beam",
-        default=None,
-        metavar="FLAGS",
-        help="generate with Apache Beam instead, e.g. '--runner=DirectRunner "
-        "--direct_num_workers=8 --direct_running_mode=multi_processing' or a Dataflow runner",
-    )
-    args = p.parse_args(argv)
-
-    config = PreprocessConfig(
-        mask=args.mask or ("dataset" if args.masks else "ellipse"),
-        upsample=args.upsample,
-        reference_size=args.reference_size,
-        target_size=args.target_size,
-        pad_mode=args.pad_mode,
-        min_side=args.min_side,
-        max_megapixels=args.max_megapixels,
-    )
-    options = BuildOptions(
-        num_shards=args.num_shards,
-        chunk_size=args.chunk_size,
-        image_format=args.image_format,
-        overwrite=args.overwrite,
-        workers=args.workers,
-        beam=tuple(shlex.split(args.beam)) if args.beam is not None else None,
-    )
-    t0 = time.perf_counter()
-    summary = build_dataset(args.input, args.output, args.masks, config, options)
-    skipped = " ".join(f"{k}={v}" for k, v in sorted(summary["skipped_by_reason"].items()))
-    print(
-        f"pv_jax.data: {summary['num_files']} files -> {summary['num_written']} records, "
-        f"{summary['num_skipped']} skipped ({skipped or 'none'}), "
-        f"{summary['chunks_reused']}/{summary['num_chunks']} chunks reused, "
-        f"workers={summary.get('workers', '-')}, "
-        f"{time.perf_counter() - t0:.1f} s -> {summary['dataset_dir']}"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from pv_jax.models.clip import CLIPTextModel, CLIPVisionModel, preprocess_images
-from pv_jax.weights.checkpoints import load_clip, load_tokenizer
+from pv_jax.weights.hf_folders import load_clip, load_tokenizer
 
 
 def _unit(x: jax.Array) -> jax.Array:

@@ -29,16 +29,25 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from pv_jax.errors import InputError, MissingPathError, ReferencePhotoError, run_command
+from pv_jax.sampling.options import (
+    SamplingOptions,
+    add_sampling_args,
+    check_prompts,
+    options_from_args,
+)
 from pv_jax.sampling.pipeline import (
-    INPUT_ERRORS,
     PhotoVersePipeline,
-    ReferencePhotoError,
+    check_model_args,
+    check_reference,
     face_descriptor,
     pipeline_from_args,
     reference_descriptor,
 )
 
 PAPER_PROMPT = "a photo of S*"
+# The evaluation's defaults where they differ from SamplingOptions'.
+EVAL_DEFAULTS = {"num_images": 4}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # The sampling settings copied from the pipeline's metadata into the report.
 _SETTINGS = (
@@ -63,9 +72,9 @@ def find_photos(paths: Sequence[str | Path]) -> list[Path]:
         elif p.exists():
             out.append(p)
         else:
-            raise FileNotFoundError(f"--refs {p}: no such file or folder")
+            raise MissingPathError(f"--refs {p}: no such file or folder")
     if not out:
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"no photos ({', '.join(IMAGE_SUFFIXES)}) in {list(map(str, paths))}"
         )
     return out
@@ -219,30 +228,33 @@ def evaluate(
     pipe: PhotoVersePipeline,
     photos: Sequence[Path],
     prompts: Sequence[str],
+    options: SamplingOptions | None = None,
     *,
-    num_images: int = 4,
     clip_scorer=None,
     subject: str = "a person",
     save_dir: Path | None = None,
     people: dict[str, str] | None = None,
     keep_images: bool = False,
     seed_stride: int = 0,
-    **sample_kwargs,
+    **overrides,
 ) -> dict:
     """Generate for every photo and prompt and score the images; returns the report dict.
 
-    With more than one usable photo the report also has ``identification`` (see
-    :func:`identity_metrics`); ``people`` maps photo file names to a person, so that photos of
-    one person count as the same identity and give ``other_photo``. ``keep_images`` puts the
-    images (N, H, W, 3) and descriptors (N, 128; NaN without a face) under ``"arrays"`` (not
-    JSON: the command leaves them out). ``seed_stride``: photo i samples from seed
-    ``seed + i * seed_stride`` (0: every photo gets the same seeds, a paired design)."""
+    ``options`` (default: SamplingOptions with ``EVAL_DEFAULTS``) with ``overrides`` of its
+    fields (``num_images=2, steps=10``) set the sampling. With more than one usable photo the
+    report also has ``identification`` (see :func:`identity_metrics`); ``people`` maps photo
+    file names to a person, so that photos of one person count as the same identity and give
+    ``other_photo``. ``keep_images`` puts the images (N, H, W, 3) and descriptors (N, 128; NaN
+    without a face) under ``"arrays"`` (not JSON: the command leaves them out).
+    ``seed_stride``: photo i samples from seed ``seed + i * seed_stride`` (0: every photo gets
+    the same seeds, a paired design)."""
+    opts = (options or SamplingOptions(**EVAL_DEFAULTS)).replace(**overrides)
     rows, skipped, used, images, descriptors = [], [], [], [], []
     timings = {"compile_s": 0.0, "run_s": 0.0}
     for index, photo in enumerate(tqdm(photos, desc="evaluating", unit="photo")):
         try:
-            kwargs = dict(sample_kwargs, seed=sample_kwargs.get("seed", 0) + index * seed_stride)
-            result = pipe([photo], prompts, num_images=num_images, identity=False, **kwargs)
+            photo_opts = opts.replace(seed=opts.seed + index * seed_stride)
+            result = pipe([photo], prompts, photo_opts, identity=False)
         except ReferencePhotoError as e:  # recorded, and the other photos go on
             print(f"evaluate: skipping {e}", file=sys.stderr)
             skipped.append({"reference": str(photo), "error": str(e)})
@@ -282,15 +294,18 @@ def evaluate(
         "references": [str(p) for p in photos],
         "skipped": skipped,
         "prompts": list(prompts),
-        "num_images": num_images,
+        "num_images": opts.num_images,
         "subject": subject if clip_scorer is not None else None,
-        "settings": {k: v for k, v in meta.items() if k in _SETTINGS},
+        "settings": {
+            **{k: v for k, v in meta.items() if k in _SETTINGS},
+            "face_index": opts.face_index,
+        },
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "summary": summarize(rows),
         "results": rows,
     }
     if len(used) > 1:
-        ref_index = np.repeat(np.arange(len(used)), len(prompts) * num_images)
+        ref_index = np.repeat(np.arange(len(used)), len(prompts) * opts.num_images)
         person = [(people or {}).get(p.name, str(p)) for p, _ in used]
         ref_desc = np.stack([d for _, d in used])
         report["identification"] = identity_by_prompt(
@@ -309,8 +324,24 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
 
 
+def load_people(path: Path | None) -> dict[str, str] | None:
+    """``--people``: the JSON object {photo file name: person}, or None without the flag."""
+    if path is None:
+        return None
+    if not path.is_file():
+        raise MissingPathError(f"--people {path}: no such file")
+    try:
+        people = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"--people {path} is not JSON: {e}") from e
+    if not isinstance(people, dict):
+        raise InputError(f"--people {path} must hold a JSON object {{photo file name: person}}")
+    return {str(k): str(v) for k, v in people.items()}
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Parse arguments, evaluate, write eval.json and eval.md; returns the report."""
+    """Parse arguments, check the photos and prompts, load the models, evaluate, write eval.json
+    and eval.md; returns the report."""
     p = argparse.ArgumentParser(
         prog="python -m pv_jax.evaluation", description=__doc__.split("\n")[0]
     )
@@ -319,7 +350,6 @@ def main(argv: list[str] | None = None) -> dict:
     src.add_argument("--tiny", action="store_true", help="tiny random networks (tests, a dry run)")
     p.add_argument("--refs", nargs="+", required=True, help="photos or folders; one person each")
     p.add_argument("--prompt", action="append", help=f"prompt with S* (default: {PAPER_PROMPT!r})")
-    p.add_argument("--num-images", type=int, default=4, help="images per photo and prompt")
     p.add_argument("--clip-folder", help="a transformers CLIPModel folder: also report CLIP-T")
     p.add_argument("--subject", default="a person", help="replaces S* in the CLIP-T text")
     p.add_argument(
@@ -329,17 +359,22 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--sd-folder")
     p.add_argument("--clip-vision-folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--num-words", type=int)
     p.add_argument("--out", type=Path, default=Path("eval"))
     p.add_argument("--save-images", action="store_true")
+    add_sampling_args(p, **EVAL_DEFAULTS)
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
+    # Bad input fails here, in seconds, before any model is loaded (faces are looked for per
+    # photo later: a photo without one is reported and skipped).
+    options = options_from_args(args)
+    prompts = args.prompt or [PAPER_PROMPT]
+    check_prompts(prompts, options)
     photos = find_photos(args.refs)
+    for photo in photos:
+        check_reference(photo)
+    people = load_people(args.people)
+    check_model_args(args)
     clip_scorer = None
     if args.clip_folder:
         from pv_jax.evaluation.clip_score import CLIPScorer
@@ -350,17 +385,12 @@ def main(argv: list[str] | None = None) -> dict:
     report = evaluate(
         pipe,
         photos,
-        args.prompt or [PAPER_PROMPT],
-        num_images=args.num_images,
+        prompts,
+        options,
         clip_scorer=clip_scorer,
         subject=args.subject,
         save_dir=args.out if args.save_images else None,
-        people=json.loads(args.people.read_text()) if args.people else None,
-        seed=args.seed,
-        steps=args.steps,
-        guidance=args.guidance,
-        batch_size=args.batch_size,
-        num_words=args.num_words,
+        people=people,
     )
     report["weights"] = weights
     report["clip_folder"] = args.clip_folder
@@ -368,9 +398,9 @@ def main(argv: list[str] | None = None) -> dict:
     (args.out / "eval.json").write_text(json.dumps(report, indent=2))
     header = (
         f"# PhotoVerse evaluation\n\n{weights}; {len(photos) - len(report['skipped'])} of "
-        f"{len(photos)} reference photos used, {args.num_images} images per photo and prompt, "
-        f"{args.steps} DDIM steps, CFG {args.guidance}. Identity: cosine of dlib face "
-        "descriptors, over the images where a face was found.\n\n"
+        f"{len(photos)} reference photos used, {options.num_images} images per photo and "
+        f"prompt, {options.steps} DDIM steps, CFG {options.guidance}. Identity: cosine of dlib "
+        "face descriptors, over the images where a face was found.\n\n"
     )
     table = markdown_table(report["summary"])
     if "identification" in report:
@@ -387,10 +417,6 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-def cli() -> None:
+def cli(argv: list[str] | None = None) -> None:
     """Console entry point: errors in the input are one line on stderr and exit status 2."""
-    try:
-        main()
-    except INPUT_ERRORS as e:
-        print(f"evaluate: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_command("evaluate", main, argv)

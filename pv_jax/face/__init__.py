@@ -16,7 +16,6 @@ from pv_jax.face.dlib_format import (
 from pv_jax.face.identity import (
     cosine_similarity,
     identity_loss,
-    identity_similarity,
     identity_similarity_chips,
 )
 from pv_jax.face.resnet import FaceResNet, load_dlib_face_net
@@ -32,7 +31,6 @@ __all__ = [
     "default_weights_path",
     "face_chip_details",
     "identity_loss",
-    "identity_similarity",
     "identity_similarity_chips",
     "load_dlib_face_net",
     "read_face_resnet",

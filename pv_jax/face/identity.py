@@ -9,7 +9,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pv_jax.face.align import align_faces
 from pv_jax.face.resnet import FaceResNet
 
 _EPS = 1e-8
@@ -26,22 +25,6 @@ def identity_similarity_chips(net: FaceResNet, chips_a: jax.Array, chips_b: jax.
     """Cosine of the descriptors of two batches of aligned (N, 150, 150, 3) chips -> (N,)."""
     desc = net(jnp.concatenate([chips_a, chips_b], axis=0))
     return cosine_similarity(desc[: len(chips_a)], desc[len(chips_a) :])
-
-
-def identity_similarity(
-    net: FaceResNet,
-    images_a: jax.Array,
-    images_b: jax.Array,
-    landmarks_a: jax.Array,
-    landmarks_b: jax.Array,
-    *,
-    size: int = 150,
-    padding: float = 0.25,
-) -> jax.Array:
-    """Cosine of the descriptors of faces cut from two image batches by their 5 landmarks."""
-    chips_a = align_faces(images_a, landmarks_a, size, padding)
-    chips_b = align_faces(images_b, landmarks_b, size, padding)
-    return identity_similarity_chips(net, chips_a, chips_b)
 
 
 def identity_loss(

@@ -1,9 +1,7 @@
 """CLIP text transformer and vision tower (transformers' ``modeling_clip``) in Flax NNX, NHWC.
 
 Attribute names mirror transformers' module names (``encoder.layers.3.self_attn.q_proj``), so
-weights import with :data:`CLIP_RULES` and the prefixes below: transformers 5 saves
-``CLIPTextModel`` / ``CLIPVisionModel`` without a prefix, Stable Diffusion folders (saved by
-transformers 4) and the ``*WithProjection`` classes with ``text_model.`` / ``vision_model.``.
+weights import with the default rules (``pv_jax.weights.convert.CLIP_RULES`` and its prefixes).
 
 Stable Diffusion's context: SD 1.x uses ``last_hidden_state`` of OpenAI's ViT-L/14 text encoder.
 SD 2.x uses OpenCLIP's *penultimate* layer, but diffusers' SD 2 checkpoints bake that in: their
@@ -25,13 +23,6 @@ from flax import nnx, struct
 
 from pv_jax.models import layers
 from pv_jax.models.attention import get_attention
-from pv_jax.weights.convert import DEFAULT_RULES, Rule
-
-# Weight import: the NNX names mirror transformers', so the default rules cover every tensor.
-CLIP_RULES: tuple[Rule, ...] = DEFAULT_RULES
-CLIP_TEXT_STRIP_PREFIXES = ("text_model.",)
-CLIP_VISION_STRIP_PREFIXES = ("vision_model.",)
-CLIP_IGNORE = (r"position_ids$",)  # non-persistent buffer that old checkpoints still carry
 
 # OpenAI CLIP's image normalisation (transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -17,7 +17,6 @@ from flax import nnx
 from pv_jax.models.clip import CLIPTextConfig, CLIPVisionConfig
 from pv_jax.models.unet import UNetConfig
 from pv_jax.models.vae import VAEConfig
-from pv_jax.weights.convert import nothing
 
 TINY_TEXT = CLIPTextConfig(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
@@ -76,10 +75,11 @@ def random_module(
     ctor: Callable[[nnx.Rngs], nnx.Module],
     rng: np.random.Generator,
     *,
-    skip: nnx.filterlib.Filter = nothing,
+    skip: nnx.filterlib.Filter = False,
 ) -> nnx.Module:
     """Build ``ctor`` abstractly and fill its parameters from numpy (scales 1, biases 0, other
-    weights fan-in scaled normal); variables matching ``skip`` stay abstract for the caller.
+    weights fan-in scaled normal); variables matching ``skip`` (default: none) stay abstract for
+    the caller.
 
     Creating tiny modules eagerly (or under ``nnx.jit``) spends 25-40 s on hundreds of small RNG
     programs; filling from numpy takes about a second.

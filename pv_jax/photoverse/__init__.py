@@ -1,5 +1,5 @@
 """PhotoVerse itself: dual-branch concept extraction, concept injection in the UNet
-cross-attention, placeholder prompts, the model builder and the training objective."""
+cross-attention, placeholder prompts, the model factory and the training objective."""
 
 from pv_jax.photoverse.adapters import ImageAdapter, TextAdapter
 from pv_jax.photoverse.attention import (
@@ -10,19 +10,16 @@ from pv_jax.photoverse.attention import (
     random_fusion,
 )
 from pv_jax.photoverse.config import AdapterConfig, PhotoVerseConfig
-from pv_jax.photoverse.losses import photoverse_loss
-from pv_jax.photoverse.model import (
-    FROZEN,
+from pv_jax.photoverse.factory import (
     TINY_CONFIG,
-    TRAINABLE,
-    PhotoVerse,
     PhotoVerseBundle,
+    build_bundle,
     build_photoverse,
-    count_params,
     random_photoverse,
-    split_trainable,
     tiny_photoverse,
 )
+from pv_jax.photoverse.losses import photoverse_loss
+from pv_jax.photoverse.model import FROZEN, TRAINABLE, PhotoVerse, count_params, split_trainable
 from pv_jax.photoverse.placeholder import (
     PlaceholderTokenizer,
     PromptError,
@@ -46,6 +43,7 @@ __all__ = [
     "PromptError",
     "PromptTokens",
     "TextAdapter",
+    "build_bundle",
     "build_photoverse",
     "count_params",
     "cross_attentions",

@@ -34,8 +34,6 @@ from pv_jax.photoverse.attention import random_fusion
 from pv_jax.photoverse.config import PhotoVerseConfig
 from pv_jax.photoverse.model import PhotoVerse
 
-LOSS_TERMS = ("diffusion", "face", "text_reg", "image_reg")
-
 
 def to_unit(images: jax.Array) -> jax.Array:
     """uint8 (0..255) or float [0, 1] images -> float32 [0, 1]."""

@@ -17,11 +17,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pv_jax.errors import PromptError
 from pv_jax.models.clip import CLIPTextModel, encode_prompt_states
 
+# How a Python caller asks for the missing placeholder to be appended (command lines name their
+# flag instead, see ``pv_jax.sampling.options``).
+APPEND_OPTION = "set missing_placeholder='append'"
 
-class PromptError(ValueError):
-    """A prompt that cannot be used: no placeholder, or a placeholder cut off by the limit."""
+
+def has_placeholder(prompt: str, placeholder: str = "S*") -> bool:
+    """Whether ``prompt`` holds the placeholder (case-insensitive, as the CLIP tokenizer)."""
+    return placeholder.lower() in prompt.lower()
+
+
+def missing_placeholder_error(
+    prompt: str, placeholder: str, append_text: str, append_option: str = APPEND_OPTION
+) -> PromptError:
+    """The error for a prompt without the placeholder: names the prompt and both fixes."""
+    return PromptError(
+        f"prompt {prompt!r} has no placeholder {placeholder!r}: put it where the person goes, "
+        f"e.g. 'a photo of {placeholder} as an astronaut' (or {append_option} to add "
+        f"{append_text!r})"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,29 +78,32 @@ class PlaceholderTokenizer:
         self.eos_id = self.tokenizer.eos_token_id
         self.stand_in_id = self.tokenizer.bos_token_id
 
-    def _ids(self, prompt: str) -> list[int]:
+    def _ids(self, prompt: str, missing: str) -> list[int]:
         ids = self.tokenizer(prompt, truncation=False).input_ids
-        if self.placeholder_id in ids:
-            return ids
-        if self.missing == "append":
-            return self._ids(f"{prompt.rstrip().rstrip(',')}, {self.append_text}")
-        raise PromptError(
-            f"prompt {prompt!r} has no placeholder {self.placeholder!r}: put it where the "
-            f"person goes, e.g. 'a photo of {self.placeholder} as an astronaut' (or set "
-            f"missing_placeholder='append' to add {self.append_text!r})"
-        )
+        if self.placeholder_id not in ids and missing == "append":
+            appended = f"{prompt.rstrip().rstrip(',')}, {self.append_text}"
+            ids = self.tokenizer(appended, truncation=False).input_ids
+        if self.placeholder_id not in ids:
+            raise missing_placeholder_error(prompt, self.placeholder, self.append_text)
+        return ids
 
-    def __call__(self, prompts: str | Sequence[str], num_words: int) -> PromptTokens:
-        """Tokenise prompts, expanding every placeholder into ``num_words`` slots."""
+    def __call__(
+        self, prompts: str | Sequence[str], num_words: int, *, missing: str | None = None
+    ) -> PromptTokens:
+        """Tokenise prompts, expanding every placeholder into ``num_words`` slots.
+
+        ``missing``: "error" or "append" for a prompt without the placeholder (default: the
+        tokenizer's own setting)."""
         if num_words < 1:
             raise ValueError(f"num_words must be >= 1, got {num_words}")
+        missing = missing or self.missing
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         n = self.max_length
         ids = np.full((len(prompts), n), self.pad_id, np.int32)
         slots = np.zeros((len(prompts), n), np.int32)
         for b, prompt in enumerate(prompts):
             row, row_slots = [], []
-            for i in self._ids(prompt):
+            for i in self._ids(prompt, missing):
                 if i == self.placeholder_id:
                     row += [self.stand_in_id] * num_words
                     row_slots += range(1, num_words + 1)

@@ -12,8 +12,10 @@ is a thin command line over this class.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,30 +31,31 @@ from tqdm import tqdm
 from pv_jax.data.preprocess import (
     FaceRecord,
     PreprocessConfig,
-    Skip,
     SkipError,
+    check_image,
     detect_largest_face,
     face_landmarks,
-    preprocess_file,
+    load_image,
     preprocess_image,
     target_descriptor,
 )
-from pv_jax.paths import is_remote, run_path
+from pv_jax.errors import (
+    CheckpointMismatchError,
+    InputError,
+    MissingPathError,
+    PromptError,
+    ReferencePhotoError,
+)
+from pv_jax.paths import is_remote, refresh, run_path
 from pv_jax.photoverse import PhotoVerseBundle, split_trainable
-from pv_jax.sampling.sampler import Sampler, SamplerSpec
+from pv_jax.photoverse.factory import build_bundle
+from pv_jax.photoverse.placeholder import PromptTokens
+from pv_jax.run_checkpoint import Checkpointer, ShapeMismatchError
+from pv_jax.sampling.options import SamplingOptions
+from pv_jax.sampling.sampler import Sampler
 
-
-class ReferencePhotoError(ValueError):
-    """A reference photo that cannot be used (no face, unreadable); names the file and the fix."""
-
-
-class CheckpointMismatchError(ValueError):
-    """A training checkpoint that does not fit the base model it is loaded onto."""
-
-
-# What a command line reports as one line on stderr (exit status 2) instead of a traceback: bad
-# photos, prompts, checkpoints, paths and settings. PromptError is a ValueError.
-INPUT_ERRORS = (ReferencePhotoError, CheckpointMismatchError, FileNotFoundError, ValueError)
+# ReferencePhotoError and CheckpointMismatchError live in pv_jax.errors (with InputError, what
+# a command line reports as one line); importing them from here keeps working.
 
 
 _ADVICE = {
@@ -62,25 +65,53 @@ _ADVICE = {
     "corrupt": "the image data is damaged: re-export or re-download the photo",
     "too_small": "the image is too small: use a photo whose short side is at least 64 px",
     "too_large": "the image is too large: downscale it below 40 megapixels",
+    "face_index": "there is no such face: --face-index N (face_index=N in Python) counts the "
+    "faces found from 0, the largest",
 }
 
 
+def _photo_error(name: str, e: SkipError) -> ReferencePhotoError:
+    return ReferencePhotoError(f"reference {name}: {_ADVICE[e.reason]} ({e.detail})")
+
+
+def check_reference(path: str | os.PathLike) -> None:
+    """What can be checked of a reference photo in milliseconds, before any model is loaded:
+    the file exists and opens as an image (the face is looked for by :func:`load_reference`)."""
+    if not os.path.exists(path):
+        raise MissingPathError(f"reference {os.fspath(path)}: no such file")
+    try:
+        check_image(path)
+    except SkipError as e:
+        raise _photo_error(os.fspath(path), e) from e
+
+
 def load_reference(
-    source: str | os.PathLike | np.ndarray, config: PreprocessConfig | None = None
+    source: str | os.PathLike | np.ndarray | FaceRecord,
+    config: PreprocessConfig | None = None,
+    *,
+    face_index: int = 0,
 ) -> FaceRecord:
-    """Detect, align and crop the face of one photo (a path or an RGB uint8 array)."""
+    """Detect, align and crop a face of one photo (a path or an RGB uint8 array; a FaceRecord
+    is returned as it is). ``face_index``: which face, by size (0: the largest); with several
+    faces, stderr says which one is used."""
+    if isinstance(source, FaceRecord):
+        return source
     config = config or PreprocessConfig()
-    if isinstance(source, np.ndarray):
-        try:
-            return preprocess_image(source, config, source="<array>")
-        except SkipError as e:
-            raise ReferencePhotoError(f"reference <array>: {_ADVICE[e.reason]} ({e.detail})") from e
-    out = preprocess_file(source, config)
-    if isinstance(out, Skip):
-        raise ReferencePhotoError(
-            f"reference {os.fspath(source)}: {_ADVICE[out.reason]} ({out.detail})"
+    name = "<array>" if isinstance(source, np.ndarray) else os.fspath(source)
+    if not isinstance(source, np.ndarray) and not os.path.exists(source):
+        raise MissingPathError(f"reference {name}: no such file")
+    try:
+        image = source if isinstance(source, np.ndarray) else load_image(source, config)
+        record = preprocess_image(image, config, source=name, face_index=face_index)
+    except SkipError as e:
+        raise _photo_error(name, e) from e
+    if record.num_faces > 1:
+        print(
+            f"reference {name}: {record.num_faces} faces found, using face {face_index} (by "
+            "size, 0 = the largest); --face-index N (face_index=N in Python) picks another",
+            file=sys.stderr,
         )
-    return out
+    return record
 
 
 def reference_descriptor(records: Sequence[FaceRecord]) -> np.ndarray:
@@ -118,6 +149,15 @@ def identity_of(image: np.ndarray, descriptor: np.ndarray) -> float | None:
     if desc is None:
         return None
     return float(desc @ descriptor / (np.linalg.norm(desc) * np.linalg.norm(descriptor) + 1e-12))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Draw:
+    """The images of one call, the rows per sampler call and the timings."""
+
+    images: np.ndarray  # (N, H, W, 3) uint8
+    batch_size: int
+    timings: dict[str, float]
 
 
 @dataclasses.dataclass
@@ -178,102 +218,174 @@ class PhotoVersePipeline:
 
     def __call__(
         self,
-        references: Sequence[str | os.PathLike | np.ndarray],
+        references: Sequence[str | os.PathLike | np.ndarray | FaceRecord],
         prompts: Sequence[str],
+        options: SamplingOptions | None = None,
         *,
-        num_images: int = 1,
-        seed: int = 0,
-        steps: int = 25,
-        guidance: float = 7.5,
-        eta: float = 0.0,
-        strength: float = 1.0,
-        uncond: str = "base",
-        batch_size: int = 4,
-        num_words: int | None = None,
-        gamma: float | None = None,
-        sigma: float | None = None,
-        alpha: float | None = None,
         identity: bool = True,
+        **overrides,
     ) -> SampleResult:
-        """``num_images`` images per prompt of the person in ``references``.
+        """``num_images`` images per prompt of the person in ``references`` (paths, RGB arrays
+        or records from :func:`load_reference`).
 
-        Image j (prompt-major order) uses seed ``seed + j`` whatever the batch it is drawn in;
-        ``batch_size`` images go through the sampler at once (the last batch is padded, so one
-        compilation serves every batch). ``strength`` < 1 starts from the first reference's
-        noised target crop (img2img) and runs the last ``int(steps * strength)`` steps.
-        ``uncond``: the guidance's unconditional pass through the frozen base ("base") or the
-        trained LoRA ("lora"); see :class:`SamplerSpec`.
+        ``options`` (default: :class:`SamplingOptions`'s) with ``overrides`` of its fields, e.g.
+        ``pipe(refs, prompts, seed=3, steps=10)``. Image j (prompt-major order) uses seed
+        ``seed + j`` whatever the batch it is drawn in; ``batch_size`` images go through the
+        sampler at once (the last batch is padded, so one compilation serves every batch).
+        ``strength`` < 1 starts from the first reference's noised target crop (img2img) and runs
+        the last ``int(steps * strength)`` steps. ``identity``: score every image's face against
+        the references (dlib).
         """
+        opts = (options or SamplingOptions()).replace(**overrides)
+        records, tokens = self._prepare(references, prompts, opts)
+        jobs = [p for p in range(len(prompts)) for _ in range(opts.num_images)]
+        draw = self._draw(records, tokens, jobs, opts)
+        similarity = self._score_identity(draw.images, records) if identity else []
+        metadata = self._metadata(prompts, jobs, records, tokens, opts, draw, similarity)
+        return SampleResult(draw.images, records, metadata)
+
+    def _knobs(self, opts: SamplingOptions) -> dict[str, float]:
+        """gamma, sigma and alpha: the options' where set, else the model config's."""
         cfg = self.bundle.config
-        m = num_words or cfg.words
-        knobs = dict(
-            gamma=cfg.gamma if gamma is None else gamma,
-            sigma=cfg.sigma if sigma is None else sigma,
-            alpha=cfg.alpha if alpha is None else alpha,
-        )
+        return {
+            k: getattr(cfg, k) if getattr(opts, k) is None else getattr(opts, k)
+            for k in ("gamma", "sigma", "alpha")
+        }
+
+    def _prepare(
+        self, references: Sequence, prompts: Sequence[str], opts: SamplingOptions
+    ) -> tuple[list[FaceRecord], PromptTokens]:
+        """The references' face records and the prompts' tokens: bad input fails here."""
+        cfg = self.bundle.config
         if not references:
             raise ReferencePhotoError("no reference photo given: pass at least one (--ref PHOTO)")
-        if num_images < 1 or batch_size < 1:
-            raise ValueError(f"num_images and batch_size must be >= 1: {num_images}, {batch_size}")
-        spec = SamplerSpec(steps=steps, eta=eta, strength=strength, uncond=uncond)  # checks them
-        tokens = self.bundle.tokenizer(list(prompts), m)  # a prompt without S* fails here
-        records = [load_reference(r) for r in references]
+        if not prompts:
+            raise PromptError("no prompt given: pass at least one (--prompt 'a photo of S* ...')")
+        m = opts.num_words or cfg.words
+        if m > len(cfg.text_layers):
+            raise InputError(
+                f"num_words (--num-words) {m} is more than the {len(cfg.text_layers)} "
+                "pseudo-words this model was trained with"
+            )
+        tokens = self.bundle.tokenizer(list(prompts), m, missing=opts.missing_placeholder)
+        records = [load_reference(r, face_index=opts.face_index) for r in references]
+        return records, tokens
+
+    def _draw(
+        self,
+        records: list[FaceRecord],
+        tokens: PromptTokens,
+        jobs: list[int],
+        opts: SamplingOptions,
+    ) -> _Draw:
+        """Image j of prompt ``jobs[j]`` from seed ``opts.seed + j``, ``batch_size`` at a time."""
         refs = np.stack([r.reference for r in records])
-        init = self.init_image(records[0]) if strength < 1.0 else None
-        jobs = [p for p in range(len(prompts)) for _ in range(num_images)]
-        rows = min(batch_size, len(jobs))
-        shape = (self.latent, self.latent, self.latent_channels)
+        init = self.init_image(records[0]) if opts.strength < 1.0 else None
+        rows = min(opts.batch_size, len(jobs))
         chunks, compile_s, t0 = [], 0.0, time.perf_counter()
         starts = range(0, len(jobs), rows)
         for start in tqdm(starts, desc="sampling", unit="batch", disable=len(starts) < 2):
             idx = list(range(start, min(start + rows, len(jobs))))
             padded = idx + [idx[-1]] * (rows - len(idx))
-            keys = jax.vmap(jax.random.key)(np.asarray([seed + j for j in padded]))
-            noise = jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
-            prompt_rows = np.asarray([jobs[j] for j in padded])
-            out = self.sampler(
-                refs,
-                tokens.input_ids[prompt_rows],
-                tokens.slots[prompt_rows],
-                self.empty_ids,
-                noise,
-                jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys),
-                num_words=m,
-                guidance=guidance,
-                spec=spec,
-                init_images=init,
-                **knobs,
-            )
-            chunks.append(np.asarray(out)[: len(idx)])
+            seeds = [opts.seed + j for j in padded]
+            out = self._draw_batch(refs, tokens, [jobs[j] for j in padded], seeds, init, opts)
+            chunks.append(out[: len(idx)])
             compile_s += self.sampler.last_compile_s
         run_s = time.perf_counter() - t0 - compile_s
-        images = (np.concatenate(chunks) * 255).round().astype(np.uint8)
-        target = reference_descriptor(records)
-        similarity = [identity_of(img, target) for img in images] if identity else []
-        metadata = {
-            "prompts": [prompts[p] for p in jobs],
-            "seeds": [seed + j for j in range(len(jobs))],
-            "references": [r.source for r in records],
-            "num_words": m,
-            "steps": steps,
-            "eta": eta,
-            "strength": strength,
-            "guidance": guidance,
-            "uncond": uncond,
-            **knobs,
-            "batch_size": rows,
-            "resolution": int(images.shape[1]),
-            "identity_similarity": similarity,
-            "timings": {
-                "compile_s": round(compile_s, 3),
-                "run_s": round(run_s, 3),
-                "s_per_image": round(run_s / len(jobs), 4),
-            },
+        timings = {
+            "compile_s": round(compile_s, 3),
+            "run_s": round(run_s, 3),
+            "s_per_image": round(run_s / len(jobs), 4),
         }
-        return SampleResult(images, records, metadata)
+        images = (np.concatenate(chunks) * 255).round().astype(np.uint8)
+        return _Draw(images, rows, timings)
+
+    def _draw_batch(
+        self,
+        refs: np.ndarray,
+        tokens: PromptTokens,
+        prompt_rows: list[int],
+        seeds: list[int],
+        init: np.ndarray | None,
+        opts: SamplingOptions,
+    ) -> np.ndarray:
+        """One sampler call: row b draws prompt ``prompt_rows[b]`` from seed ``seeds[b]``;
+        images (B, H, W, 3) in [0, 1]."""
+        shape = (self.latent, self.latent, self.latent_channels)
+        keys = jax.vmap(jax.random.key)(np.asarray(seeds))
+        noise = jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
+        rows = np.asarray(prompt_rows)
+        out = self.sampler(
+            refs,
+            tokens.input_ids[rows],
+            tokens.slots[rows],
+            self.empty_ids,
+            noise,
+            jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys),
+            num_words=tokens.num_words,
+            guidance=opts.guidance,
+            spec=opts.spec,
+            init_images=init,
+            **self._knobs(opts),
+        )
+        return np.asarray(out)
+
+    @staticmethod
+    def _score_identity(images: np.ndarray, records: list[FaceRecord]) -> list[float | None]:
+        """Each image's identity similarity to the references (None where no face is found)."""
+        target = reference_descriptor(records)
+        return [identity_of(img, target) for img in images]
+
+    def _metadata(
+        self,
+        prompts: Sequence[str],
+        jobs: list[int],
+        records: list[FaceRecord],
+        tokens: PromptTokens,
+        opts: SamplingOptions,
+        draw: _Draw,
+        similarity: list[float | None],
+    ) -> dict[str, Any]:
+        """What samples.json records of a call: per-image prompts and seeds, the settings with
+        the model's defaults filled in, identity and timings."""
+        return {
+            "prompts": [prompts[p] for p in jobs],
+            "seeds": [opts.seed + j for j in range(len(jobs))],
+            "references": [r.source for r in records],
+            "face_index": [r.face_index for r in records],
+            "faces_found": [r.num_faces for r in records],
+            "num_words": tokens.num_words,
+            "steps": opts.steps,
+            "eta": opts.eta,
+            "strength": opts.strength,
+            "guidance": opts.guidance,
+            "uncond": opts.uncond,
+            **self._knobs(opts),
+            "batch_size": draw.batch_size,
+            "resolution": int(draw.images.shape[1]),
+            "identity_similarity": similarity,
+            "timings": draw.timings,
+        }
 
 
-def pipeline_from_args(args) -> tuple[PhotoVersePipeline, str]:
+def check_model_args(args: argparse.Namespace) -> None:
+    """Before anything is loaded: the run (``--ckpt``) and the base folders a command line
+    names exist."""
+    if args.tiny:
+        return
+    if not (run_path(args.ckpt) / "checkpoints").is_dir():
+        raise MissingPathError(
+            f"--ckpt {args.ckpt} has no checkpoints/: pass the --workdir of a train_tpu.py run"
+        )
+    for flag, folder in (
+        ("--sd-folder", args.sd_folder),
+        ("--clip-vision-folder", args.clip_vision_folder),
+    ):
+        if folder and not is_remote(folder) and not os.path.isdir(folder):
+            raise MissingPathError(f"{flag} {folder}: no such folder")
+
+
+def pipeline_from_args(args: argparse.Namespace) -> tuple[PhotoVersePipeline, str]:
     """The pipeline a command line asks for (``--tiny`` or ``--ckpt`` with optional base
     folders), and a description of its weights for the outputs."""
     if args.tiny:
@@ -287,7 +399,7 @@ def pipeline_from_args(args) -> tuple[PhotoVersePipeline, str]:
     return pipe, f"trained checkpoint {args.ckpt}"
 
 
-def _find_base_folder(folder: str, workdir) -> str:
+def _find_base_folder(folder: str, workdir: str | os.PathLike) -> str:
     """A relative base folder of a saved config: from the current directory if it is there,
     else from the nearest parent of the workdir that holds it (a model folder that carries its
     base, like ``models/toy_faces``, works from anywhere)."""
@@ -312,20 +424,20 @@ def load_trained(
     """The PhotoVerse of a training run (local or ``gs://``) with its trained weights (the EMA
     ones if kept and ``use_ema``). Only those weights are read (an Orbax partial restore): no
     optimizer is built and the optimizer state is never loaded."""
-    from pv_jax.train import sharding
-    from pv_jax.train.checkpoint import Checkpointer
-    from pv_jax.train.trainer import build_bundle
-
     workdir = run_path(workdir)
+    refresh(workdir)  # a live run may have saved since this process last looked
     if not (workdir / "checkpoints").is_dir():
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"{workdir} has no checkpoints/: pass the --workdir of a train_tpu.py run"
         )
     ckpt = Checkpointer(workdir, every=1, keep=1_000_000)
     try:
         step = ckpt.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"{workdir}/checkpoints holds no finished checkpoint")
+            raise MissingPathError(
+                f"{workdir}/checkpoints holds no finished checkpoint: wait for the run's first "
+                "save (train.checkpoint_every) or pass another --ckpt"
+            )
         cfg = ml_collections.ConfigDict(ckpt.saved_config(step))
         if sd_folder:
             cfg.base.sd_folder = sd_folder
@@ -337,10 +449,10 @@ def load_trained(
             cfg.model.update(model_overrides)
         bundle = build_bundle(cfg, face_net=False)  # sampling needs no face net (not saved)
         graphdef, trainable, frozen = split_trainable(bundle.model)
-        mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
-        shardings = jax.tree.map(lambda _: sharding.replicated(mesh), trainable)
+        one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # the sampler's device
+        shardings = jax.tree.map(lambda _: one_device, trainable)
         weights, _ = ckpt.restore_weights(step, trainable, shardings, ema=use_ema)
-    except ValueError as e:
+    except ShapeMismatchError as e:
         raise CheckpointMismatchError(
             f"checkpoint {workdir} step {step} does not fit the base model built from its "
             f"config (sd_folder={cfg.base.sd_folder!r}, kind={cfg.base.kind!r}): {e}. Load it "

@@ -26,6 +26,7 @@ from pv_jax.diffusion import (
     ddim_step,
     ddim_timesteps,
 )
+from pv_jax.errors import InputError
 from pv_jax.models.clip import encode_prompt_states
 from pv_jax.photoverse.model import PhotoVerse
 
@@ -48,15 +49,15 @@ class SamplerSpec:
     # (diffusers' img2img rule) and run only those steps; 1.0 runs every step.
     strength: float = 1.0
 
-    def __post_init__(self):
+    def __post_init__(self):  # user settings (sample.py's flags, a config): InputError
         if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+            raise InputError(f"steps must be >= 1, got {self.steps}")
         if self.uncond not in UNCOND_MODES:
-            raise ValueError(f"uncond must be one of {UNCOND_MODES}, got {self.uncond!r}")
+            raise InputError(f"uncond must be one of {UNCOND_MODES}, got {self.uncond!r}")
         if not 0.0 <= self.eta <= 1.0:
-            raise ValueError(f"eta must be in [0, 1], got {self.eta}")
+            raise InputError(f"eta must be in [0, 1], got {self.eta}")
         if not 0.0 < self.strength <= 1.0 or int(self.steps * self.strength) < 1:
-            raise ValueError(
+            raise InputError(
                 f"strength {self.strength} with {self.steps} steps runs no step: use a strength "
                 f"in (1/steps, 1] (e.g. 0.6), or more steps"
             )

@@ -166,7 +166,7 @@ def sample_base(
 def train_unet(work: Path, out: Path, vae: AutoencoderKL, fit_config: FitConfig = UNET_FIT):
     """Train (or resume) the base UNet on captioned training latents."""
     from pv_jax.toy.data import split_arrays
-    from pv_jax.weights.checkpoints import load_tokenizer
+    from pv_jax.weights.hf_folders import load_tokenizer
 
     size = vae.config.sample_size
     faces = split_arrays(work, "train", size)["target"]
@@ -304,7 +304,7 @@ def train_base(
     """Stage 1: base UNet + frozen text tower + SSL image encoder, exported to ``out/sd`` and
     ``out/clip_vision`` (reused when they exist), with a report on held-out data."""
     from pv_jax.toy.data import save_grid, split_arrays
-    from pv_jax.weights.checkpoints import StableDiffusion, save_clip_vision, save_stable_diffusion
+    from pv_jax.weights.hf_folders import StableDiffusion, save_clip_vision, save_stable_diffusion
 
     report_path = out / "base_report.json"
     if (out / "sd" / "model_index.json").is_file() and report_path.is_file():

@@ -101,7 +101,7 @@ def evaluate_runs(
     from pv_jax.toy.base import caption_contexts, sample_base
     from pv_jax.toy.data import split_arrays
     from pv_jax.toy.diagnose import conditioning_gain
-    from pv_jax.weights.checkpoints import load_stable_diffusion
+    from pv_jax.weights.hf_folders import load_stable_diffusion
 
     t0 = time.perf_counter()
     photos, people = choose_references(work, num_references)

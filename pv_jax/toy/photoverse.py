@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from pv_jax.train.checkpoint import Checkpointer
+from pv_jax.run_checkpoint import Checkpointer
 
 RELEASE = "photoverse"
 

@@ -140,7 +140,7 @@ def train_vae(
     """Train (or resume) the toy VAE on the training faces and evaluate it on held-out people;
     the trained VAE goes to ``out/vae`` (diffusers folder), reused when it exists."""
     from pv_jax.toy.data import save_grid, split_arrays
-    from pv_jax.weights.checkpoints import load_vae, save_vae
+    from pv_jax.weights.hf_folders import load_vae, save_vae
 
     report_path = out / "vae_report.json"
     if (out / "vae" / "config.json").is_file() and report_path.is_file():

@@ -10,14 +10,19 @@ together (FSDP is data parallelism whose parameters are also sharded).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pv_jax.models import layers
+
+if TYPE_CHECKING:
+    from pv_jax.train.step import TrainState
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
@@ -110,6 +115,24 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
         return var.replace(NamedSharding(mesh, spec))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def train_state_shardings(
+    state: TrainState, tx: optax.GradientTransformation, trainable_sh: nnx.State, mesh: Mesh
+) -> TrainState:
+    """Shardings of the whole train state: optimizer moments follow their parameters."""
+    rep = replicated(mesh)
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, s: s, state.opt_state, trainable_sh, transform_non_params=lambda _: rep
+    )
+    return state.replace(
+        step=rep,
+        trainable=trainable_sh,
+        opt_state=opt_sh,
+        ema=trainable_sh if state.ema is not None else None,
+        nan_streak=rep,
+        nan_total=rep,
+    )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

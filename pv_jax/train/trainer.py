@@ -17,34 +17,22 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import nnx
 from jax.experimental import multihost_utils
-from PIL import Image
 from tqdm import tqdm
 
 from pv_jax.paths import require_local, run_path
-from pv_jax.photoverse import (
-    PhotoVerseBundle,
-    PhotoVerseConfig,
-    build_photoverse,
-    count_params,
-    random_photoverse,
-    split_trainable,
-)
+from pv_jax.photoverse import PhotoVerseBundle, PhotoVerseConfig, count_params, split_trainable
+from pv_jax.photoverse.factory import BASE_KINDS, DTYPES, build_bundle
 from pv_jax.photoverse.losses import face_subset_size
+from pv_jax.run_checkpoint import Checkpointer
+from pv_jax.sampling import SampleGrid
 from pv_jax.train import sharding
-from pv_jax.train.checkpoint import Checkpointer
 from pv_jax.train.data import RecordBatches, SyntheticBatches
 from pv_jax.train.metrics import MetricWriter, compiled_flops, peak_tflops
 from pv_jax.train.step import TrainState, learning_rate_schedule, make_optimizer, make_train_step
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# "folders": pretrained weights; "tiny" / "random_sd15": random networks of that size.
-BASE_KINDS = ("folders", "tiny", "random_sd15")
 
 
 class ConfigError(ValueError):
@@ -104,40 +92,6 @@ def _local_only(path: str, field: str) -> None:
         raise ConfigError(str(e)) from e
 
 
-def build_bundle(
-    cfg: ml_collections.ConfigDict, *, face_net: bool | None = None
-) -> PhotoVerseBundle:
-    """The PhotoVerse model of the config, on the host (sharded placement follows).
-    ``face_net``: build the frozen face net (default: when the face loss is on; sampling
-    needs none)."""
-    pv_cfg = PhotoVerseConfig.from_dict(cfg.model.to_dict())
-    with_face_net = bool(pv_cfg.face_weight) if face_net is None else face_net
-    dtype = DTYPES[cfg.base.dtype]
-    with jax.default_device(jax.local_devices(backend="cpu")[0]):
-        if cfg.base.kind != "folders":  # random networks of a preset
-            return random_photoverse(
-                pv_cfg,
-                cfg.base.kind.removeprefix("random_"),
-                seed=cfg.base.seed,
-                with_face_net=with_face_net,
-                dtype=dtype,
-                attention=cfg.base.attention,
-                remat=cfg.base.remat,
-            )
-        return build_photoverse(
-            pv_cfg,
-            sd_folder=cfg.base.sd_folder,
-            clip_vision_folder=cfg.base.clip_vision_folder,
-            face_net_path=cfg.base.face_net_path or None,
-            with_face_net=with_face_net,
-            dtype=dtype,
-            attention=cfg.base.attention,
-            remat=cfg.base.remat,
-            variant=cfg.base.variant or None,
-            seed=cfg.base.seed,
-        )
-
-
 def make_data(cfg: ml_collections.ConfigDict, bundle: PhotoVerseBundle):
     """This process's batch iterator (synthetic or the face dataset)."""
     local = cfg.train.batch_size // jax.process_count()
@@ -159,64 +113,6 @@ def make_data(cfg: ml_collections.ConfigDict, bundle: PhotoVerseBundle):
         split=cfg.data.split,
         **common,
     )
-
-
-def train_state_shardings(state: TrainState, tx, trainable_sh, mesh) -> TrainState:
-    """Shardings of the whole train state: optimizer moments follow their parameters."""
-    rep = sharding.replicated(mesh)
-    opt_sh = optax.tree_map_params(
-        tx, lambda _, s: s, state.opt_state, trainable_sh, transform_non_params=lambda _: rep
-    )
-    return TrainState(
-        step=rep,
-        trainable=trainable_sh,
-        opt_state=opt_sh,
-        ema=trainable_sh if state.ema is not None else None,
-        nan_streak=rep,
-        nan_total=rep,
-    )
-
-
-class SampleGrid:
-    """A row of (reference, sample) pairs with the current weights, for watching training:
-    the first references of the first batch, the first training prompt, a fixed seed."""
-
-    def __init__(self, run: Run, batch: dict, cfg: ml_collections.ConfigDict, count: int = 4):
-        from pv_jax.sampling import Sampler, SamplerSpec
-
-        bundle = run.bundle
-        self.graphdef, self.frozen = run.graphdef, run.frozen
-        # Process 0's references on every process: the sampler's inputs must agree.
-        self.refs = multihost_utils.broadcast_one_to_all(batch["reference"][:count])
-        self.tokens = bundle.tokenizer([cfg.data.prompts[0]], bundle.config.words)
-        self.empty = bundle.tokenizer.plain([""])
-        self.sampler = Sampler(bundle.model, bundle.schedule)
-        self.spec = SamplerSpec(steps=cfg.train.sample_steps)
-        unet, vae = bundle.model.unet.config, bundle.model.vae.config
-        latent = cfg.data.resolution // vae.downsample_factor
-        self.noise = jax.random.normal(jax.random.key(0), (1, latent, latent, unet.in_channels))
-        self.size = cfg.data.resolution
-
-    def __call__(self, trainable) -> np.ndarray:
-        """(size, 2 * count * size, 3) uint8: reference, sample, reference, sample, ..."""
-        _, state = nnx.split(nnx.merge(self.graphdef, trainable, self.frozen))
-        tiles = []
-        for ref in self.refs:
-            image = self.sampler(
-                np.asarray(ref)[None],
-                self.tokens.input_ids,
-                self.tokens.slots,
-                self.empty,
-                self.noise,
-                jax.random.key(1),
-                num_words=self.tokens.num_words,
-                spec=self.spec,
-                state=state,
-            )
-            ref = np.asarray(ref, np.uint8)
-            ref_tile = np.asarray(Image.fromarray(ref).resize((self.size, self.size)))
-            tiles += [ref_tile, (np.asarray(image[0]) * 255).round().astype(np.uint8)]
-        return np.concatenate(tiles, axis=1)
 
 
 class _Preemption:
@@ -319,7 +215,7 @@ def setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Run:
     frozen_sh = sharding.state_shardings(frozen, mesh)
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
         host_state = TrainState.create(trainable, tx, ema=cfg.train.ema_decay > 0)
-    state_sh = train_state_shardings(host_state, tx, trainable_sh, mesh)
+    state_sh = sharding.train_state_shardings(host_state, tx, trainable_sh, mesh)
     step_fn = make_train_step(
         graphdef,
         tx,
@@ -362,127 +258,196 @@ def _mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:
         raise ConfigError(f"mesh {dict(cfg.mesh)} on {jax.device_count()} devices: {e}") from e
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunSummary:
-    """Train (or resume) the run of ``cfg`` in ``workdir`` (local or ``gs://``); returns its
-    summary.
+class _Loop:
+    """What the Python loop does around the compiled step: log, sample and save when due.
 
-    The loop dispatches steps without waiting for the devices: metrics come to the host only on
-    logging steps, checkpoint steps and sample-grid steps (where the host waits anyway), and
-    the timings are averages over the steps since the previous such sync.
+    Steps are dispatched without waiting for the devices: metrics come to the host only on
+    logging, checkpoint and sample-grid steps (where the host waits anyway), and the timings
+    are averages over the steps since the previous such sync.
     """
-    workdir = run_path(workdir)
-    mesh = _mesh(cfg)
-    run = setup(cfg, mesh)
-    data, frozen = run.data, run.frozen
-    n_trainable, n_frozen = run.trainable_params, run.frozen_params
-    t = cfg.train
 
-    ckpt = Checkpointer(
-        workdir, every=t.checkpoint_every, keep=t.keep_checkpoints, use_async=t.async_checkpoints
-    )
+    def __init__(
+        self,
+        cfg: ml_collections.ConfigDict,
+        workdir: str | os.PathLike,
+        run: Run,
+        ckpt: Checkpointer,
+        flops: float,
+        start: int,
+        first_batch: dict[str, np.ndarray],
+    ):
+        t = self.t = cfg.train
+        self.ckpt, self.data, self.config_dict = ckpt, run.data, cfg.to_dict()
+        self.flops = flops
+        self.peak = peak_tflops(jax.devices()[0], t.peak_tflops) * 1e12
+        self.writer = MetricWriter(
+            workdir, tensorboard=t.tensorboard, flush_every_s=t.get("metrics_flush_s", 30.0)
+        )
+        self.grid = (
+            SampleGrid(
+                run.bundle,
+                run.graphdef,
+                run.frozen,
+                first_batch["reference"],
+                cfg.data.prompts[0],
+                steps=t.sample_steps,
+                resolution=cfg.data.resolution,
+            )
+            if t.sample_every
+            else None
+        )
+        self.bar = tqdm(
+            total=t.steps,
+            initial=start,
+            desc="train",
+            unit="step",
+            disable=not t.progress or jax.process_index() != 0,
+        )
+        self.metrics: dict[str, float] = {}  # the last metrics brought to the host
+        self.synced = self.saved = start
+        self.t_sync = time.perf_counter()
+
+    def due(self, step: int) -> tuple[bool, bool, bool]:
+        """Count ``step`` on the progress bar; whether logging, saving, sampling are due."""
+        t = self.t
+        self.bar.update()
+        log_due = step % t.log_every == 0 or step == t.steps
+        save_due = self.ckpt.manager.should_save(step)
+        sample_due = self.grid is not None and step % t.sample_every == 0
+        return log_due, save_due, sample_due
+
+    def log(self, step: int, metrics: dict[str, jax.Array], *, write: bool) -> None:
+        """Bring the step's metrics to the host (the host waits for the devices here), with the
+        timings since the last sync; ``write`` them; stop a diverged run."""
+        self._sync(step, metrics)
+        if write:
+            self.writer.write(step, self.metrics)
+        self._check_finite(step)
+
+    def sample(self, step: int, state: TrainState) -> None:
+        """Write the sample grid of the current weights."""
+        self.writer.write_image(step, "samples", self.grid(state.trainable))
+
+    def _sync(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        """The step's metrics on the host, with the timings since the last sync."""
+        self.metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        dt = (now - self.t_sync) / (step - self.synced)
+        self.t_sync, self.synced = now, step
+        self.metrics.update(
+            step_time_s=dt,
+            examples_per_s=self.t.batch_size / dt,
+            mfu=self.flops / dt / self.peak if self.peak else 0.0,
+        )
+        self.bar.set_postfix(loss=f"{self.metrics['loss']:.4f}", refresh=False)
+
+    def _check_finite(self, step: int) -> None:
+        """TrainingDiverged after ``max_nan_streak`` non-finite steps in a row (before saving)."""
+        streak = self.metrics["nan_streak"]
+        if streak >= self.t.max_nan_streak:
+            raise TrainingDiverged(
+                f"{int(streak)} consecutive steps had a non-finite loss or gradient (up to step "
+                f"{step}); stopped without saving, so the last good checkpoint (step "
+                f"{self.ckpt.latest_step()}) is kept. Lower optim.lr or check the data."
+            )
+
+    def save(self, step: int, state: TrainState, *, force: bool = False) -> None:
+        """Checkpoint ``step`` (when due or ``force``), the metrics up to it flushed first."""
+        self.writer.flush()
+        if self.ckpt.save(step, state, self.data, self.config_dict, force=force):
+            self.saved = step
+
+    def close(self) -> None:
+        """Close the progress bar and the metric writer."""
+        self.bar.close()
+        self.writer.close()
+
+
+def _initial_state(run: Run, ckpt: Checkpointer) -> tuple[TrainState, int]:
+    """The placed train state and its step: the latest checkpoint's, else step 0."""
     start = ckpt.latest_step()
     if start is None:
         state, start = sharding.put_global(run.host_state, run.state_sh), 0
     else:
-        state = ckpt.restore(start, run.host_state, run.state_sh, data)
+        state = ckpt.restore(start, run.host_state, run.state_sh, run.data)
     run.host_state = None  # the placed state is the only copy from here on
+    return state, start
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunSummary:
+    """Train (or resume) the run of ``cfg`` in ``workdir`` (local or ``gs://``); returns its
+    summary."""
+    workdir = run_path(workdir)
+    mesh = _mesh(cfg)
+    run = setup(cfg, mesh)
+    t = cfg.train
+    ckpt = Checkpointer(
+        workdir, every=t.checkpoint_every, keep=t.keep_checkpoints, use_async=t.async_checkpoints
+    )
+    state, start = _initial_state(run, ckpt)
     nan_total_start = int(jax.device_get(state.nan_total))
-    local_batch = next(data)
+    local_batch = next(run.data)
     batch = sharding.put_batch(local_batch, mesh)
     t0 = time.perf_counter()
-    compiled = run.step.lower(state, frozen, batch).compile()
+    compiled = run.step.lower(state, run.frozen, batch).compile()
     compile_s = time.perf_counter() - t0
     flops = compiled_flops(compiled)
-    peak = peak_tflops(jax.devices()[0], t.peak_tflops) * 1e12
 
-    writer = MetricWriter(
-        workdir, tensorboard=t.tensorboard, flush_every_s=t.get("metrics_flush_s", 30.0)
-    )
-    grid = SampleGrid(run, local_batch, cfg) if t.sample_every else None
+    loop = _Loop(cfg, workdir, run, ckpt, flops, start, local_batch)
     preemption = _Preemption(every=t.get("preemption_check_every", 10))
-    config_dict = cfg.to_dict()
-    stopped_by, metrics_host = "steps", {}
-    bar = tqdm(
-        total=t.steps,
-        initial=start,
-        desc="train",
-        unit="step",
-        disable=not t.progress or jax.process_index() != 0,
-    )
-    t_train = t_sync = time.perf_counter()
-    step = saved = synced = start
+    stopped_by, step, t_train = "steps", start, loop.t_sync
     try:
         while step < t.steps:
             if step > start:
-                batch = sharding.put_batch(next(data), mesh)
-            state, metrics = compiled(state, frozen, batch)  # dispatched, not waited for
+                batch = sharding.put_batch(next(run.data), mesh)
+            state, metrics = compiled(state, run.frozen, batch)  # dispatched, not waited for
             step += 1
-            bar.update()
-            log_due = step % t.log_every == 0 or step == t.steps
-            save_due = ckpt.manager.should_save(step)
-            grid_due = grid is not None and step % t.sample_every == 0
-            if log_due or save_due or grid_due:
-                metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.perf_counter()
-                dt = (now - t_sync) / (step - synced)
-                t_sync, synced = now, step
-                metrics_host.update(
-                    step_time_s=dt,
-                    examples_per_s=t.batch_size / dt,
-                    mfu=flops / dt / peak if peak else 0.0,
-                )
-                if log_due:
-                    writer.write(step, metrics_host)
-                bar.set_postfix(loss=f"{metrics_host['loss']:.4f}", refresh=False)
-                if metrics_host["nan_streak"] >= t.max_nan_streak:
-                    raise TrainingDiverged(
-                        f"{int(metrics_host['nan_streak'])} consecutive steps had a non-finite "
-                        f"loss or gradient (up to step {step}); stopped without saving, so the "
-                        f"last good checkpoint (step {ckpt.latest_step()}) is kept. Lower "
-                        "optim.lr or check the data."
-                    )
-                if grid_due:
-                    writer.write_image(step, "samples", grid(state.trainable))
+            log_due, save_due, sample_due = loop.due(step)
+            if log_due or save_due or sample_due:
+                loop.log(step, metrics, write=log_due)
+            if sample_due:
+                loop.sample(step, state)
             if save_due:
-                writer.flush()  # the metrics up to a checkpoint are durable before it is
-                if ckpt.save(step, state, data, config_dict):
-                    saved = step
+                loop.save(step, state)
             if preemption.agreed(step):
                 stopped_by = "sigterm"
                 break
-        if saved != step:  # the final (or preempted) step is always saved
-            writer.flush()
-            ckpt.save(step, state, data, config_dict, force=True)
+        if loop.saved != step:  # the final (or preempted) step is always saved
+            loop.save(step, state, force=True)
         ckpt.wait()
         skipped = int(jax.device_get(state.nan_total)) - nan_total_start
     finally:
-        bar.close()
-        writer.close()
+        loop.close()
         preemption.restore()
         ckpt.close()
-    train_s = time.perf_counter() - t_train
     summary = RunSummary(
         start_step=start,
         end_step=step,
         stopped_by=stopped_by,
         compile_s=compile_s,
-        train_s=train_s,
+        train_s=time.perf_counter() - t_train,
         flops_per_step=flops,
-        trainable_params=n_trainable,
-        frozen_params=n_frozen,
+        trainable_params=run.trainable_params,
+        frozen_params=run.frozen_params,
         skipped_steps=skipped,
-        last_metrics=metrics_host,
+        last_metrics=loop.metrics,
     )
     if jax.process_index() == 0:
-        steps_run = max(step - start, 1)
-        print(
-            f"train: steps {start}->{step} ({stopped_by}) | compile {compile_s:.1f}s, "
-            f"{train_s / steps_run:.3f}s/step, {t.batch_size * steps_run / train_s:.2f} "
-            f"examples/s | loss {metrics_host.get('loss', float('nan')):.4f} | skipped "
-            f"{skipped} | trainable {n_trainable:,} of {n_trainable + n_frozen:,} params | "
-            f"{workdir}"
-        )
+        print(_summary_line(summary, t.batch_size, workdir))
     return summary
+
+
+def _summary_line(s: RunSummary, batch_size: int, workdir: str | os.PathLike) -> str:
+    """The run's last printed line."""
+    steps_run = max(s.end_step - s.start_step, 1)
+    total = s.trainable_params + s.frozen_params
+    return (
+        f"train: steps {s.start_step}->{s.end_step} ({s.stopped_by}) | compile "
+        f"{s.compile_s:.1f}s, {s.train_s / steps_run:.3f}s/step, "
+        f"{batch_size * steps_run / s.train_s:.2f} examples/s | loss "
+        f"{s.last_metrics.get('loss', float('nan')):.4f} | skipped {s.skipped_steps} | "
+        f"trainable {s.trainable_params:,} of {total:,} params | {workdir}"
+    )
 
 
 def summary_dict(summary: RunSummary) -> dict[str, Any]:

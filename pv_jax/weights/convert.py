@@ -46,6 +46,15 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     Rule(r"^(.+)$", r"\1"),
 )
 
+# CLIP (pv_jax.models.clip): the NNX names mirror transformers', so the default rules cover every
+# tensor. transformers 5 saves ``CLIPTextModel`` / ``CLIPVisionModel`` without a prefix, Stable
+# Diffusion folders (saved by transformers 4) and the ``*WithProjection`` classes with
+# ``text_model.`` / ``vision_model.``.
+CLIP_RULES: tuple[Rule, ...] = DEFAULT_RULES
+CLIP_TEXT_STRIP_PREFIXES = ("text_model.",)
+CLIP_VISION_STRIP_PREFIXES = ("vision_model.",)
+CLIP_IGNORE = (r"position_ids$",)  # non-persistent buffer that old checkpoints still carry
+
 # The filter that matches no variable (the default of ``skip``).
 nothing: nnx.filterlib.Filter = False
 

@@ -14,7 +14,7 @@ import struct
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -22,19 +22,15 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from pv_jax.models.clip import (
+from pv_jax.errors import InputError
+from pv_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+from pv_jax.models.unet import UNet2DConditionModel, UNetConfig
+from pv_jax.models.vae import AutoencoderKL, VAEConfig
+from pv_jax.weights.convert import (
     CLIP_IGNORE,
     CLIP_RULES,
     CLIP_TEXT_STRIP_PREFIXES,
     CLIP_VISION_STRIP_PREFIXES,
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPVisionConfig,
-    CLIPVisionModel,
-)
-from pv_jax.models.unet import UNet2DConditionModel, UNetConfig
-from pv_jax.models.vae import AutoencoderKL, VAEConfig
-from pv_jax.weights.convert import (
     DEFAULT_RULES,
     TensorSource,
     export_state,
@@ -49,8 +45,9 @@ SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _IGNORE = (*CLIP_IGNORE,)
 
 
-class CheckpointFolderError(FileNotFoundError):
-    """A folder that is not the model folder it was expected to be."""
+class CheckpointFolderError(InputError, FileNotFoundError):
+    """A folder that is not the model folder it was expected to be (the user named it: an
+    InputError, reported by the command lines as one line)."""
 
 
 def find_weights(folder: Path, names: tuple[str, ...], variant: str | None = None) -> list[Path]:
@@ -219,6 +216,13 @@ def _with_projection(cfg: dict) -> bool:
     return any("WithProjection" in a for a in cfg.get("architectures") or ())
 
 
+# What differs between the two CLIP towers: config and model classes, key prefix, class name.
+_CLIP_TOWERS = {
+    "text": (CLIPTextConfig, CLIPTextModel, CLIP_TEXT_STRIP_PREFIXES, "CLIPTextModel"),
+    "vision": (CLIPVisionConfig, CLIPVisionModel, CLIP_VISION_STRIP_PREFIXES, "CLIPVisionModel"),
+}
+
+
 def _clip_part(raw: dict, tower: str) -> tuple[bool, tuple[str, ...]]:
     """(with projection, keys to ignore) for one tower of a CLIP folder: a full ``CLIPModel``
     also holds the other tower, its projection and the logit scale."""
@@ -230,52 +234,41 @@ def _clip_part(raw: dict, tower: str) -> tuple[bool, tuple[str, ...]]:
     return proj, (*_IGNORE, rf"^{other}_model\.", rf"^{other_proj}_projection\.", r"^logit_scale$")
 
 
-def load_clip_text(
+def load_clip_tower(
     folder: str | os.PathLike,
+    tower: Literal["text", "vision"],
     *,
     dtype: jnp.dtype = jnp.float32,
     attention: str = "auto",
     variant: str | None = None,
-) -> CLIPTextModel:
+) -> CLIPTextModel | CLIPVisionModel:
+    """One tower of a transformers ``CLIP{Text,Vision}Model[WithProjection]`` (or full
+    ``CLIPModel``) folder."""
+    config_cls, model_cls, strip_prefixes, name = _CLIP_TOWERS[tower]
+    folder = Path(folder)
+    raw = read_config(folder, f"transformers {name}")
+    cfg = config_cls.from_hf(raw)
+    proj, ignore = _clip_part(raw, tower)
+    return _build(
+        lambda: model_cls(
+            cfg, with_projection=proj, dtype=dtype, attention=attention, rngs=nnx.Rngs(0)
+        ),
+        find_weights(folder, TRANSFORMERS_WEIGHTS, variant),
+        rules=CLIP_RULES,
+        what=f"CLIP {tower} model in {folder}",
+        strip_prefixes=strip_prefixes,
+        ignore=ignore,
+    )
+
+
+def load_clip_text(folder: str | os.PathLike, **kwargs) -> CLIPTextModel:
     """A transformers ``CLIPTextModel[WithProjection]`` (or full ``CLIPModel``) folder."""
-    folder = Path(folder)
-    raw = read_config(folder, "transformers CLIPTextModel")
-    cfg = CLIPTextConfig.from_hf(raw)
-    proj, ignore = _clip_part(raw, "text")
-    return _build(
-        lambda: CLIPTextModel(
-            cfg, with_projection=proj, dtype=dtype, attention=attention, rngs=nnx.Rngs(0)
-        ),
-        find_weights(folder, TRANSFORMERS_WEIGHTS, variant),
-        rules=CLIP_RULES,
-        what=f"CLIP text model in {folder}",
-        strip_prefixes=CLIP_TEXT_STRIP_PREFIXES,
-        ignore=ignore,
-    )
+    return load_clip_tower(folder, "text", **kwargs)
 
 
-def load_clip_vision(
-    folder: str | os.PathLike,
-    *,
-    dtype: jnp.dtype = jnp.float32,
-    attention: str = "auto",
-    variant: str | None = None,
-) -> CLIPVisionModel:
+def load_clip_vision(folder: str | os.PathLike, **kwargs) -> CLIPVisionModel:
     """A transformers ``CLIPVisionModel[WithProjection]`` (or full ``CLIPModel``) folder."""
-    folder = Path(folder)
-    raw = read_config(folder, "transformers CLIPVisionModel")
-    cfg = CLIPVisionConfig.from_hf(raw)
-    proj, ignore = _clip_part(raw, "vision")
-    return _build(
-        lambda: CLIPVisionModel(
-            cfg, with_projection=proj, dtype=dtype, attention=attention, rngs=nnx.Rngs(0)
-        ),
-        find_weights(folder, TRANSFORMERS_WEIGHTS, variant),
-        rules=CLIP_RULES,
-        what=f"CLIP vision model in {folder}",
-        strip_prefixes=CLIP_VISION_STRIP_PREFIXES,
-        ignore=ignore,
-    )
+    return load_clip_tower(folder, "vision", **kwargs)
 
 
 def load_clip(

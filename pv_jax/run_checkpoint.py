@@ -6,6 +6,9 @@ One ``CheckpointManager`` under ``<workdir>/checkpoints`` (a local folder or a b
 NaN counters), ``data`` (each process's data-iterator position, through grain's handler) and
 ``config`` (JSON). Saves are asynchronous; a run restores the latest finished step onto
 whatever mesh it runs on now (the target shardings are given at restore time).
+
+Training writes and resumes these checkpoints; sampling reads only the trained weights and the
+config (:meth:`Checkpointer.restore_weights`), so this module depends on neither.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from pv_jax.paths import run_path
+from pv_jax.paths import refresh, run_path
 
 
 class Checkpointer:
@@ -25,6 +28,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str | os.PathLike, *, every: int, keep: int, use_async=True):
         self.directory = run_path(workdir) / "checkpoints"
+        refresh(self.directory)  # the manager lists the steps now: see them as they are
         self.manager = ocp.CheckpointManager(
             self.directory,
             # Named handlers let a fresh manager read item metadata (shapes) before a restore.
@@ -113,14 +117,18 @@ class Checkpointer:
         self.manager.close()
 
 
+class ShapeMismatchError(ValueError):
+    """Saved tensors whose shapes differ from the model's (another base or config)."""
+
+
 def _check_same_shapes(saved: list, wanted: list) -> None:
-    """ValueError naming the differing shapes when the two lists of tensors differ."""
+    """ShapeMismatchError naming the differing shapes when the two lists of tensors differ."""
     saved_shapes = sorted(tuple(m.shape) for m in saved)
     want_shapes = sorted(tuple(x.shape) for x in wanted)
     if saved_shapes != want_shapes:
         only_saved = sorted(set(saved_shapes) - set(want_shapes))[:5]
         only_model = sorted(set(want_shapes) - set(saved_shapes))[:5]
-        raise ValueError(
+        raise ShapeMismatchError(
             f"{len(saved_shapes)} saved tensors vs {len(want_shapes)} in the model; shapes "
             f"only in the checkpoint {only_saved}, only in the model {only_model}"
         )

