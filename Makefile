@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo demo-tiny toy lint format bench clean
+.PHONY: test test-all demo demo-tiny toy lint format bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,20 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 
+# Tests spread over PYTEST_WORKERS pytest-xdist processes, one by one, except the modules named in
+# tests/conftest.py's SHARED_FIXTURE_MODULES (their costly module fixture is built once); the
+# conftest also shares one XLA compilation cache among the workers and the processes they start.
+#   make test      every test but those marked slow: every parity test, within 15 minutes here
+#   make test-all  every test, the slow end-to-end runs too (train_tpu.py kill/resume in a
+#                  bucket, multi-device and multi-process runs, the toy pipeline, make demo);
+#                  .ci/run runs this one
+PYTEST_WORKERS ?= 2
+PYTEST = $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist load
 test: lint
-	$(PY) -m pytest -q
+	$(PYTEST) -m "not slow"
+
+test-all: lint
+	$(PYTEST)
 
 # The embedded default: the toy model trained here (docs/EXPERIMENTS.md, models/toy_faces) on
 # two real faces it never saw: scikit-image's astronaut and a held-out CelebA photo of the wheel.

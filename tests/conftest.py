@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 # Tests run on the CPU with float32 matmuls at full precision (parity is measured in fp32).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compilation cache per test session, shared through the environment with the
+# processes the tests start (pytest-xdist workers, train_tpu.py runs, the multi-device checks): a
+# program that several tests or processes compile alike (the tiny train step, the sampler) is
+# compiled once and then loaded. Every session starts empty, so each program is still compiled at
+# least once; PV_JAX_TEST_CACHE=DIR keeps a cache across sessions (local reruns).
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # else a parent session's (xdist) or the user's
+    if "PV_JAX_TEST_CACHE" in os.environ:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["PV_JAX_TEST_CACHE"]
+    else:
+        _OWN_CACHE = tempfile.mkdtemp(prefix="pv_jax_xla_cache_")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -16,25 +32,27 @@ import torch  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 torch.set_num_threads(2)
 
+from pv_jax.models.presets import TINY_TEXT, TINY_UNET, TINY_VISION  # noqa: E402
+from pv_jax.models.presets import TINY_VAE as PRESET_VAE  # noqa: E402
+
 # Eager NNX calls dispatch op by op; jit keeps the tiny tests fast.
 apply = jax.jit(lambda m, *a, **kw: m(*a, **kw))
 
-# Tiny configs that keep every structural feature of the SD networks.
-TINY_UNET_SD1 = dict(
-    sample_size=16,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(32, 64),
-    layers_per_block=2,
-    attention_head_dim=2,
-    cross_attention_dim=24,
-    norm_num_groups=8,
-)
+
+def _diffusers_kwargs(config, **changes) -> dict:
+    """A preset as diffusers constructor kwargs, with ``changes``."""
+    d = dataclasses.replace(config, **changes).to_diffusers()
+    d.pop("_class_name")
+    return d
+
+
+# The parity tests' configs: the presets of pv_jax.models.presets (which keep every structural
+# feature of the SD networks), varied where a test needs a case the preset does not cover.
+# Cross-attention widths unlike the UNet's own catch transposed context projections.
+TINY_UNET_SD1 = _diffusers_kwargs(TINY_UNET, attention_head_dim=2, cross_attention_dim=24)
 # SD 2.x style: per-block heads, linear projections, upcast attention, other time embedding.
-TINY_UNET_SD2 = dict(
-    TINY_UNET_SD1,
+TINY_UNET_SD2 = _diffusers_kwargs(
+    TINY_UNET,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     block_out_channels=(32, 64, 64),
@@ -46,37 +64,21 @@ TINY_UNET_SD2 = dict(
     freq_shift=1,
     cross_attention_dim=32,
 )
-TINY_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=8,
-    sample_size=32,
-)
-
-TINY_CLIP_VISION = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    image_size=32,
-    patch_size=8,
-    projection_dim=16,
-)
-TINY_CLIP_TEXT = dict(
-    vocab_size=1000,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=16,
-    bos_token_id=0,
-    pad_token_id=1,
-)
+TINY_VAE = _diffusers_kwargs(PRESET_VAE)
+# Kwargs for both our CLIP configs and transformers': the presets' sizes (tests set the
+# activation, projection and EOS id they vary); a 2-layer vision tower, and a text tower with a
+# small vocabulary and 16 positions (the packaged tokenizer is not used with it).
+_CLIP_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+TINY_CLIP_VISION = {
+    k: getattr(TINY_VISION, k) for k in (*_CLIP_SIZES, "image_size", "patch_size", "projection_dim")
+} | {"num_hidden_layers": 2}
+TINY_CLIP_TEXT = {k: getattr(TINY_TEXT, k) for k in (*_CLIP_SIZES, "pad_token_id")} | {
+    "vocab_size": 1000,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "max_position_embeddings": 16,
+    "bos_token_id": 0,
+}
 
 
 def perturb_(module: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
@@ -141,7 +143,7 @@ def tiny_stable_diffusion(seed: int = 0):
     from pv_jax.models.presets import TINY_TEXT, TINY_UNET, TINY_VAE, random_module
     from pv_jax.models.unet import UNet2DConditionModel
     from pv_jax.models.vae import AutoencoderKL
-    from pv_jax.weights.checkpoints import StableDiffusion, load_tokenizer
+    from pv_jax.weights.hf_folders import StableDiffusion, load_tokenizer
 
     rng = np.random.default_rng(seed)
     return StableDiffusion(
@@ -189,3 +191,30 @@ def gcs_bucket(monkeypatch, tmp_path):
     proc.kill()
     proc.wait()
     log.close()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the compilation cache this session made (not a kept or inherited one)."""
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+# Modules whose tests share a costly module fixture: under pytest-xdist (make test: --dist load)
+# each stays on one worker, so the fixture is built once; every other test is scheduled on its
+# own. (xdist's xdist_group marker does not take effect with pytest 9.2: the nodeid suffix that
+# its loadgroup scheduling relies on is not applied.)
+SHARED_FIXTURE_MODULES = ("tests/test_toy.py",)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist load``, except that the tests of SHARED_FIXTURE_MODULES stay together."""
+    if config.getvalue("dist") != "load":
+        return None  # another --dist asked for: xdist's own scheduler
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduler(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in SHARED_FIXTURE_MODULES else nodeid
+
+    return Scheduler(config, log)

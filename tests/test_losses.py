@@ -152,6 +152,7 @@ def test_face_weight_needs_a_face_net(tiny_pv):
         photoverse_loss(model, batch, jax.random.key(0), schedule=tiny_pv.schedule)
 
 
+@pytest.mark.slow
 def test_overfit_tiny_batch():
     bundle = tiny_photoverse(seed=1)
     cfg = dataclasses.replace(bundle.config, t_face_max=1000)  # face loss on every sample

@@ -152,7 +152,7 @@ def test_toy_stages_run_and_export_loadable_models(toy_run):
 @pytest.mark.slow
 def test_photoverse_stage_and_evaluation_on_the_toy_base(toy_run):
     from configs import toy_faces
-    from pv_jax.train.checkpoint import Checkpointer
+    from pv_jax.run_checkpoint import Checkpointer
 
     work, out, reports = toy_run
     run = reports["photoverse"]["full"]

@@ -20,6 +20,7 @@ import skimage.data
 from etils import epath
 from PIL import Image
 
+from pv_jax.run_checkpoint import Checkpointer
 from pv_jax.train import sharding, trainer
 from pv_jax.train.metrics import MetricWriter, read_metrics
 
@@ -61,6 +62,7 @@ def _wait_for_step(proc: subprocess.Popen, workdir, step: int, timeout: float = 
     raise TimeoutError(f"step {step} not reached")
 
 
+@pytest.mark.slow
 def test_multi_device_meshes_agree_and_restore_onto_another_mesh():
     out = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "multi_device.py")],
@@ -96,6 +98,7 @@ def test_multi_device_meshes_agree_and_restore_onto_another_mesh():
     assert restore["mesh_devices"] == 8
 
 
+@pytest.mark.slow
 def test_kill_and_sigterm_resume_exactly_from_a_bucket(tmp_path, gcs_bucket):
     """The uninterrupted run on local disk, the interrupted one in gs://bucket/run (a real GCS
     API on localhost): SIGTERM saves, kill -9 loses nothing past the last checkpoint, every
@@ -166,6 +169,31 @@ def test_metrics_in_a_bucket_are_uploaded_whole_when_flushed(gcs_bucket):
     writer.close()
 
 
+# A training process's checkpoint save, as far as the checkpoint listing goes.
+_SAVE = """
+import sys, numpy as np
+from pv_jax.run_checkpoint import Checkpointer
+class Position:  # the smallest iterator grain's handler saves
+    def get_state(self): return b"{}"
+    def set_state(self, state): pass
+c = Checkpointer(sys.argv[1], every=1, keep=5, use_async=False)
+c.save(int(sys.argv[2]), {"w": np.ones(2, np.float32)}, Position(), {"a": 1})
+c.close()
+"""
+
+
+def test_a_process_sees_checkpoints_written_by_another_after_its_first_look(gcs_bucket):
+    """gcsfs caches listings per process: a sampler polling a live run in a bucket must still
+    see the run's new checkpoints (pv_jax.paths.refresh, called by Checkpointer)."""
+    run = "gs://bucket/polled-run"
+    env = _env(**gcs_bucket)
+    subprocess.run([sys.executable, "-c", _SAVE, run, "1"], check=True, env=env)
+    assert Checkpointer(run, every=1, keep=5).latest_step() == 1  # listed (and cached) here
+    subprocess.run([sys.executable, "-c", _SAVE, run, "2"], check=True, env=env)
+    assert Checkpointer(run, every=1, keep=5).latest_step() == 2
+
+
+@pytest.mark.slow
 def test_two_processes_agree_with_one(tmp_path):
     common = [
         *NO_FACE,
@@ -273,9 +301,26 @@ def test_nan_batch_is_skipped_and_repeated_nans_stop(tmp_path, monkeypatch):
         trainer.train(cfg, tmp_path)
     rows = read_metrics(tmp_path)
     assert [r["skipped"] for r in rows] == [1, 1, 1]
-    # Checkpoints hold only good states: steps 2 was a NaN step, but the state it saved is the
-    # unchanged initial one (skipped updates), and nothing was saved after the stop.
+    # Checkpoints hold only good states: step 2 was a NaN step, but the state it saved is the
+    # unchanged initial one (skipped updates: same weights, optimizer moments still zero), and
+    # nothing was saved after the stop.
     assert not (tmp_path / "checkpoints" / "3").exists()
+    fresh = trainer.setup(cfg, mesh).host_state
+    ckpt = Checkpointer(tmp_path, every=1, keep=10)
+    assert ckpt.latest_step() == 2
+    shardings = jax.tree.map(lambda _: sharding.replicated(mesh), fresh)
+    saved = ckpt.restore(2, fresh, shardings)
+    ckpt.close()
+    assert int(saved.step) == 2 and int(saved.nan_streak) == 2 and int(saved.nan_total) == 2
+    for name in ("trainable", "opt_state"):
+        for x, y in zip(
+            jax.tree.leaves(getattr(fresh, name)),
+            jax.tree.leaves(getattr(saved, name)),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
+    for x, y in zip(jax.tree.leaves(fresh.trainable), jax.tree.leaves(before), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), y)  # the initial weights of the first run
 
 
 def test_config_errors_before_compiling(tmp_path):

@@ -70,6 +70,11 @@ _ADVICE = {
 }
 
 
+def _path_hint() -> str:
+    """What to do about a missing photo path."""
+    return f": check the path (a relative one starts from {os.getcwd()})"
+
+
 def _photo_error(name: str, e: SkipError) -> ReferencePhotoError:
     return ReferencePhotoError(f"reference {name}: {_ADVICE[e.reason]} ({e.detail})")
 
@@ -78,7 +83,7 @@ def check_reference(path: str | os.PathLike) -> None:
     """What can be checked of a reference photo in milliseconds, before any model is loaded:
     the file exists and opens as an image (the face is looked for by :func:`load_reference`)."""
     if not os.path.exists(path):
-        raise MissingPathError(f"reference {os.fspath(path)}: no such file")
+        raise MissingPathError(f"reference {os.fspath(path)}: no such file{_path_hint()}")
     try:
         check_image(path)
     except SkipError as e:
@@ -99,7 +104,7 @@ def load_reference(
     config = config or PreprocessConfig()
     name = "<array>" if isinstance(source, np.ndarray) else os.fspath(source)
     if not isinstance(source, np.ndarray) and not os.path.exists(source):
-        raise MissingPathError(f"reference {name}: no such file")
+        raise MissingPathError(f"reference {name}: no such file{_path_hint()}")
     try:
         image = source if isinstance(source, np.ndarray) else load_image(source, config)
         record = preprocess_image(image, config, source=name, face_index=face_index)
