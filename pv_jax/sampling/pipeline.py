@@ -70,9 +70,13 @@ _ADVICE = {
 }
 
 
-def _path_hint() -> str:
-    """What to do about a missing photo path."""
-    return f": check the path (a relative one starts from {os.getcwd()})"
+def _require_file(path: str | os.PathLike) -> None:
+    """MissingPathError naming a reference photo path that does not exist, and the fix."""
+    if not os.path.exists(path):
+        raise MissingPathError(
+            f"reference {os.fspath(path)}: no such file: check the path (a relative one starts "
+            f"from {os.getcwd()})"
+        )
 
 
 def _photo_error(name: str, e: SkipError) -> ReferencePhotoError:
@@ -82,8 +86,7 @@ def _photo_error(name: str, e: SkipError) -> ReferencePhotoError:
 def check_reference(path: str | os.PathLike) -> None:
     """What can be checked of a reference photo in milliseconds, before any model is loaded:
     the file exists and opens as an image (the face is looked for by :func:`load_reference`)."""
-    if not os.path.exists(path):
-        raise MissingPathError(f"reference {os.fspath(path)}: no such file{_path_hint()}")
+    _require_file(path)
     try:
         check_image(path)
     except SkipError as e:
@@ -103,8 +106,8 @@ def load_reference(
         return source
     config = config or PreprocessConfig()
     name = "<array>" if isinstance(source, np.ndarray) else os.fspath(source)
-    if not isinstance(source, np.ndarray) and not os.path.exists(source):
-        raise MissingPathError(f"reference {name}: no such file{_path_hint()}")
+    if not isinstance(source, np.ndarray):
+        _require_file(source)
     try:
         image = source if isinstance(source, np.ndarray) else load_image(source, config)
         record = preprocess_image(image, config, source=name, face_index=face_index)
