@@ -24,6 +24,7 @@ import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 from flax import nnx
 
+from pv_jax.models.layers import abstract_module
 from pv_jax.models.unet import UNet2DConditionModel, UNetConfig
 from pv_jax.weights.convert import load_into
 
@@ -76,8 +77,8 @@ def main() -> None:
     ref = TorchUNet(**cfg.to_diffusers()).eval()
     sd = {k: (lambda v=v: v.detach().numpy()) for k, v in ref.state_dict().items()}
     dtype = jnp.dtype(args.dtype)
-    abstract = nnx.eval_shape(
-        lambda: UNet2DConditionModel(cfg, dtype=dtype, attention=args.attention, rngs=nnx.Rngs(0))
+    abstract = abstract_module(
+        lambda r: UNet2DConditionModel(cfg, dtype=dtype, attention=args.attention, rngs=r)
     )
     ours = load_into(abstract, sd, what="SD1.5 UNet")
     import_s = time.perf_counter() - t0

@@ -22,6 +22,7 @@ from pv_jax.face.dlib_format import (
     STEM_CHANNELS,
     read_face_resnet,
 )
+from pv_jax.models.layers import abstract_module
 from pv_jax.weights.convert import Rule, load_into
 
 # dlib's input_rgb_image_sized means (R, G, B), as stored (float32) in the weights file.
@@ -165,8 +166,8 @@ def load_dlib_face_net(
 ) -> FaceResNet:
     """Build :class:`FaceResNet` from dlib's weights file (default: face_recognition_models')."""
     weights = read_face_resnet(path)
-    abstract = nnx.eval_shape(
-        lambda: FaceResNet(input_mean=weights.input_mean, precision=precision, rngs=nnx.Rngs(0))
+    abstract = abstract_module(
+        lambda r: FaceResNet(input_mean=weights.input_mean, precision=precision, rngs=r)
     )
     source = {k: (lambda v=v: v) for k, v in weights.tensors.items()}
     return load_into(abstract, source, FACE_RESNET_RULES, what=f"dlib face ResNet ({weights.path})")

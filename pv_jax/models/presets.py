@@ -1,5 +1,6 @@
-"""Network configs by name (tiny, and Stable Diffusion 1.5 with CLIP ViT-L/14) and a fast
-random fill, for tests, demos, smoke runs and benchmarks.
+"""Network configs by name (tiny, Stable Diffusion 1.5 with CLIP ViT-L/14, SDXL with OpenCLIP
+ViT-bigG/14 and ViT-H/14, and a tiny SDXL) and a fast random fill, for tests, demos, smoke runs
+and benchmarks.
 
 The tiny configs keep every structural feature of the SD networks (cross-attention and plain
 blocks, resampling, group norms) at widths that run in milliseconds on a CPU. The tiny CLIP text
@@ -8,6 +9,7 @@ tower keeps the real vocabulary and 77 positions so that the packaged tokenizer 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from pv_jax.models.clip import CLIPTextConfig, CLIPVisionConfig
+from pv_jax.models.layers import abstract_module
 from pv_jax.models.unet import UNetConfig
 from pv_jax.models.vae import VAEConfig
 
@@ -71,6 +74,78 @@ SD15_VISION = CLIPVisionConfig(
 )
 
 
+# SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0): its UNet and VAE configs, text
+# encoder 1 (OpenAI CLIP ViT-L/14's text tower, as SD 1.5's) and text encoder 2 (OpenCLIP
+# ViT-bigG/14's text tower with its projection: transformers' CLIPTextModelWithProjection).
+SDXL_UNET = UNetConfig(
+    sample_size=128,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+SDXL_VAE = VAEConfig(sample_size=1024, scaling_factor=0.13025)
+SDXL_TEXT = SD15_TEXT
+SDXL_TEXT_2 = CLIPTextConfig(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    hidden_act="gelu",
+    projection_dim=1280,
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=2,
+)
+# OpenCLIP ViT-H/14's vision tower (laion2B), the image encoder of IP-Adapter for SDXL.
+VIT_H14_VISION = CLIPVisionConfig(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=16,
+    image_size=224,
+    patch_size=14,
+    hidden_act="gelu",
+    projection_dim=1024,
+)
+
+# Tiny SDXL: a plain first level, 2 transformer layers in the second, per-block heads, linear
+# projections, the text_time embedding; two text towers of different widths (64 and 96, gelu
+# with a projection in the second) whose concatenated states are the 160-wide context.
+TINY_TEXT_2 = CLIPTextConfig(
+    hidden_size=96,
+    intermediate_size=192,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    hidden_act="gelu",
+    projection_dim=48,
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=2,
+)
+TINY_SDXL_UNET = UNetConfig(
+    sample_size=16,
+    block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4),
+    transformer_layers_per_block=(1, 2),
+    cross_attention_dim=TINY_TEXT.hidden_size + TINY_TEXT_2.hidden_size,
+    use_linear_projection=True,
+    norm_num_groups=8,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + TINY_TEXT_2.projection_dim,
+)
+TINY_SDXL_VAE = dataclasses.replace(TINY_VAE, scaling_factor=0.13025)
+
+
 def random_module(
     ctor: Callable[[nnx.Rngs], nnx.Module],
     rng: np.random.Generator,
@@ -84,7 +159,7 @@ def random_module(
     Creating tiny modules eagerly (or under ``nnx.jit``) spends 25-40 s on hundreds of small RNG
     programs; filling from numpy takes about a second.
     """
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: ctor(nnx.Rngs(0))))
+    graphdef, state = nnx.split(abstract_module(ctor))
     skipped = nnx.filterlib.to_predicate(skip)
     for path, var in nnx.to_flat_state(state):
         if skipped(path, var):

@@ -1,9 +1,14 @@
-"""Stable Diffusion's ``UNet2DConditionModel`` (SD 1.x and 2.x configs) in Flax NNX, NHWC.
+"""Stable Diffusion's ``UNet2DConditionModel`` (SD 1.x, 2.x and SDXL configs) in Flax NNX, NHWC.
 
 Mirrors diffusers' module tree and names. Cross-attention layers are built by a factory
 (``cross_attention_cls``) and receive ``cross_attention_kwargs`` from the top-level call, so the
 PhotoVerse conditioning (LoRA on k/v, an image key/value branch) plugs in without touching this
 file.
+
+SDXL's additions are config fields: per-block ``transformer_layers_per_block`` and
+``attention_head_dim``, plain first-level blocks, and ``addition_embed_type="text_time"``: the
+pooled text embedding and the size/crop time ids, embedded and added to the timestep embedding
+(``text_embeds`` and ``time_ids`` of :meth:`UNet2DConditionModel.__call__`).
 """
 
 from __future__ import annotations
@@ -27,7 +32,6 @@ CROSS_MID = "UNetMidBlock2DCrossAttn"
 # diffusers config fields we do not implement, with the only value we accept.
 _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "class_embed_type": None,
-    "addition_embed_type": None,
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
     "time_cond_proj_dim": None,
@@ -45,8 +49,12 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "conv_out_kernel": 3,
     "center_input_sample": False,
     "mid_block_only_cross_attention": None,
-    "addition_time_embed_dim": None,
+    "class_embeddings_concat": False,
+    "time_embedding_dim": None,
+    "time_embedding_act_fn": None,
+    "resnet_out_scale_factor": 1.0,
 }
+ADDITION_EMBED_TYPES = (None, "text_time")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +82,31 @@ class UNetConfig:
     act_fn: str = "silu"
     downsample_padding: int = 1
     mid_block_scale_factor: float = 1.0
+    # SDXL: "text_time" adds an embedding of [pooled text embedding, sinusoidal time ids].
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
+
+    def __post_init__(self):
+        if self.addition_embed_type not in ADDITION_EMBED_TYPES:
+            raise ValueError(
+                f"unsupported addition_embed_type {self.addition_embed_type!r}; "
+                f"supported: {list(ADDITION_EMBED_TYPES)}"
+            )
+        if self.addition_embed_type == "text_time" and not (
+            self.addition_time_embed_dim and self.projection_class_embeddings_input_dim
+        ):
+            raise ValueError(
+                "addition_embed_type 'text_time' needs addition_time_embed_dim and "
+                "projection_class_embeddings_input_dim"
+            )
+        if self.addition_embed_type == "text_time" and self.pooled_text_dim <= 0:
+            raise ValueError(
+                "projection_class_embeddings_input_dim "
+                f"{self.projection_class_embeddings_input_dim} leaves no room for the pooled "
+                f"text embedding after the 6 time ids of addition_time_embed_dim "
+                f"{self.addition_time_embed_dim} each"
+            )
 
     @classmethod
     def from_diffusers(cls, d: dict) -> UNetConfig:
@@ -92,6 +125,8 @@ class UNetConfig:
             if f.name in d:
                 v = d[f.name]
                 kwargs[f.name] = tuple(v) if isinstance(v, list) else v
+        if kwargs.get("upcast_attention") is None:  # SDXL's config says null
+            kwargs.pop("upcast_attention", None)
         return cls(**kwargs)
 
     def to_diffusers(self) -> dict:
@@ -104,6 +139,20 @@ class UNetConfig:
         """An int-or-list config field as one value per down block."""
         n = len(self.down_block_types)
         return (value,) * n if isinstance(value, int) else tuple(value)
+
+    @property
+    def time_ids_dim(self) -> int:
+        """How many time ids per sample (SDXL: original size, crop top-left, target size: 6)."""
+        if self.addition_embed_type != "text_time":
+            return 0
+        return 6
+
+    @property
+    def pooled_text_dim(self) -> int:
+        """Width of the pooled text embedding that "text_time" expects (SDXL: 1280), else 0."""
+        if self.addition_embed_type != "text_time":
+            return 0
+        return self.projection_class_embeddings_input_dim - 6 * self.addition_time_embed_dim
 
     @property
     def heads(self) -> tuple[int, ...]:
@@ -378,6 +427,18 @@ class UNet2DConditionModel(nnx.Module):
 
         self.conv_in = layers.conv(cfg.in_channels, boc[0], 3, rngs=rngs, dtype=dtype)
         self.time_embedding = TimestepEmbedding(boc[0], temb_ch, cfg.act_fn, dtype=dtype, rngs=rngs)
+        # SDXL: [pooled text embedding, time-id embedding] -> added to the timestep embedding.
+        self.add_embedding = (
+            TimestepEmbedding(
+                cfg.projection_class_embeddings_input_dim,
+                temb_ch,
+                "silu",  # diffusers' TimestepEmbedding default, whatever act_fn
+                dtype=dtype,
+                rngs=rngs,
+            )
+            if cfg.addition_embed_type == "text_time"
+            else None
+        )
 
         down = []
         out_ch = boc[0]
@@ -441,6 +502,28 @@ class UNet2DConditionModel(nnx.Module):
         self.act = layers.activation(cfg.act_fn)
         self.conv_out = layers.conv(boc[0], cfg.out_channels, 3, rngs=rngs, dtype=dtype)
 
+    def _added_embedding(
+        self, b: int, text_embeds: jax.Array | None, time_ids: jax.Array | None
+    ) -> jax.Array:
+        """SDXL's "text_time" embedding (B, temb) of the pooled text and the time ids."""
+        cfg = self.config
+        want = {"text_embeds": (b, cfg.pooled_text_dim), "time_ids": (b, cfg.time_ids_dim)}
+        for name, x in (("text_embeds", text_embeds), ("time_ids", time_ids)):
+            if x is None or x.shape != want[name]:
+                got = None if x is None else x.shape
+                raise ValueError(
+                    f"this UNet (addition_embed_type 'text_time') needs {name} of shape "
+                    f"{want[name]}, got {got}"
+                )
+        ids = timestep_embedding(
+            time_ids.reshape(-1),
+            cfg.addition_time_embed_dim,
+            flip_sin_to_cos=cfg.flip_sin_to_cos,
+            freq_shift=cfg.freq_shift,
+        ).reshape(b, -1)
+        added = jnp.concatenate([text_embeds.astype(jnp.float32), ids], axis=-1)
+        return self.add_embedding(added.astype(self.dtype))
+
     def _resnet(self, block: ResnetBlock2D, x: jax.Array, temb: jax.Array) -> jax.Array:
         return _maybe_remat(self.remat, lambda m, a, b: m(a, b))(block, x, temb)
 
@@ -456,10 +539,14 @@ class UNet2DConditionModel(nnx.Module):
         encoder_hidden_states: jax.Array,
         *,
         cross_attention_kwargs: dict | None = None,
+        text_embeds: jax.Array | None = None,
+        time_ids: jax.Array | None = None,
     ) -> jax.Array:
         """sample (B, H, W, C_in), timesteps () or (B,), context (B, L, D) -> (B, H, W, C_out).
 
-        ``cross_attention_kwargs`` are passed to every cross-attention layer.
+        ``cross_attention_kwargs`` are passed to every cross-attention layer. SDXL
+        ("text_time") also takes the pooled text embedding ``text_embeds`` (B, pooled_text_dim)
+        and ``time_ids`` (B, 6): original (h, w), crop (top, left), target (h, w).
         """
         cfg = self.config
         b = sample.shape[0]
@@ -471,6 +558,12 @@ class UNet2DConditionModel(nnx.Module):
             freq_shift=cfg.freq_shift,
         )
         temb = self.time_embedding(temb.astype(self.dtype))
+        if self.add_embedding is not None:
+            temb = temb + self._added_embedding(b, text_embeds, time_ids)
+        elif text_embeds is not None or time_ids is not None:
+            raise ValueError(
+                "text_embeds/time_ids were given, but this UNet has no addition_embed_type"
+            )
         ctx = encoder_hidden_states.astype(self.dtype)
         kw = cross_attention_kwargs
 

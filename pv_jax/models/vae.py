@@ -34,6 +34,9 @@ class VAEConfig:
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
+    # Run the VAE in float32 when the model is float16 (diffusers' rule: SD 1.x and SDXL's VAEs
+    # overflow in fp16; bfloat16 has fp32's range and keeps its dtype).
+    force_upcast: bool = True
 
     @classmethod
     def from_diffusers(cls, d: dict) -> VAEConfig:
@@ -233,10 +236,16 @@ class AutoencoderKL(nnx.Module):
         *,
         dtype: jnp.dtype = jnp.float32,
         attention: str = "auto",
+        upcast: bool | None = None,
         rngs: nnx.Rngs,
     ):
+        """``upcast``: compute in float32 whatever ``dtype`` (None: diffusers' rule, i.e. when
+        ``config.force_upcast`` and ``dtype`` is float16)."""
         cfg = config
         self.config = cfg
+        if upcast is None:
+            upcast = cfg.force_upcast and jnp.dtype(dtype) == jnp.float16
+        dtype = jnp.float32 if upcast else dtype
         self.dtype = dtype
         lc = cfg.latent_channels
         self.encoder = Encoder(cfg, attention=attention, dtype=dtype, rngs=rngs)
