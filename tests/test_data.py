@@ -11,12 +11,14 @@ import dataclasses
 import json
 import os
 import shutil
+import warnings
 
 import chex
 import matplotlib.cbook
 import numpy as np
 import pytest
 import skimage.data
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from pv_jax.data import cli
@@ -239,7 +241,8 @@ def test_read_back_same_arrays(built, photo_dir):
         mask = os.path.join(built["masks_dir"], name) if name == "astronaut.png" else None
         fresh = pp.preprocess_file(os.path.join(photo_dir, name), BUILD, mask)
         assert row["mask_source"] == ("dataset" if mask else "ellipse")
-        for key in ("reference", "reference_mask", "target", "landmarks", "descriptor"):
+        keys = ("reference", "reference_mask", "target", "landmarks", "descriptor")
+        for key in keys + ("source_size", "target_box"):
             np.testing.assert_array_equal(row[key], getattr(fresh, key), err_msg=key)
         assert row["num_faces"] == fresh.num_faces
     raw = source[0]  # the stored bytes are PNG and decode to the batched arrays
@@ -410,3 +413,197 @@ def test_training_batches_from_records(built):
     assert any(np.allclose(lm, lm_scaled, atol=1e-5) for lm in all_lms)
     with pytest.raises(DataError, match="holds no built PhotoVerse face dataset"):
         RecordBatches("/nonexistent", tok, prompts, local_batch=2, resolution=32, num_words=3)
+
+
+# --- SDXL micro-conditioning: the photo's size and the target square, and the time ids ----------
+
+
+def _tokenizer(second: bool = False):
+    from pv_jax.photoverse import PlaceholderTokenizer
+    from pv_jax.weights.hf_folders import load_tokenizer
+
+    return PlaceholderTokenizer(load_tokenizer(), tokenizer_2=load_tokenizer() if second else None)
+
+
+def test_target_geometry_and_time_ids_by_hand():
+    """source_size is the photo's (H, W); target_box is the square that was cut; the time ids
+    follow [ours] SDXL rule, checked by hand inside the photo and past its top/left border."""
+    from pv_jax.train.data import default_time_ids, micro_conditioning_ids
+
+    astronaut = skimage.data.astronaut()
+    canvas = np.zeros((608, 700, 3), np.uint8)  # 96 px (12 HOG cells) black above and left
+    canvas[96:, 96:608] = astronaut
+    past, inside = (pp.preprocess_image(im, FAST) for im in (astronaut, canvas))
+    chex.assert_type([past.source_size, past.target_box], [np.int32, np.float32])
+    np.testing.assert_array_equal(past.source_size, [512, 512])
+    np.testing.assert_array_equal(inside.source_size, [608, 700])
+    # The same detection moved by 96 px; the 3x square of side 264 passes the top by 5 px.
+    np.testing.assert_array_equal(past.target_box, [-5, 91, 264])
+    np.testing.assert_array_equal(inside.target_box, [91, 187, 264])
+    for image, rec in ((astronaut, past), (canvas, inside)):  # cutting it again: the target
+        top, left, side = rec.target_box.astype(int)
+        box = np.array([left, top, left + side, top + side])
+        again = pp.crop_resize(image, box, 128, "constant", Image.BICUBIC)
+        np.testing.assert_array_equal(again, rec.target)
+    sizes = np.stack([inside.source_size, past.source_size, [600, 512]])
+    boxes = np.stack([inside.target_box, past.target_box, [-79, -55, 648]])
+    ids = micro_conditioning_ids(sizes, boxes, 1024)
+    chex.assert_shape(ids, (3, 6))
+    chex.assert_type(ids, np.float32)
+    # k = 1024 / 264: 91 k = 352.970, 187 k = 725.333; top -5 -> 0; hopper's -79, -55 -> 0, 0.
+    want = [
+        [608, 700, 352.970, 725.333, 1024, 1024],
+        [512, 512, 0, 352.970, 1024, 1024],
+        [600, 512, 0, 0, 1024, 1024],
+    ]
+    np.testing.assert_allclose(ids, want, atol=1e-3)
+    np.testing.assert_array_equal(default_time_ids(2, 64), [[64, 64, 0, 0, 64, 64]] * 2)
+
+
+def test_dataset_geometry_to_record_time_ids(built):
+    """Each record stores its photo's upright (H, W) and target square; RecordBatches'
+    time_ids are micro_conditioning_ids of them (astronaut and hopper.jpg by hand); without
+    the flag the batch has no time_ids."""
+    from pv_jax.train.data import RecordBatches, micro_conditioning_ids
+
+    decoded = (ds.decode_example(r) for r in ds.load_source(built["out"]))
+    rows = {d["source"]: d for d in decoded}
+    for name, row in rows.items():  # every other photo is Grace Hopper (rotated.jpg upright)
+        want = (512, 512) if name == "astronaut.png" else (600, 512)
+        np.testing.assert_array_equal(row["source_size"], want, err_msg=name)
+        chex.assert_type([row["source_size"], row["target_box"]], [np.int32, np.float32])
+    np.testing.assert_array_equal(rows["astronaut.png"]["target_box"], [-5, 91, 264])
+    np.testing.assert_array_equal(rows["hopper.jpg"]["target_box"], [-79, -55, 648])
+
+    tok = _tokenizer()
+
+    def batches(**kw):
+        return RecordBatches(
+            built["out"],
+            tok,
+            ["a photo of S*"],
+            local_batch=2,
+            resolution=32,
+            num_words=3,
+            seed=5,
+            **kw,
+        )
+
+    it = batches(micro_conditioning=True)
+    got = np.concatenate([next(it)["time_ids"] for _ in range(3)])  # one epoch: 6 records
+    chex.assert_type(got, np.float32)
+    geometry = [(r["source_size"], r["target_box"]) for r in rows.values()]
+    sizes, boxes = (np.stack(x) for x in zip(*geometry, strict=True))
+    want = micro_conditioning_ids(sizes, boxes, 32)
+    np.testing.assert_array_equal(np.unique(got, axis=0), np.unique(want, axis=0))
+    # 91 * 32 / 264 = 11.0303: astronaut's square passes the top only; hopper's the top-left.
+    assert np.isclose(got, [512, 512, 0, 11.0303, 32, 32], atol=1e-4).all(axis=1).any()
+    assert (got == [600, 512, 0, 0, 32, 32]).all(axis=1).any()
+    plain, flagged = next(batches()), next(batches(micro_conditioning=True))
+    assert "time_ids" not in plain and flagged.keys() - plain.keys() == {"time_ids"}
+    for k in plain:
+        np.testing.assert_array_equal(flagged[k], plain[k], err_msg=k)
+
+
+def _write_version_1_0_0(records: list[dict], data_dir) -> None:
+    """records written as a dataset of the previous version (1.0.0: no geometry fields)."""
+
+    class Old(ds.PhotoVerseFaces, skip_registration=True):
+        name = "photo_verse_faces"
+        VERSION = tfds.core.Version("1.0.0")
+        SUPPORTED_VERSIONS = []
+
+        def _split_generators(self, dl_manager):
+            old = [{k: v for k, v in r.items() if k not in ds.GEOMETRY_KEYS} for r in records]
+            return {"train": ((str(r["source"]), r) for r in old)}
+
+    Old(data_dir=os.fspath(data_dir), input_dir="-").download_and_prepare()
+
+
+def test_dataset_of_version_1_0_0_still_loads(built, tmp_path):
+    """A dataset without source_size/target_box loads (the newest version on disk is read);
+    its examples decode without them, and micro-conditioned batches fall back to SDXL's
+    inference default (original = target size, crop 0) with one warning."""
+    from pv_jax.train.data import RecordBatches
+
+    raw = list(ds.load_source(built["out"]))
+    old = {k: v for k, v in raw[0].items() if k not in ds.GEOMETRY_KEYS}
+    full, partial = ds.decode_example(raw[0]), ds.decode_example(old)
+    assert partial.keys() == full.keys() - set(ds.GEOMETRY_KEYS)
+    out = tmp_path / "both"
+    shutil.copytree(built["out"], out)
+    _write_version_1_0_0(raw, out)
+    assert ds.stored_version(out) == "1.1.0"  # both built: the newest
+    shutil.rmtree(out / "photo_verse_faces" / "1.1.0")
+    assert ds.stored_version(out) == "1.0.0"
+    source = ds.load_source(out)
+    assert len(source) == len(GOOD) and not set(ds.GEOMETRY_KEYS) & source[0].keys()
+
+    tok = _tokenizer()
+
+    def batches(flag: bool):
+        return RecordBatches(
+            str(out),
+            tok,
+            ["a photo of S*"],
+            local_batch=3,
+            resolution=32,
+            num_words=3,
+            micro_conditioning=flag,
+        )
+
+    with pytest.warns(UserWarning, match="predates version 1.1.0") as caught:
+        it = batches(True)
+    assert len([w for w in caught if "predates" in str(w.message)]) == 1
+    np.testing.assert_array_equal(next(it)["time_ids"], [[32, 32, 0, 0, 32, 32]] * 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert "time_ids" not in next(batches(False))
+    assert not [w for w in caught if "predates" in str(w.message)]
+
+
+def test_synthetic_time_ids_and_second_tokenizer():
+    """SyntheticBatches(micro_conditioning=True): (B, 6) float32 time ids of plausible photos, a
+    function of the seed; the other arrays are those without the flag, which has no time_ids.
+    A tokenizer with SDXL's second tokenizer adds input_ids_2."""
+    from pv_jax.train.data import SyntheticBatches
+
+    tok = _tokenizer(second=True)
+
+    def first_two(flag: bool, seed: int = 0, process_index: int = 0):
+        it = SyntheticBatches(
+            tok,
+            ["a photo of S*", "S* smiling"],
+            local_batch=3,
+            resolution=64,
+            num_words=2,
+            seed=seed,
+            process_index=process_index,
+            micro_conditioning=flag,
+        )
+        return [next(it), next(it)]
+
+    a, b, c = first_two(True), first_two(True), first_two(True, seed=1)
+    plain = first_two(False)
+    for x, y, z, p in zip(a, b, c, plain, strict=True):
+        chex.assert_shape(x["time_ids"], (3, 6))
+        chex.assert_type(x["time_ids"], np.float32)
+        np.testing.assert_array_equal(x["time_ids"], y["time_ids"])
+        assert not np.array_equal(x["time_ids"], z["time_ids"])
+        assert "time_ids" not in p and x.keys() - p.keys() == {"time_ids"}
+        for k in p:
+            np.testing.assert_array_equal(x[k], p[k], err_msg=k)
+        chex.assert_shape(x["input_ids_2"], x["input_ids"].shape)
+    ids = np.concatenate([x["time_ids"] for x in a])
+    assert not np.array_equal(a[0]["time_ids"], a[1]["time_ids"])  # new rows every step
+    assert np.all((ids[:, :2] >= 256) & (ids[:, :2] <= 2048))  # photo sizes
+    assert np.all(ids[:, 2:4] >= 0) and np.all(ids[:, 4:] == 64)
+    # Row r of a global batch is the same whichever process holds it.
+    other = first_two(True, process_index=1)
+    whole = SyntheticBatches(
+        tok, ["a photo of S*", "S* smiling"], local_batch=6, resolution=64, num_words=2,
+        micro_conditioning=True,
+    )  # fmt: skip
+    np.testing.assert_array_equal(
+        next(whole)["time_ids"], np.concatenate([a[0]["time_ids"], other[0]["time_ids"]])
+    )

@@ -41,6 +41,7 @@ from typing import Any
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image
 from tqdm import tqdm
 
@@ -49,6 +50,9 @@ from pv_jax.data.preprocess import FaceRecord, PreprocessConfig, Skip, preproces
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 SKIP_REPORT = "skip_report.json"
 _IMAGE_KEYS = ("reference", "reference_mask", "target")
+# Stored from version 1.1.0 on (SDXL micro-conditioning); decode_example leaves them out of
+# examples of older datasets.
+GEOMETRY_KEYS = ("source_size", "target_box")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +112,8 @@ def encode_record(record: FaceRecord, source: str, options: BuildOptions) -> dic
         landmarks=record.landmarks.astype(np.float32),
         descriptor=record.descriptor.astype(np.float32),
         face_box=record.face_box.astype(np.float32),
+        source_size=np.asarray(record.source_size, np.int32),
+        target_box=np.asarray(record.target_box, np.float32),
         num_faces=np.int32(record.num_faces),
         mask_source=record.mask_source,
         source=source,
@@ -116,10 +122,17 @@ def encode_record(record: FaceRecord, source: str, options: BuildOptions) -> dic
 
 
 def decode_example(example: dict[str, Any]) -> dict[str, np.ndarray]:
-    """A stored example as arrays: images decoded to uint8, strings to str."""
+    """A stored example as arrays: images decoded to uint8, strings to str.
+
+    ``source_size`` (2,) int32 and ``target_box`` (3,) float32 (see ``FaceRecord``) are there
+    when the dataset stores them (version 1.1.0 on); an example of an older dataset has neither
+    and nothing stands in for them here: ``pv_jax.train.data`` falls back (and says so)."""
     out = {k: decode_image(example[k]) for k in _IMAGE_KEYS}
     for k in ("landmarks", "descriptor", "face_box"):
         out[k] = np.asarray(example[k], np.float32)
+    if all(k in example for k in GEOMETRY_KEYS):
+        out["source_size"] = np.asarray(example["source_size"], np.int32)
+        out["target_box"] = np.asarray(example["target_box"], np.float32)
     out["num_faces"] = np.int32(example["num_faces"])
     for k in ("mask_source", "source"):
         v = example[k]
@@ -140,8 +153,14 @@ def _file_signature(path: str | None) -> list:
 class PhotoVerseFaces(tfds.core.GeneratorBasedBuilder):
     """Faces preprocessed for PhotoVerse from a local folder; nothing is downloaded."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Reference/target crops, 5 landmarks, mask, dlib descriptor."}
+    VERSION = tfds.core.Version("1.1.0")
+    # Older datasets still load (``load_source`` picks the version found on disk).
+    SUPPORTED_VERSIONS = [tfds.core.Version("1.0.0")]
+    RELEASE_NOTES = {
+        "1.0.0": "Reference/target crops, 5 landmarks, mask, dlib descriptor.",
+        "1.1.0": "source_size (photo height, width) and target_box (top, left, side of the "
+        "target square in photo pixels), for SDXL's size/crop micro-conditioning.",
+    }
 
     def __init__(
         self,
@@ -162,22 +181,24 @@ class PhotoVerseFaces(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         encoded = tfds.features.Tensor(shape=(), dtype=np.object_)  # PNG/JPEG bytes
+        features = {
+            "reference": encoded,
+            "reference_mask": encoded,
+            "target": encoded,
+            "landmarks": tfds.features.Tensor(shape=(5, 2), dtype=np.float32),
+            "descriptor": tfds.features.Tensor(shape=(128,), dtype=np.float32),
+            "face_box": tfds.features.Tensor(shape=(4,), dtype=np.float32),
+            "num_faces": tfds.features.Scalar(dtype=np.int32),
+            "mask_source": tfds.features.Text(),
+            "source": tfds.features.Text(),
+        }
+        if self.version >= "1.1.0":  # an older dataset is read with the features it has
+            features["source_size"] = tfds.features.Tensor(shape=(2,), dtype=np.int32)
+            features["target_box"] = tfds.features.Tensor(shape=(3,), dtype=np.float32)
         return tfds.core.DatasetInfo(
             builder=self,
             description=__doc__.splitlines()[0],
-            features=tfds.features.FeaturesDict(
-                {
-                    "reference": encoded,
-                    "reference_mask": encoded,
-                    "target": encoded,
-                    "landmarks": tfds.features.Tensor(shape=(5, 2), dtype=np.float32),
-                    "descriptor": tfds.features.Tensor(shape=(128,), dtype=np.float32),
-                    "face_box": tfds.features.Tensor(shape=(4,), dtype=np.float32),
-                    "num_faces": tfds.features.Scalar(dtype=np.int32),
-                    "mask_source": tfds.features.Text(),
-                    "source": tfds.features.Text(),
-                }
-            ),
+            features=tfds.features.FeaturesDict(features),
             metadata=tfds.core.MetadataDict(preprocess=dataclasses.asdict(self._config)),
         )
 
@@ -198,7 +219,8 @@ class PhotoVerseFaces(tfds.core.GeneratorBasedBuilder):
         return {os.path.splitext(rel)[0]: os.path.join(self._masks_dir, rel) for rel in images}
 
     def _chunk_key(self, chunk: list[str], masks: dict[str, str]) -> str:
-        sig = [dataclasses.asdict(self._config), self._options.image_format]
+        # The dataset version too: a chunk cached by another version has other fields.
+        sig = [dataclasses.asdict(self._config), self._options.image_format, str(self.version)]
         sig.append(self._options.jpeg_quality)
         for rel in chunk:
             sig.append(_file_signature(os.path.join(self._input_dir, rel)))
@@ -424,9 +446,25 @@ def _beam_pipeline_options(flags: tuple[str, ...]):
     return PipelineOptions(list(flags))
 
 
+def stored_version(data_dir: str | os.PathLike) -> str | None:
+    """The newest dataset version that PhotoVerseFaces reads and that is built under data_dir
+    (None when there is none)."""
+    root = epath.Path(data_dir) / PhotoVerseFaces.name  # epath: gs:// too, as tfds
+    built = [
+        v
+        for v in [PhotoVerseFaces.VERSION, *PhotoVerseFaces.SUPPORTED_VERSIONS]
+        if (root / str(v) / "dataset_info.json").exists()
+    ]
+    return str(max(built)) if built else None
+
+
 def load_source(data_dir: str | os.PathLike, split: str = "train"):
-    """Random-access source of a built dataset (tfds ``as_data_source``, no TensorFlow)."""
-    return PhotoVerseFaces(data_dir=os.fspath(data_dir)).as_data_source(split=split)
+    """Random-access source of a built dataset (tfds ``as_data_source``, no TensorFlow): the
+    newest version built there, so a dataset of an older version still loads."""
+    version = stored_version(data_dir)
+    return PhotoVerseFaces(data_dir=os.fspath(data_dir), version=version).as_data_source(
+        split=split
+    )
 
 
 class DecodeExample(grain.transforms.Map):

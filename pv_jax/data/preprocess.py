@@ -62,6 +62,12 @@ class FaceRecord:
     landmarks: np.ndarray  # (5, 2) float32 (x, y) in target-crop pixels, dlib's order
     descriptor: np.ndarray  # (128,) float32 dlib face descriptor of the target crop
     face_box: np.ndarray  # (4,) float32 left, top, right, bottom in source-image pixels
+    # For SDXL's size/crop micro-conditioning (``pv_jax.train.data.micro_conditioning_ids``):
+    # the upright photo's (H, W), and the target square (top, left, side) in its pixels; stored,
+    # not derived: the photo's size is not in the crops, and re-deriving the square from the
+    # float32 face_box and the config could round differently from what was cut.
+    source_size: np.ndarray  # (2,) int32 height, width of the upright photo
+    target_box: np.ndarray  # (3,) float32 top, left, side of the target square (integers)
     num_faces: int
     mask_source: str  # "dataset", "ellipse" or "none"
     source: str
@@ -304,6 +310,8 @@ def preprocess_image(
         landmarks=lm_target,
         descriptor=descriptor,
         face_box=box.astype(np.float32),
+        source_size=np.array(image.shape[:2], np.int32),
+        target_box=np.array([tgt_box[1], tgt_box[0], tgt_box[2] - tgt_box[0]], np.float32),
         num_faces=num_faces,
         mask_source=mask_source,
         source=source,

@@ -48,15 +48,29 @@ class PromptTokens:
     ``input_ids``: (B, L) int32 ids for the text model; each slot holds the tokenizer's BOS id as
     a stand-in (its embedding is replaced, and BOS never becomes the pooled EOS position).
     ``slots``: (B, L) int32, ``k + 1`` where pseudo-word S_(k+1) goes, 0 elsewhere.
+    ``input_ids_2``: SDXL's second tower's ids (the same tokens, padded with tokenizer 2's pad
+    id: "!"), or None without a second tokenizer.
     """
 
     input_ids: np.ndarray
     slots: np.ndarray
     num_words: int
+    input_ids_2: np.ndarray | None = None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays a batch carries: ``input_ids``, ``slots`` and (SDXL) ``input_ids_2``."""
+        out = {"input_ids": self.input_ids, "slots": self.slots}
+        if self.input_ids_2 is not None:
+            out["input_ids_2"] = self.input_ids_2
+        return out
 
 
 class PlaceholderTokenizer:
-    """A CLIP tokenizer that knows the placeholder token and expands it into m slots."""
+    """A CLIP tokenizer that knows the placeholder token and expands it into m slots.
+
+    SDXL: ``tokenizer_2`` (the second tower's) must tokenise like the first (the same CLIP BPE)
+    and only pad differently; its ids are the first tower's, padded with its own pad id.
+    """
 
     def __init__(
         self,
@@ -66,9 +80,23 @@ class PlaceholderTokenizer:
         max_length: int = 77,
         missing: str = "error",
         append_text: str = "a photo of S*",
+        tokenizer_2=None,
     ):
         self.tokenizer = copy.deepcopy(tokenizer)  # adding a token must not change the caller's
         self.tokenizer.add_tokens([placeholder])
+        self.tokenizer_2 = None
+        self.pad_id_2 = None
+        if tokenizer_2 is not None:
+            self.tokenizer_2 = copy.deepcopy(tokenizer_2)
+            self.tokenizer_2.add_tokens([placeholder])
+            probe = f"a photo of {placeholder}, smiling"
+            if self.tokenizer(probe).input_ids != self.tokenizer_2(probe).input_ids:
+                raise ValueError(
+                    "tokenizer_2 does not tokenise like tokenizer (SDXL's two tokenizers are the "
+                    "same CLIP BPE and differ only in padding): check the model folder's "
+                    "tokenizer/ and tokenizer_2/"
+                )
+            self.pad_id_2 = self.tokenizer_2.pad_token_id
         self.placeholder = placeholder
         self.placeholder_id = self.tokenizer.convert_tokens_to_ids(placeholder)
         self.max_length = max_length
@@ -100,6 +128,7 @@ class PlaceholderTokenizer:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         n = self.max_length
         ids = np.full((len(prompts), n), self.pad_id, np.int32)
+        ids_2 = None if self.tokenizer_2 is None else np.full_like(ids, self.pad_id_2)
         slots = np.zeros((len(prompts), n), np.int32)
         for b, prompt in enumerate(prompts):
             row, row_slots = [], []
@@ -121,14 +150,18 @@ class PlaceholderTokenizer:
                 row, row_slots = row[: n - 1] + [self.eos_id], row_slots[: n - 1] + [0]
             ids[b, : len(row)] = row
             slots[b, : len(row)] = row_slots
-        return PromptTokens(ids, slots, num_words)
+            if ids_2 is not None:
+                ids_2[b, : len(row)] = row
+        return PromptTokens(ids, slots, num_words, ids_2)
 
-    def plain(self, prompts: str | Sequence[str]) -> np.ndarray:
-        """Ids (B, L) of prompts without placeholder handling (e.g. the empty CFG prompt)."""
+    def plain(self, prompts: str | Sequence[str], tower: int = 1) -> np.ndarray:
+        """Ids (B, L) of prompts without placeholder handling (e.g. the empty CFG prompt), for
+        text tower 1 or (SDXL) 2."""
+        tokenizer = self.tokenizer if tower == 1 else self.tokenizer_2
+        if tokenizer is None:
+            raise ValueError(f"there is no tokenizer for text tower {tower}")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        out = self.tokenizer(
-            prompts, padding="max_length", max_length=self.max_length, truncation=True
-        )
+        out = tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True)
         return np.asarray(out.input_ids, np.int32)
 
 

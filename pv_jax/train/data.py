@@ -10,16 +10,22 @@ stores each process's position in the checkpoint and a resumed run sees the exac
   for smoke runs, tests and benchmarks.
 
 Prompts come from ``data.prompts`` templates (each with the placeholder), picked per example.
+
+SDXL: with ``micro_conditioning=True`` a batch also holds ``time_ids`` (B, 6) float32, SDXL's
+size/crop conditioning of each target (:func:`micro_conditioning_ids`); with a tokenizer that
+has SDXL's second tokenizer, ``input_ids_2`` too.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
+from pv_jax.models.sdxl import sdxl_time_ids
 from pv_jax.photoverse import PlaceholderTokenizer
 
 # dlib's 5 landmarks (eye corners, nose) of a face centred in a unit target crop, as the
@@ -36,13 +42,51 @@ class DataError(ValueError):
 def _tokens(
     tokenizer: PlaceholderTokenizer, prompts: Sequence[str], picks: np.ndarray, num_words: int
 ) -> dict[str, np.ndarray]:
-    out = tokenizer([prompts[i] for i in picks], num_words)
-    return {"input_ids": out.input_ids, "slots": out.slots}
+    """input_ids, slots and (SDXL's second tokenizer) input_ids_2 of the picked prompts."""
+    return tokenizer([prompts[i] for i in picks], num_words).arrays()
+
+
+def micro_conditioning_ids(
+    source_size: np.ndarray, target_box: np.ndarray, resolution: int
+) -> np.ndarray:
+    """SDXL's time ids (B, 6) float32 of targets cut from photos: original (h, w), crop (top,
+    left), target (h, w).
+
+    ``source_size``: (B, 2) photo (H, W); ``target_box``: (B, 3) target square (top, left,
+    side), both in source pixels (``FaceRecord``). [ours] SDXL's rule (diffusers' training
+    script: the photo's size before resizing, the crop's corner in the resized photo) applied
+    to the face crop: the photo is scaled by k = resolution / side, which makes the square the
+    training resolution, so
+
+    - original_size = (H, W), the photo before rescaling, as SDXL;
+    - crop_top_left = (top * k, left * k), the square's corner in the rescaled photo, clipped
+      at 0: a square past the top/left border (zero-padded there) counts as crop 0 (unrounded:
+      k is rarely an integer);
+    - target_size = (resolution, resolution).
+
+    The square's bottom/right overhang (zero padding there too) has no term in SDXL's ids.
+    """
+    res = float(resolution)
+    box = np.asarray(target_box, np.float64).reshape(-1, 3)
+    k = res / box[:, 2:3]
+    crop = np.maximum(box[:, :2] * k, 0.0)
+    size = np.asarray(source_size, np.float64).reshape(-1, 2)
+    return sdxl_time_ids(size, crop, (res, res), len(box)).astype(np.float32)
+
+
+def default_time_ids(batch: int, resolution: int) -> np.ndarray:
+    """SDXL's inference default (B, 6) float32: original_size = target_size = (resolution,
+    resolution), crop (0, 0); for targets whose photo geometry is unknown."""
+    res = float(resolution)
+    return sdxl_time_ids((res, res), (0.0, 0.0), (res, res), batch)
 
 
 class SyntheticBatches(Iterator[dict[str, np.ndarray]]):
     """Random reference/target images with a jittered face layout. Row r of global batch n is a
-    function of (seed, n, r) only, so any number of processes sees the same global batches."""
+    function of (seed, n, r) only, so any number of processes sees the same global batches.
+
+    ``micro_conditioning``: batches also hold ``time_ids`` (B, 6) float32 of a random photo
+    geometry per row (:meth:`_geometry`) through :func:`micro_conditioning_ids`."""
 
     def __init__(
         self,
@@ -55,36 +99,56 @@ class SyntheticBatches(Iterator[dict[str, np.ndarray]]):
         num_words: int,
         seed: int = 0,
         process_index: int = 0,
+        micro_conditioning: bool = False,
     ):
         self.tokenizer, self.prompts = tokenizer, list(prompts)
         self.local_batch, self.resolution = local_batch, resolution
         self.reference_size, self.num_words = reference_size, num_words
         self.seed, self.process_index = seed, process_index
+        self.micro_conditioning = micro_conditioning
         self.index = 0
 
     def _row(self, row: int) -> tuple:
         r = np.random.default_rng((self.seed, self.index, row))
         s, ref = self.resolution, self.reference_size
         lm = (_SYNTHETIC_LANDMARKS + r.uniform(-0.02, 0.02, (5, 2))) * s
-        return (
+        out = (
             r.integers(0, 256, (ref, ref, 3), dtype=np.uint8),
             r.integers(0, 256, (s, s, 3), dtype=np.uint8),
             lm.astype(np.float32),
             int(r.integers(len(self.prompts))),
         )
+        # Drawn last, from the same stream: the rows above do not depend on the flag.
+        return out + (self._geometry(r) if self.micro_conditioning else (None, None))
+
+    @staticmethod
+    def _geometry(r: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """A plausible photo (H, W) and target square (top, left, side) in its pixels: photos of
+        256..2048 px a side, a square of 0.3..1.2 times the short side (3x a face box), which
+        may pass any border by up to a quarter of its side (the zero-padded case)."""
+        h, w = (int(v) for v in r.integers(256, 2049, 2))
+        side = max(1, round(r.uniform(0.3, 1.2) * min(h, w)))
+        top = int(r.integers(-(side // 4), h - side + side // 4 + 1))
+        left = int(r.integers(-(side // 4), w - side + side // 4 + 1))
+        return np.array([h, w], np.int32), np.array([top, left, side], np.float32)
 
     def __next__(self) -> dict[str, np.ndarray]:
         first = self.process_index * self.local_batch
-        refs, targets, lms, picks = zip(
+        refs, targets, lms, picks, sizes, boxes = zip(
             *(self._row(first + i) for i in range(self.local_batch)), strict=True
         )
         self.index += 1
-        return {
+        batch = {
             "reference": np.stack(refs),
             "target": np.stack(targets),
             "landmarks": np.stack(lms),
             **_tokens(self.tokenizer, self.prompts, np.asarray(picks), self.num_words),
         }
+        if self.micro_conditioning:
+            batch["time_ids"] = micro_conditioning_ids(
+                np.stack(sizes), np.stack(boxes), self.resolution
+            )
+        return batch
 
     def get_state(self) -> bytes:
         """Position in the stream (JSON)."""
@@ -109,7 +173,11 @@ def resize_target(image: np.ndarray, landmarks: np.ndarray, size: int):
 
 
 class RecordBatches(Iterator[dict[str, np.ndarray]]):
-    """The preprocessed face dataset through grain, endlessly, in this process's shard."""
+    """The preprocessed face dataset through grain, endlessly, in this process's shard.
+
+    ``micro_conditioning``: batches also hold ``time_ids`` (B, 6) float32 from each record's
+    stored photo geometry (:func:`micro_conditioning_ids`); a dataset built before version 1.1.0
+    has none, and gets :func:`default_time_ids` with a warning at construction."""
 
     def __init__(
         self,
@@ -123,8 +191,9 @@ class RecordBatches(Iterator[dict[str, np.ndarray]]):
         seed: int = 0,
         worker_count: int = 0,
         split: str = "train",
+        micro_conditioning: bool = False,
     ):
-        from pv_jax.data.dataset import load_source, make_loader
+        from pv_jax.data.dataset import GEOMETRY_KEYS, load_source, make_loader
 
         try:
             source = load_source(data_dir, split)
@@ -138,6 +207,15 @@ class RecordBatches(Iterator[dict[str, np.ndarray]]):
             raise DataError(f"the dataset in {data_dir!r} is empty: no {split} examples")
         self.tokenizer, self.prompts = tokenizer, list(prompts)
         self.resolution, self.num_words, self.seed = resolution, num_words, seed
+        self.micro_conditioning = micro_conditioning
+        if micro_conditioning and not all(k in source[0] for k in GEOMETRY_KEYS):
+            warnings.warn(
+                f"the dataset in {data_dir!r} predates version 1.1.0 and stores no photo size "
+                "or crop (source_size, target_box): SDXL's time ids fall back to its inference "
+                "default, original_size = target_size = (resolution, resolution) and crop "
+                "(0, 0), for every example; rebuild the dataset to condition on them",
+                stacklevel=2,
+            )
         self.loader = make_loader(
             source,
             local_batch,
@@ -161,13 +239,20 @@ class RecordBatches(Iterator[dict[str, np.ndarray]]):
         r = np.random.default_rng((self.seed, self.count))
         self.count += 1
         picks = r.integers(len(self.prompts), size=len(targets))
-        return {
+        batch = {
             "reference": ex["reference"],
             "target": np.stack(targets),
             "landmarks": np.stack(lms).astype(np.float32),
             "descriptor": ex["descriptor"],
             **_tokens(self.tokenizer, self.prompts, picks, self.num_words),
         }
+        if self.micro_conditioning:
+            if "target_box" in ex:
+                ids = micro_conditioning_ids(ex["source_size"], ex["target_box"], self.resolution)
+            else:  # an older dataset: warned about in __init__
+                ids = default_time_ids(len(targets), self.resolution)
+            batch["time_ids"] = ids
+        return batch
 
     def get_state(self) -> bytes:
         """Position (JSON): grain's iterator state and the prompt counter."""
