@@ -24,6 +24,7 @@ from safetensors.numpy import save_file
 
 from pv_jax.errors import InputError
 from pv_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+from pv_jax.models.layers import abstract_module
 from pv_jax.models.unet import UNet2DConditionModel, UNetConfig
 from pv_jax.models.vae import AutoencoderKL, VAEConfig
 from pv_jax.weights.convert import (
@@ -41,6 +42,17 @@ from pv_jax.weights.convert import (
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 TRANSFORMERS_WEIGHTS = ("model", "pytorch_model")
 SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_SUBFOLDERS = (
+    "unet",
+    "vae",
+    "text_encoder",
+    "text_encoder_2",
+    "tokenizer",
+    "tokenizer_2",
+    "scheduler",
+)
+SD_PIPELINE = "StableDiffusionPipeline"
+SDXL_PIPELINE = "StableDiffusionXLPipeline"
 # Buffers that diffusers/transformers may store but that are not parameters.
 _IGNORE = (*CLIP_IGNORE,)
 
@@ -158,8 +170,8 @@ def read_config(folder: Path, what: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _build(ctor: Callable[[], nnx.Module], files: list[Path], **load_kwargs) -> nnx.Module:
-    abstract = nnx.eval_shape(ctor)
+def _build(ctor: Callable[[nnx.Rngs], nnx.Module], files: list[Path], **load_kwargs) -> nnx.Module:
+    abstract = abstract_module(ctor)
     with open_tensors(files) as source:
         return load_into(abstract, source, **load_kwargs)
 
@@ -182,8 +194,8 @@ def load_unet(
     folder = Path(folder)
     cfg = UNetConfig.from_diffusers(read_config(folder, "diffusers UNet2DConditionModel"))
     return _build(
-        lambda: UNet2DConditionModel(
-            cfg, dtype=dtype, attention=attention, remat=remat, rngs=nnx.Rngs(0), **kwargs
+        lambda r: UNet2DConditionModel(
+            cfg, dtype=dtype, attention=attention, remat=remat, rngs=r, **kwargs
         ),
         find_weights(folder, (DIFFUSERS_WEIGHTS,), variant),
         rules=DEFAULT_RULES,
@@ -204,7 +216,7 @@ def load_vae(
     folder = Path(folder)
     cfg = VAEConfig.from_diffusers(read_config(folder, "diffusers AutoencoderKL"))
     return _build(
-        lambda: AutoencoderKL(cfg, dtype=dtype, attention=attention, rngs=nnx.Rngs(0)),
+        lambda r: AutoencoderKL(cfg, dtype=dtype, attention=attention, rngs=r),
         find_weights(folder, (DIFFUSERS_WEIGHTS,), variant),
         rules=DEFAULT_RULES,
         what=f"VAE in {folder}",
@@ -250,9 +262,7 @@ def load_clip_tower(
     cfg = config_cls.from_hf(raw)
     proj, ignore = _clip_part(raw, tower)
     return _build(
-        lambda: model_cls(
-            cfg, with_projection=proj, dtype=dtype, attention=attention, rngs=nnx.Rngs(0)
-        ),
+        lambda r: model_cls(cfg, with_projection=proj, dtype=dtype, attention=attention, rngs=r),
         find_weights(folder, TRANSFORMERS_WEIGHTS, variant),
         rules=CLIP_RULES,
         what=f"CLIP {tower} model in {folder}",
@@ -290,30 +300,77 @@ def load_clip(
     return load_clip_text(folder, **kw), load_clip_vision(folder, **kw)
 
 
+def _packaged_tokenizer(**kwargs):
+    from transformers import CLIPTokenizer
+
+    folder = Path(__file__).resolve().parent.parent / "assets" / "clip_tokenizer"
+    # transformers 5's CLIPTokenizer takes the vocabulary and merges themselves; it ignores
+    # the old ``vocab_file``/``merges_file`` arguments and would build an empty vocabulary.
+    vocab = json.loads((folder / "vocab.json").read_text())
+    lines = (folder / "merges.txt").read_text().splitlines()
+    merges = [tuple(line.split()) for line in lines if line and not line.startswith("#")]
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, **kwargs)
+
+
 def load_tokenizer(folder: str | os.PathLike | None = None):
     """The CLIP tokenizer of an SD folder's ``tokenizer/``, or the packaged OpenAI CLIP BPE."""
     from transformers import CLIPTokenizer
 
     if folder is None:
-        folder = Path(__file__).resolve().parent.parent / "assets" / "clip_tokenizer"
-        # transformers 5's CLIPTokenizer takes the vocabulary and merges themselves; it ignores
-        # the old ``vocab_file``/``merges_file`` arguments and would build an empty vocabulary.
-        vocab = json.loads((folder / "vocab.json").read_text())
-        lines = (folder / "merges.txt").read_text().splitlines()
-        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#")]
-        return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+        return _packaged_tokenizer()
     return CLIPTokenizer.from_pretrained(str(folder))
+
+
+# SDXL's tokenizer_2 (OpenCLIP ViT-bigG/14's) is OpenAI CLIP's BPE padded with "!" (id 0)
+# instead of "<|endoftext|>": the ids of a prompt are the same, the padding after EOS differs.
+SDXL_TOKENIZER_2_PAD = "!"
+
+
+def load_tokenizer_2(folder: str | os.PathLike | None = None):
+    """SDXL's second tokenizer: an SDXL folder's ``tokenizer_2/``, or the packaged OpenAI CLIP
+    BPE with SDXL's tokenizer_2 settings (pad token "!", id 0; 77 tokens)."""
+    if folder is None:
+        return _packaged_tokenizer(pad_token=SDXL_TOKENIZER_2_PAD)
+    return load_tokenizer(folder)
 
 
 @dataclasses.dataclass
 class StableDiffusion:
-    """The networks and settings of one Stable Diffusion folder."""
+    """The networks and settings of one Stable Diffusion (1.x, 2.x) or SDXL folder.
+
+    SDXL adds ``text_encoder_2`` (with its projection: the pooled embedding), ``tokenizer_2``
+    and ``force_zeros_for_empty_prompt`` (classifier-free guidance without a negative prompt
+    uses zero embeddings rather than the encoded empty prompt; SDXL base sets it).
+    """
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     tokenizer: Any
     scheduler_config: dict
+    text_encoder_2: CLIPTextModel | None = None
+    tokenizer_2: Any = None
+    force_zeros_for_empty_prompt: bool = False
+
+    @property
+    def is_xl(self) -> bool:
+        """Whether this is an SDXL pipeline (two text encoders)."""
+        return self.text_encoder_2 is not None
+
+
+def _model_index(folder: Path) -> dict[str, Any]:
+    path = folder / "model_index.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointFolderError(f"{path} is not valid JSON ({e})") from e
+
+
+def _is_xl_folder(folder: Path, index: dict[str, Any]) -> bool:
+    name = str(index.get("_class_name") or "")
+    return (folder / "text_encoder_2").is_dir() or name.startswith("StableDiffusionXL")
 
 
 def load_stable_diffusion(
@@ -325,33 +382,50 @@ def load_stable_diffusion(
     variant: str | None = None,
     **unet_kwargs,
 ) -> StableDiffusion:
-    """Every network of a diffusers Stable Diffusion folder (``save_pretrained`` layout);
-    ``unet_kwargs`` go to :func:`load_unet` (e.g. a ``cross_attention_cls`` and its ``skip``)."""
+    """Every network of a diffusers Stable Diffusion or SDXL folder (``save_pretrained``
+    layout); ``unet_kwargs`` go to :func:`load_unet` (e.g. a ``cross_attention_cls`` and its
+    ``skip``).
+
+    An SDXL folder (one with ``text_encoder_2/``, or whose ``model_index.json`` names a
+    ``StableDiffusionXL*`` pipeline) also gives ``text_encoder_2`` (with its projection),
+    ``tokenizer_2`` and ``force_zeros_for_empty_prompt`` (diffusers' default, True, when the
+    index does not say). ``variant`` (e.g. "fp16") chooses the weight files of every subfolder;
+    parameters are ``dtype`` whatever the files hold.
+    """
     folder = Path(folder)
-    missing = [s for s in SD_SUBFOLDERS if not (folder / s).is_dir()]
+    index = _model_index(folder)
+    xl = _is_xl_folder(folder, index)
+    expected = SDXL_SUBFOLDERS if xl else SD_SUBFOLDERS
+    missing = [s for s in expected if not (folder / s).is_dir()]
     if missing:
+        what, pipeline = ("an SDXL", SDXL_PIPELINE) if xl else ("a Stable Diffusion", SD_PIPELINE)
         raise CheckpointFolderError(
-            f"{folder} is not a Stable Diffusion folder: missing subfolders {missing}; expected "
-            f"{list(SD_SUBFOLDERS)} (diffusers' StableDiffusionPipeline.save_pretrained)"
+            f"{folder} is not {what} folder: missing subfolders {missing}; expected "
+            f"{list(expected)} (diffusers' {pipeline}.save_pretrained)"
         )
     sched = folder / "scheduler" / "scheduler_config.json"
     if not sched.is_file():
         raise CheckpointFolderError(f"{sched} is missing")
+    kw = dict(dtype=dtype, attention=attention, variant=variant)
+    text_encoder_2 = tokenizer_2 = None
+    if xl:
+        text_encoder_2 = load_clip_text(folder / "text_encoder_2", **kw)
+        if not text_encoder_2.with_projection:
+            raise CheckpointFolderError(
+                f"{folder / 'text_encoder_2'} has no text projection: SDXL's text encoder 2 is a "
+                "transformers CLIPTextModelWithProjection (its projected EOS state is the pooled "
+                "embedding)"
+            )
+        tokenizer_2 = load_tokenizer_2(folder / "tokenizer_2")
     return StableDiffusion(
-        unet=load_unet(
-            folder / "unet",
-            dtype=dtype,
-            attention=attention,
-            remat=remat,
-            variant=variant,
-            **unet_kwargs,
-        ),
-        vae=load_vae(folder / "vae", dtype=dtype, attention=attention, variant=variant),
-        text_encoder=load_clip_text(
-            folder / "text_encoder", dtype=dtype, attention=attention, variant=variant
-        ),
+        unet=load_unet(folder / "unet", remat=remat, **kw, **unet_kwargs),
+        vae=load_vae(folder / "vae", **kw),
+        text_encoder=load_clip_text(folder / "text_encoder", **kw),
         tokenizer=load_tokenizer(folder / "tokenizer"),
         scheduler_config=json.loads(sched.read_text()),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", xl)),
     )
 
 
@@ -407,8 +481,13 @@ def save_clip_vision(model: CLIPVisionModel, folder: str | os.PathLike) -> Path:
     return _clip_export(model, "vision_model.", "CLIPVisionModel", Path(folder))
 
 
+def _text_class(model: CLIPTextModel) -> str:
+    return "CLIPTextModel" + ("WithProjection" if model.with_projection else "")
+
+
 def save_stable_diffusion(sd: StableDiffusion, folder: str | os.PathLike) -> Path:
-    """Write a diffusers Stable Diffusion folder (``from_pretrained``-loadable)."""
+    """Write a diffusers Stable Diffusion or SDXL folder (``from_pretrained``-loadable by
+    ``StableDiffusionPipeline`` or, for ``sd.is_xl``, ``StableDiffusionXLPipeline``)."""
     folder = Path(folder)
     save_unet(sd.unet, folder / "unet")
     save_vae(sd.vae, folder / "vae")
@@ -418,16 +497,33 @@ def save_stable_diffusion(sd: StableDiffusion, folder: str | os.PathLike) -> Pat
     sched = dict(sd.scheduler_config)
     sched.setdefault("_class_name", "DDIMScheduler")
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
-    index = {
-        "_class_name": "StableDiffusionPipeline",
+    index: dict[str, Any] = {
+        "_class_name": SDXL_PIPELINE if sd.is_xl else SD_PIPELINE,
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder": ["transformers", _text_class(sd.text_encoder)],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "scheduler": ["diffusers", sched["_class_name"]],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
     }
+    if sd.is_xl:
+        if not sd.text_encoder_2.with_projection:
+            raise ValueError("SDXL's text_encoder_2 must have its text projection")
+        if sd.tokenizer_2 is None:
+            raise ValueError("an SDXL pipeline (text_encoder_2 set) needs its tokenizer_2")
+        save_clip_text(sd.text_encoder_2, folder / "text_encoder_2")
+        sd.tokenizer_2.save_pretrained(str(folder / "tokenizer_2"))
+        index.update(
+            text_encoder_2=["transformers", _text_class(sd.text_encoder_2)],
+            tokenizer_2=["transformers", "CLIPTokenizer"],
+            image_encoder=[None, None],
+            feature_extractor=[None, None],
+            force_zeros_for_empty_prompt=sd.force_zeros_for_empty_prompt,
+        )
+    else:
+        index.update(
+            safety_checker=[None, None],
+            feature_extractor=[None, None],
+            requires_safety_checker=False,
+        )
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
