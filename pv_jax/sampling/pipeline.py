@@ -52,7 +52,7 @@ from pv_jax.photoverse.factory import build_bundle
 from pv_jax.photoverse.placeholder import PromptTokens
 from pv_jax.run_checkpoint import Checkpointer, ShapeMismatchError
 from pv_jax.sampling.options import SamplingOptions
-from pv_jax.sampling.sampler import Sampler
+from pv_jax.sampling.sampler import Sampler, empty_prompt_ids
 
 # ReferencePhotoError and CheckpointMismatchError live in pv_jax.errors (with InputError, what
 # a command line reports as one line); importing them from here keeps working.
@@ -187,7 +187,7 @@ class PhotoVersePipeline:
         vae = bundle.model.vae.config
         self.latent = (resolution // vae.downsample_factor) if resolution else unet.sample_size
         self.latent_channels = unet.in_channels
-        self.empty_ids = bundle.tokenizer.plain([""])
+        self.empty = empty_prompt_ids(bundle.tokenizer)
 
     @classmethod
     def from_checkpoint(
@@ -327,9 +327,10 @@ class PhotoVersePipeline:
             refs,
             tokens.input_ids[rows],
             tokens.slots[rows],
-            self.empty_ids,
-            noise,
-            jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys),
+            noise=noise,
+            key=jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys),
+            input_ids_2=None if tokens.input_ids_2 is None else tokens.input_ids_2[rows],
+            **self.empty,
             num_words=tokens.num_words,
             guidance=opts.guidance,
             spec=opts.spec,

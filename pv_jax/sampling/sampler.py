@@ -27,8 +27,7 @@ from pv_jax.diffusion import (
     ddim_timesteps,
 )
 from pv_jax.errors import InputError
-from pv_jax.models.clip import encode_prompt_states
-from pv_jax.photoverse.model import PhotoVerse
+from pv_jax.photoverse.model import PhotoVerse, default_time_ids
 
 UNCOND_MODES = ("base", "lora")
 
@@ -75,6 +74,15 @@ def encode_references(model: PhotoVerse, images: jax.Array, num_words: int) -> t
     return words.mean(axis=0, keepdims=True), tokens.mean(axis=0, keepdims=True)
 
 
+def empty_prompt_ids(tokenizer) -> dict[str, np.ndarray]:
+    """The empty prompt's ids for guidance, as :class:`Sampler` keywords (``empty_ids``, and
+    ``empty_ids_2`` with SDXL's second tokenizer)."""
+    out = {"empty_ids": tokenizer.plain([""])}
+    if tokenizer.tokenizer_2 is not None:
+        out["empty_ids_2"] = tokenizer.plain([""], tower=2)
+    return out
+
+
 def step_keys(keys: jax.Array, steps: int) -> jax.Array:
     """(steps, B) keys: row b's key split into one per DDIM step (its eta noise)."""
     return jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, steps))(keys), 0, 1)
@@ -97,29 +105,44 @@ def denoise_loop(
     sigma: jax.Array,
     alpha: jax.Array,
     init_latents: jax.Array | None = None,
+    input_ids_2: jax.Array | None = None,
+    empty_ids_2: jax.Array | None = None,
+    time_ids: jax.Array | None = None,
 ) -> jax.Array:
     """DDIM from ``noise`` (B, h, w, c) to clean latents; words/image tokens (1, ...) or (B, ...).
 
     ``keys`` (B,): with eta > 0, row b's variance noise at step i is
     ``normal(step_keys(keys, steps)[i, b], noise.shape[1:])``. ``init_latents`` (scaled, 1 or B
     rows) with ``spec.strength`` < 1: img2img from those latents noised to the first step run.
+    SDXL: ``input_ids_2`` / ``empty_ids_2`` (tokenizer 2's ids) and ``time_ids`` (1 or B rows;
+    default: the image size, uncropped); with ``force_zeros_for_empty_prompt`` the
+    unconditional text input is zeros (context and pooled), as diffusers' SDXL pipeline.
     """
     b = noise.shape[0]
     words = jnp.broadcast_to(words, (b, *words.shape[1:]))
     image_tokens = jnp.broadcast_to(image_tokens, (b, *image_tokens.shape[1:]))
-    cond = model.encode_text(input_ids, slots, words)
+    cond = model.encode_text(input_ids, slots, words, input_ids_2)
+    if model.is_xl:
+        if time_ids is None:
+            time_ids = default_time_ids(b, noise.shape[1:3], model.latent_factor)
+        time_ids = jnp.broadcast_to(time_ids, (b, 6))
     if spec.cfg:
-        uncond = encode_prompt_states(
-            model.text_encoder, empty_ids, model.config.text_encoder_layer
+        if model.force_zeros_for_empty_prompt:
+            uncond = cond.zeros_like()
+        else:
+            uncond = model.encode_plain(empty_ids, empty_ids_2)
+        text = jax.tree.map(
+            lambda u, c: jnp.concatenate([jnp.broadcast_to(u, c.shape), c]), uncond, cond
         )
-        context = jnp.concatenate([jnp.broadcast_to(uncond, cond.shape), cond])
+        if time_ids is not None:
+            time_ids = jnp.concatenate([time_ids, time_ids])
         tokens = jnp.concatenate([image_tokens, image_tokens])
         u_gamma, u_alpha = (1.0, 0.0) if spec.uncond == "base" else (gamma + sigma, alpha)
         gammas = jnp.concatenate([jnp.full((b,), u_gamma), jnp.full((b,), gamma)])
         sigmas = jnp.concatenate([jnp.zeros((b,)), jnp.full((b,), sigma)])
         alphas = jnp.concatenate([jnp.full((b,), u_alpha), jnp.full((b,), alpha)])
     else:
-        context, tokens = cond, image_tokens
+        text, tokens = cond, image_tokens
         gammas, sigmas, alphas = jnp.full((b,), gamma), jnp.full((b,), sigma), alpha
 
     ts = ddim_timesteps(schedule, spec.steps)
@@ -134,7 +157,9 @@ def denoise_loop(
     def step(x, inputs):
         t, pt, k = inputs
         x_in = jnp.concatenate([x, x]) if spec.cfg else x
-        out = model.denoise(x_in, t, context, tokens, gamma=gammas, sigma=sigmas, alpha=alphas)
+        out = model.denoise(
+            x_in, t, text, tokens, gamma=gammas, sigma=sigmas, alpha=alphas, time_ids=time_ids
+        )
         if spec.cfg:
             out_uncond, out_cond = jnp.split(out, 2)
             out = out_uncond + guidance * (out_cond - out_uncond)
@@ -173,6 +198,7 @@ class Sampler:
         keys,
         knobs,
         init_images,
+        xl,
         *,
         spec,
         num_words,
@@ -196,6 +222,7 @@ class Sampler:
             noise=noise,
             keys=keys,
             init_latents=init_latents,
+            **xl,
             **knobs,
         )
         if not decode:
@@ -236,13 +263,17 @@ class Sampler:
         init_images: np.ndarray | None = None,
         decode: bool = True,
         state: nnx.State | None = None,
+        input_ids_2: np.ndarray | None = None,
+        empty_ids_2: np.ndarray | None = None,
+        time_ids: np.ndarray | None = None,
     ) -> jax.Array:
         """Images (B, H, W, 3) in [0, 1] (or latents with ``decode=False``).
 
         ``noise`` (B, h, w, c) is the start latent; ``key`` one key (split over the rows) or (B,)
         keys, one per row (eta noise). ``init_images`` (1 or B, H, W, 3) in [0, 1] with
         ``spec.strength`` < 1: img2img. ``state``: other weights for the same model (e.g. the
-        current ones during training); the compilation is reused.
+        current ones during training); the compilation is reused. SDXL: ``input_ids_2`` /
+        ``empty_ids_2`` (tokenizer 2) and optional ``time_ids`` (1 or B, 6).
         """
         if init_images is None and spec.strength < 1.0:
             raise ValueError(f"spec.strength {spec.strength} (img2img) needs init_images")
@@ -265,6 +296,13 @@ class Sampler:
             key,
             knobs,
             None if init_images is None else jnp.asarray(init_images, jnp.float32),
+            {
+                k: jnp.asarray(v)
+                for k, v in dict(
+                    input_ids_2=input_ids_2, empty_ids_2=empty_ids_2, time_ids=time_ids
+                ).items()
+                if v is not None
+            },
         )
         statics = dict(spec=spec, num_words=num_words, decode=decode)
         return self._executable(args, statics)(*args)

@@ -43,7 +43,6 @@ def conditioning_gain(
     bundle (``load_trained``; a pipeline's ``.bundle``), the mean over ``count`` photos of
     ``split``, with the same noise for every conditioning."""
     from pv_jax.diffusion import add_noise
-    from pv_jax.models.clip import encode_prompt_states
     from pv_jax.photoverse.losses import to_unit
     from pv_jax.toy.data import split_arrays
 
@@ -72,7 +71,7 @@ def conditioning_gain(
         if prompt == "S*":
             ctx = model.encode_text(tokens.input_ids, tokens.slots, words)
         else:
-            ctx = encode_prompt_states(model.text_encoder, plain[prompt], cfg.text_encoder_layer)
+            ctx = model.encode_plain(plain[prompt])
         pred = model.denoise(
             x_t, jnp.full((n,), t), ctx, image_tokens, gamma=gamma, sigma=sigma, alpha=alpha
         )

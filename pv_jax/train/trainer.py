@@ -60,8 +60,8 @@ def check_config(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Non
         raise ConfigError(f"base.kind={cfg.base.kind!r} is not one of {list(BASE_KINDS)}")
     if cfg.base.kind == "folders":
         for field, what in (
-            ("sd_folder", "a diffusers Stable Diffusion 1.5 folder"),
-            ("clip_vision_folder", "a transformers CLIP ViT-L/14 vision folder"),
+            ("sd_folder", "a diffusers Stable Diffusion 1.5 or SDXL folder"),
+            ("clip_vision_folder", "a transformers CLIP vision folder (ViT-L/14, ViT-H/14...)"),
         ):
             path = cfg.base[field]
             _local_only(path, f"base.{field}")
@@ -100,6 +100,8 @@ def make_data(cfg: ml_collections.ConfigDict, bundle: PhotoVerseBundle):
         resolution=cfg.data.resolution,
         num_words=len(bundle.config.text_layers),
         seed=cfg.data.seed,
+        # SDXL: each photo's original size and crop (from preprocessing) as the UNet's time ids.
+        micro_conditioning=bundle.model.is_xl,
     )
     if cfg.data.source == "synthetic":
         return SyntheticBatches(
