@@ -297,3 +297,60 @@ def test_train_sample_and_evaluate_an_sdxl_run(tmp_path):
     )
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     assert (tmp_path / "eval" / "eval.json").is_file()
+
+
+def test_build_photoverse_from_an_sdxl_folder(xl, tmp_path):
+    """An SDXL pipeline folder (our export, which StableDiffusionXLPipeline loads) and a CLIP
+    vision folder -> PhotoVerse on SDXL: both towers, tokenizer 2, the zero-uncond setting."""
+    from pv_jax.models.presets import (
+        TINY_SDXL_UNET,
+        TINY_SDXL_VAE,
+        TINY_TEXT,
+        TINY_TEXT_2,
+        TINY_VISION,
+        random_module,
+    )
+    from pv_jax.photoverse import build_photoverse
+    from pv_jax.weights.hf_folders import (
+        StableDiffusion,
+        load_tokenizer,
+        load_tokenizer_2,
+        save_clip_vision,
+        save_stable_diffusion,
+    )
+
+    rng = np.random.default_rng(5)
+    sd = StableDiffusion(
+        unet=random_module(lambda r: UNet2DConditionModel(TINY_SDXL_UNET, rngs=r), rng),
+        vae=random_module(lambda r: AutoencoderKL(TINY_SDXL_VAE, rngs=r), rng),
+        text_encoder=random_module(lambda r: CLIPTextModel(TINY_TEXT, rngs=r), rng),
+        tokenizer=load_tokenizer(),
+        scheduler_config={"_class_name": "DDIMScheduler"},
+        text_encoder_2=random_module(
+            lambda r: CLIPTextModel(TINY_TEXT_2, with_projection=True, rngs=r), rng
+        ),
+        tokenizer_2=load_tokenizer_2(),
+        force_zeros_for_empty_prompt=True,
+    )
+    folder = save_stable_diffusion(sd, tmp_path / "sdxl")
+    vision = random_module(lambda r: CLIPVisionModel(TINY_VISION, rngs=r), rng)
+    bundle = build_photoverse(
+        TINY_CONFIG,
+        sd_folder=folder,
+        clip_vision_folder=save_clip_vision(vision, tmp_path / "vision"),
+        with_face_net=False,
+    )
+    model = bundle.model
+    assert model.is_xl and model.force_zeros_for_empty_prompt
+    assert model.text_widths == (TINY_TEXT.hidden_size, TINY_TEXT_2.hidden_size)
+    np.testing.assert_array_equal(
+        model.text_encoder_2.text_projection.kernel.get_value(),
+        sd.text_encoder_2.text_projection.kernel.get_value(),
+    )
+    np.testing.assert_array_equal(
+        model.unet.add_embedding.linear_1.kernel.get_value(),
+        sd.unet.add_embedding.linear_1.kernel.get_value(),
+    )
+    tokens = bundle.tokenizer(["a photo of S*"], 5)
+    assert tokens.input_ids_2 is not None and tokens.input_ids_2[0, -1] == 0  # "!" padding
+    chex.assert_shape(model.text_adapter.adapters[0].proj.kernel.get_value(), (48, 160))
