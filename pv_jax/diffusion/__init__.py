@@ -3,11 +3,13 @@
 from pv_jax.diffusion.schedules import (
     NoiseSchedule,
     add_noise,
+    ddim_loop,
     ddim_prev_timesteps,
     ddim_step,
     ddim_timesteps,
     predict_x0,
     snr,
+    step_keys,
     training_target,
     velocity,
 )
@@ -15,11 +17,13 @@ from pv_jax.diffusion.schedules import (
 __all__ = [
     "NoiseSchedule",
     "add_noise",
+    "ddim_loop",
     "ddim_prev_timesteps",
     "ddim_step",
     "ddim_timesteps",
     "predict_x0",
     "snr",
+    "step_keys",
     "training_target",
     "velocity",
 ]

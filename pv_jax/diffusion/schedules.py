@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -223,3 +224,50 @@ def ddim_step(
             raise ValueError("ddim_step with eta > 0 needs noise")
         prev = prev + std * noise
     return prev, x0
+
+
+def step_keys(keys: jax.Array, steps: int) -> jax.Array:
+    """(steps, B) keys: row b's key split into one per DDIM step (its eta noise)."""
+    return jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, steps))(keys), 0, 1)
+
+
+def ddim_loop(
+    schedule: NoiseSchedule,
+    predict: Callable[[jax.Array, jax.Array], jax.Array],
+    x: jax.Array,
+    timesteps: np.ndarray,
+    prev_timesteps: np.ndarray,
+    *,
+    guidance: jax.Array | float = 1.0,
+    cfg: bool = False,
+    eta: float = 0.0,
+    step_keys: jax.Array | None = None,
+) -> jax.Array:
+    """DDIM from ``x`` (B, ...) through ``timesteps`` to ``prev_timesteps`` (those of
+    :func:`ddim_timesteps` and :func:`ddim_prev_timesteps`, or a suffix for img2img), in one
+    ``jax.lax.scan``.
+
+    ``predict(x_in, t)`` is the model output; with ``cfg`` (classifier-free guidance) ``x_in``
+    is ``[x, x]`` and the output's first half is the unconditional one, combined as
+    ``uncond + guidance * (cond - uncond)``. With ``eta`` > 0, ``step_keys`` (steps, B) give
+    row b's variance noise at each step (so that a row does not depend on its batch).
+    """
+    ts, prev = np.asarray(timesteps), np.asarray(prev_timesteps)
+    if eta > 0 and step_keys is None:
+        raise ValueError("ddim_loop with eta > 0 needs step_keys")
+    keys = step_keys if eta > 0 else jnp.zeros((len(ts),), jnp.int32)
+
+    def step(x, inputs):
+        t, pt, k = inputs
+        out = predict(jnp.concatenate([x, x]) if cfg else x, t).astype(jnp.float32)
+        if cfg:
+            out_uncond, out_cond = jnp.split(out, 2)
+            out = out_uncond + guidance * (out_cond - out_uncond)
+        noise = None
+        if eta > 0:
+            noise = jax.vmap(lambda kk: jax.random.normal(kk, x.shape[1:], x.dtype))(k)
+        x, _ = ddim_step(schedule, out, t, pt, x, eta=eta, noise=noise)
+        return x, None
+
+    x, _ = jax.lax.scan(step, x, (jnp.asarray(ts), jnp.asarray(prev), keys))
+    return x

@@ -22,9 +22,10 @@ from flax import nnx
 from pv_jax.diffusion import (
     NoiseSchedule,
     add_noise,
+    ddim_loop,
     ddim_prev_timesteps,
-    ddim_step,
     ddim_timesteps,
+    step_keys,
 )
 from pv_jax.errors import InputError
 from pv_jax.photoverse.model import PhotoVerse, default_time_ids
@@ -81,11 +82,6 @@ def empty_prompt_ids(tokenizer) -> dict[str, np.ndarray]:
     if tokenizer.tokenizer_2 is not None:
         out["empty_ids_2"] = tokenizer.plain([""], tower=2)
     return out
-
-
-def step_keys(keys: jax.Array, steps: int) -> jax.Array:
-    """(steps, B) keys: row b's key split into one per DDIM step (its eta noise)."""
-    return jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, steps))(keys), 0, 1)
 
 
 def denoise_loop(
@@ -154,24 +150,22 @@ def denoise_loop(
         init = jnp.broadcast_to(init_latents, noise.shape)
         x = add_noise(schedule, init, noise, jnp.full((b,), ts[start]))
 
-    def step(x, inputs):
-        t, pt, k = inputs
-        x_in = jnp.concatenate([x, x]) if spec.cfg else x
-        out = model.denoise(
+    def predict(x_in: jax.Array, t: jax.Array) -> jax.Array:
+        return model.denoise(
             x_in, t, text, tokens, gamma=gammas, sigma=sigmas, alpha=alphas, time_ids=time_ids
         )
-        if spec.cfg:
-            out_uncond, out_cond = jnp.split(out, 2)
-            out = out_uncond + guidance * (out_cond - out_uncond)
-        eps_noise = None
-        if spec.eta > 0:
-            eps_noise = jax.vmap(lambda kk: jax.random.normal(kk, x.shape[1:], x.dtype))(k)
-        x, _ = ddim_step(schedule, out, t, pt, x, eta=spec.eta, noise=eps_noise)
-        return x, None
 
-    inputs = (jnp.asarray(ts[start:]), jnp.asarray(prev[start:]), per_step[start:])
-    x, _ = jax.lax.scan(step, x, inputs)
-    return x
+    return ddim_loop(
+        schedule,
+        predict,
+        x,
+        ts[start:],
+        prev[start:],
+        guidance=guidance,
+        cfg=spec.cfg,
+        eta=spec.eta,
+        step_keys=per_step[start:],
+    )
 
 
 class Sampler:

@@ -35,7 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pv_jax.diffusion import NoiseSchedule, ddim_prev_timesteps, ddim_step, ddim_timesteps
+from pv_jax.diffusion import (
+    NoiseSchedule,
+    ddim_loop,
+    ddim_prev_timesteps,
+    ddim_timesteps,
+    step_keys,
+)
 from pv_jax.models.sdxl import encode_sdxl_prompt, sdxl_time_ids
 from pv_jax.weights.hf_folders import StableDiffusion
 
@@ -111,35 +117,25 @@ def _denoise(
 
     schedule = plan.schedule
     ts = ddim_timesteps(schedule, plan.steps)
-    prev = ddim_prev_timesteps(schedule, ts)
+    per_step = None
     if plan.eta > 0:
-        # (steps, B) keys: row b's variance noise at step i (independent of the batch).
-        per_step = jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, plan.steps))(keys), 0, 1)
-    else:
-        per_step = jnp.zeros((plan.steps,), jnp.int32)  # unused
-
-    def step(x, inputs):
-        t, pt, k = inputs
-        x_in = jnp.concatenate([x, x]) if plan.cfg else x
-        out = unet(x_in, t, context, **extra).astype(jnp.float32)
-        if plan.cfg:
-            out_uncond, out_cond = jnp.split(out, 2)
-            out = out_uncond + guidance * (out_cond - out_uncond)
-        variance_noise = None
-        if plan.eta > 0:
-            variance_noise = jax.vmap(lambda kk: jax.random.normal(kk, x.shape[1:], x.dtype))(k)
-        x, _ = ddim_step(schedule, out, t, pt, x, eta=plan.eta, noise=variance_noise)
-        return x, None
-
-    x, _ = jax.lax.scan(
-        step, noise.astype(jnp.float32), (jnp.asarray(ts), jnp.asarray(prev), per_step)
+        per_step = step_keys(keys, plan.steps)  # row b's noise does not depend on the batch
+    return ddim_loop(
+        schedule,
+        lambda x_in, t: unet(x_in, t, context, **extra),
+        noise.astype(jnp.float32),
+        ts,
+        ddim_prev_timesteps(schedule, ts),
+        guidance=guidance,
+        cfg=plan.cfg,
+        eta=plan.eta,
+        step_keys=per_step,
     )
-    return x
 
 
 def vae_scale_factor(sd: StableDiffusion) -> int:
     """Pixels per latent pixel (diffusers' ``vae_scale_factor``: 8 for SD and SDXL)."""
-    return 2 ** (len(sd.vae.config.block_out_channels) - 1)
+    return sd.vae.config.downsample_factor
 
 
 def txt2img_latents(
