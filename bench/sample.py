@@ -3,6 +3,7 @@
     python bench/sample.py                       # SD1.5 sizes, 256x256, 25 steps
     python bench/sample.py --resolution 512      # many minutes on a CPU: run it in the background
     python bench/sample.py --preset tiny         # seconds: checks the script
+    python bench/sample.py --model sdxl --resolution 512 --steps 4   # SDXL: bench/sample_sdxl.py
 
 Random SD1.5-size networks (UNet, VAE, CLIP text; CLIP ViT-L/14 vision and the adapters for ours).
 The UNet, VAE and text encoder weights are copied into diffusers/transformers modules, so both
@@ -24,6 +25,7 @@ import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +93,19 @@ def torch_pipeline(bundle, scheduler_config: dict):
 
 def main() -> None:
     """Run the benchmark and print one JSON line per resolution."""
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--model", default="sd15", choices=["sd15", "sdxl"])
+    known, rest = model.parse_known_args()
+    if known.model == "sdxl":
+        # Plain SDXL vs StableDiffusionXLPipeline (and PhotoVerse on SDXL): staged processes.
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from sample_sdxl import main as sdxl_main
+
+        return sdxl_main(rest)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--model", default="sd15", choices=["sd15", "sdxl"], help="sdxl: see sample_sdxl.py"
+    )
     p.add_argument("--preset", default="sd15", choices=["sd15", "tiny"])
     p.add_argument("--resolution", type=int, action="append", help="default: 256")
     p.add_argument("--steps", type=int, default=25)
