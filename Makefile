@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-all demo demo-tiny toy lint format bench clean
+.PHONY: test test-all test-browser serve demo demo-tiny toy lint format bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,14 +25,34 @@ lint: $(STAMP)
 #   make test      every test but those marked slow: every parity test, within 15 minutes here
 #   make test-all  every test, the slow end-to-end runs too (train_tpu.py kill/resume in a
 #                  bucket, multi-device and multi-process runs, the toy pipeline, make demo);
-#                  .ci/run runs this one
+#                  .ci/run runs this one, then make test-browser
+#   make test-browser  the web app in a real browser (tests marked browser): Debian's Chromium
+#                  and chromedriver, installed with apt-get when missing (root, or sudo)
 PYTEST_WORKERS ?= 2
 PYTEST = $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist load
 test: lint
-	$(PYTEST) -m "not slow"
+	$(PYTEST) -m "not slow and not browser"
 
 test-all: lint
-	$(PYTEST)
+	$(PYTEST) -m "not browser"
+
+BROWSER_STAMP := $(VENV)/.installed-browser
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+$(BROWSER_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,browser]'
+	touch $(BROWSER_STAMP)
+
+test-browser: $(BROWSER_STAMP)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		$(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
+	$(PY) -m pytest -q -n 0 -m browser tests/test_browser.py
+
+# The web app on the embedded default (the toy model, its tuned guidance): upload a photo, type a
+# prompt with S*, see the results at http://127.0.0.1:7860. SERVE_ARGS: --port, --ckpt, --host...
+SERVE_ARGS ?=
+serve: $(STAMP)
+	$(PY) -m pv_jax.app $(SERVE_ARGS)
 
 # The embedded default: the toy model trained here (docs/EXPERIMENTS.md, models/toy_faces) on
 # two real faces it never saw: scikit-image's astronaut and a held-out CelebA photo of the wheel.

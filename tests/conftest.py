@@ -202,7 +202,7 @@ def pytest_sessionfinish(session, exitstatus):
 # each stays on one worker, so the fixture is built once; every other test is scheduled on its
 # own. (xdist's xdist_group marker does not take effect with pytest 9.2: the nodeid suffix that
 # its loadgroup scheduling relies on is not applied.)
-SHARED_FIXTURE_MODULES = ("tests/test_toy.py",)
+SHARED_FIXTURE_MODULES = ("tests/test_toy.py", "tests/test_app.py")
 
 
 def pytest_xdist_make_scheduler(config, log):
