@@ -15,6 +15,7 @@ from flax import nnx
 
 from pv_jax.models.attention import dot_attention
 from pv_jax.models.clip import CLIPTextModel, CLIPVisionModel
+from pv_jax.models.layers import abstract_module
 from pv_jax.models.presets import (
     SD15_TEXT,
     SD15_UNET,
@@ -103,8 +104,7 @@ def test_trainable_parameter_count_sd15():
     # Only the text width matters to the trainable part: one layer keeps the build quick.
     text_cfg = dataclasses.replace(SD15_TEXT, num_hidden_layers=1)
 
-    def build():
-        rngs = nnx.Rngs(0)
+    def build(rngs):
         return PhotoVerse(
             cfg,
             unet=UNet2DConditionModel(
@@ -116,7 +116,7 @@ def test_trainable_parameter_count_sd15():
             rngs=rngs,
         )
 
-    model = nnx.eval_shape(build)
+    model = abstract_module(build)  # shapes only, fast (layers.ShapeOnlyRngs)
     _, trainable, _ = split_trainable(model)
     n = count_params(trainable)
 
