@@ -1,20 +1,35 @@
 """Benchmark: one PhotoVerse train step (forward + backward + AdamW) on this machine.
 
     python bench/train_step.py                           # the matrix below, one process each
+    python bench/train_step.py --only sdxl               # the matrix rows of one config
     python bench/train_step.py --config sd15 --resolution 256 --batch 1 --face 1 --remat 1
     python bench/train_step.py --config sd15 --resolution 512 --steps 0   # FLOPs only
+    python bench/train_step.py --config sdxl --resolution 1024 --batch 4 --fsdp 4  # compile only
 
 Each setting runs in its own process (so that peak RSS is its own) on random networks of the
-preset (``tiny``, or ``sd15``: SD1.5 UNet/VAE/text + CLIP ViT-L/14 vision, 1.37B parameters),
-synthetic batches, fp32 on the CPU. Prints one JSON object per setting with ``config,
-resolution, batch, face_loss, remat, step_s, examples_per_s, gflops_per_s, peak_rss_gib``,
-plus compile and build times and the step's XLA FLOP count.
+preset (``tiny``; ``sd15``: SD1.5 UNet/VAE/text + CLIP ViT-L/14 vision, 1.37B parameters;
+``tiny_sdxl``; ``sdxl``: configs/photoverse_sdxl.py on random SDXL-shaped networks), synthetic
+batches, on the CPU. Prints one JSON object per setting with ``config, resolution, batch, fsdp,
+face_loss, remat, step_gflop`` (XLA's cost analysis of the compiled step, per device), XLA's
+memory analysis per device, compile time and peak RSS, and for timed settings ``step_s,
+examples_per_s, gflops_per_s`` and the parameter counts.
+
+``--fsdp N`` compiles on N CPU devices (``--xla_force_host_platform_device_count=N`` is set
+before JAX is imported) with the mesh (data=1, fsdp=N), as ``mesh.fsdp`` does on a TPU host.
+
+``sdxl`` (and any setting with ``--abstract 1``) is compile-only and never allocates a weight:
+the model is built under ``nnx.eval_shape``, the train state under ``jax.eval_shape``, and the
+trainer's step (``make_train_step``, jitted with the trainer's shardings) is lowered from
+``jax.ShapeDtypeStruct``\\ s. Its rows add the projected TPU v5p throughput (peak bf16 FLOP/s x
+an assumed MFU / the step's FLOPs per device) and whether XLA's memory per device fits a v5p
+chip's HBM.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -23,16 +38,250 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ["tiny", "sd15", "tiny_sdxl", "sdxl"]
+# config, resolution, global batch, face loss, remat, fsdp (CPU devices of the mesh)
 MATRIX = [
-    ("tiny", 32, 1, 1, 0),
-    ("tiny", 32, 2, 1, 0),
-    ("tiny", 32, 2, 0, 0),
-    ("tiny", 32, 2, 1, 1),
-    ("sd15", 256, 1, 1, 1),
-    ("sd15", 256, 1, 0, 1),
-    ("sd15", 256, 1, 1, 0),
-    ("sd15", 256, 2, 1, 1),
+    ("tiny", 32, 1, 1, 0, 1),
+    ("tiny", 32, 2, 1, 0, 1),
+    ("tiny", 32, 2, 0, 0, 1),
+    ("tiny", 32, 2, 1, 1, 1),
+    ("sd15", 256, 1, 1, 1, 1),
+    ("sd15", 256, 1, 0, 1, 1),
+    ("sd15", 256, 1, 1, 0, 1),
+    ("sd15", 256, 2, 1, 1, 1),
+    ("tiny_sdxl", 32, 2, 1, 0, 1),
+    ("tiny_sdxl", 32, 2, 0, 0, 1),
+    ("tiny_sdxl", 32, 2, 1, 1, 1),
+    ("tiny_sdxl", 32, 2, 1, 0, 2),
+    # SDXL (compile only): configs/photoverse_sdxl.py's one v5p host, batch 1 per device.
+    ("sdxl", 1024, 4, 1, 1, 4),
+    ("sdxl", 1024, 4, 0, 1, 4),
+    ("sdxl", 512, 4, 1, 1, 4),
+    ("sdxl", 512, 4, 0, 1, 4),
 ]
+COMPILE_ONLY = {"sdxl"}  # built abstractly: the CPU could not hold, let alone run, the step
+
+# The projection of the abstract rows: one TPU v5p chip (metrics.PEAK_TFLOPS) and its HBM.
+V5P = "TPU v5p"
+V5P_HBM_BYTES = 95e9
+V5P_CHIPS_PER_HOST = 4
+ASSUMED_MFU = 0.40
+
+
+def set_cpu_devices(n: int) -> None:
+    """Make the CPU backend show ``n`` devices (before JAX is imported)."""
+    if n <= 1:
+        return
+    if "jax" in sys.modules:
+        raise RuntimeError("set the CPU device count before importing jax")
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+def make_config(
+    config: str,
+    resolution: int,
+    batch: int,
+    face: bool,
+    remat: bool,
+    fsdp: int,
+    face_window: float | None,
+    face_fraction: float | None,
+    attention: str | None,
+):
+    """The run config of a setting (synthetic data, random networks of the preset)."""
+    sys.path.insert(0, str(ROOT))
+    from configs import photoverse_sdxl, tiny
+
+    if config in ("tiny", "sd15"):
+        cfg = tiny.get_config()
+        if config == "sd15":
+            from pv_jax.photoverse import PhotoVerseConfig
+
+            cfg.model = PhotoVerseConfig().to_dict()
+            cfg.base.kind = "random_sd15"
+    elif config == "tiny_sdxl":
+        cfg = photoverse_sdxl.get_config("tiny")
+    else:  # the SDXL run config (bf16, remat, ViT-H/14, its text layers) on random networks
+        cfg = photoverse_sdxl.get_config(f"fsdp={fsdp}")
+        cfg.base.kind = "random_sdxl"
+        cfg.data.source = "synthetic"
+        # What "auto" runs on a TPU; on the CPU it would be the blocked kernel, a loop whose
+        # FLOPs XLA's cost analysis counts once instead of once per block.
+        cfg.base.attention = "xla"
+    cfg.data.resolution = resolution
+    cfg.train.batch_size = batch
+    cfg.base.remat = bool(remat)
+    cfg.mesh.fsdp = fsdp
+    if attention:
+        cfg.base.attention = attention
+    if not face:
+        cfg.model.face_weight = 0.0
+    if face_window is not None:
+        cfg.model.face_window = face_window
+    if face_fraction is not None:
+        cfg.model.face_batch_fraction = face_fraction
+    return cfg
+
+
+def abstract_run(cfg, mesh):
+    """The trainer's jitted step and abstract (state, frozen, batch) to lower it with; no
+    weight is allocated. ``trainer.setup`` builds the weights, so this mirrors it: the same
+    optimizer, shardings and ``make_train_step``, on a model built under ``nnx.eval_shape``."""
+    import jax
+    from flax import nnx
+
+    from pv_jax.diffusion import NoiseSchedule
+    from pv_jax.face import FaceResNet
+    from pv_jax.models.clip import CLIPTextModel, CLIPVisionModel
+    from pv_jax.models.unet import UNet2DConditionModel
+    from pv_jax.models.vae import AutoencoderKL
+    from pv_jax.photoverse import (
+        PhotoVerse,
+        PhotoVerseBundle,
+        PhotoVerseConfig,
+        count_params,
+        photoverse_attention_cls,
+        split_trainable,
+    )
+    from pv_jax.photoverse.factory import DTYPES, PRESETS, _tokenizer
+    from pv_jax.train import sharding, trainer
+    from pv_jax.train.step import TrainState, make_train_step
+    from pv_jax.weights.hf_folders import load_tokenizer, load_tokenizer_2
+
+    trainer.check_config(cfg, mesh)
+    pv_cfg = PhotoVerseConfig.from_dict(cfg.model.to_dict())
+    preset = PRESETS[cfg.base.kind.removeprefix("random_")]
+    dtype = DTYPES[cfg.base.dtype]
+    kw = dict(dtype=dtype, attention=cfg.base.attention)
+
+    # Each network in its own trace: a parameter's creation under eval_shape costs time in the
+    # size of the trace so far (library problem, docs/BENCHMARKS.md), so one trace of the whole
+    # model is several times slower than these.
+    def abstract(ctor):
+        return nnx.eval_shape(lambda: ctor(nnx.Rngs(cfg.base.seed)))
+
+    unet = abstract(
+        lambda r: UNet2DConditionModel(
+            preset.unet,
+            remat=cfg.base.remat,
+            cross_attention_cls=photoverse_attention_cls(pv_cfg),
+            rngs=r,
+            **kw,
+        )
+    )
+    nets = dict(
+        unet=unet,
+        vae=abstract(lambda r: AutoencoderKL(preset.vae, rngs=r, **kw)),
+        text_encoder=abstract(lambda r: CLIPTextModel(preset.text, rngs=r, **kw)),
+        image_encoder=abstract(lambda r: CLIPVisionModel(preset.vision, rngs=r, **kw)),
+        face_net=abstract(lambda r: FaceResNet(rngs=r)) if pv_cfg.face_weight else None,
+        text_encoder_2=None
+        if preset.text_2 is None
+        else abstract(lambda r: CLIPTextModel(preset.text_2, with_projection=True, rngs=r, **kw)),
+    )
+
+    def build(nets: dict) -> PhotoVerse:  # random_photoverse's composition (and adapters)
+        return PhotoVerse(
+            pv_cfg,
+            **nets,
+            force_zeros_for_empty_prompt=preset.text_2 is not None,
+            dtype=dtype,
+            rngs=nnx.Rngs(cfg.base.seed),
+        )
+
+    model = nnx.eval_shape(build, nets)
+    tokenizer = _tokenizer(
+        load_tokenizer(),
+        pv_cfg,
+        preset.text.max_position_embeddings,
+        load_tokenizer_2() if preset.text_2 is not None else None,
+    )
+    bundle = PhotoVerseBundle(model, tokenizer, NoiseSchedule(), pv_cfg)
+    # The batch's keys, shapes and dtypes are those of the trainer's own data.
+    batch = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+        for k, v in next(trainer.make_data(cfg, bundle)).items()
+    }
+    graphdef, trainable, frozen = split_trainable(model)
+    tx, lr = trainer.make_optimizer_from_config(cfg, with_schedule=True)
+    trainable_sh = sharding.state_shardings(trainable, mesh)
+    frozen_sh = sharding.state_shardings(frozen, mesh)
+    state = jax.eval_shape(
+        lambda t: TrainState.create(t, tx, ema=cfg.train.ema_decay > 0), trainable
+    )
+    state_sh = sharding.train_state_shardings(state, tx, trainable_sh, mesh)
+    step_fn = make_train_step(
+        graphdef,
+        tx,
+        lr,
+        noise_schedule=bundle.schedule,
+        config=pv_cfg,
+        seed=cfg.train.seed,
+        fusion=cfg.train.fusion,
+        ema_decay=cfg.train.ema_decay,
+        face_sharding=trainer._face_sharding(cfg, bundle, mesh),
+    )
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
+        out_shardings=(state_sh, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    return jitted, (state, frozen, batch), count_params(trainable), count_params(frozen)
+
+
+def gib(n: float) -> float:
+    """Bytes -> GiB, 3 decimals."""
+    return round(n / 2**30, 3)
+
+
+def memory_record(compiled) -> dict:
+    """XLA's memory analysis of the compiled step, per device: the sum (arguments + outputs -
+    outputs aliased to donated arguments + temporaries + generated code) and the parts."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return {}
+    parts = {
+        "argument": m.argument_size_in_bytes,
+        "output": m.output_size_in_bytes,
+        "alias": m.alias_size_in_bytes,
+        "temp": m.temp_size_in_bytes,
+        "generated_code": m.generated_code_size_in_bytes,
+    }
+    total = (
+        parts["argument"]
+        + parts["output"]
+        - parts["alias"]
+        + parts["temp"]
+        + parts["generated_code"]
+    )
+    record = {
+        "memory_per_device_gib": gib(total),
+        "memory_parts_gib": {k: gib(v) for k, v in parts.items()},
+        "memory_per_device_bytes": total,
+    }
+    return record
+
+
+def v5p_projection(flops_per_device: float, batch: int, devices: int, memory: int | None):
+    """Examples/s a v5p chip and host would do at ASSUMED_MFU, and the HBM margin."""
+    from pv_jax.train.metrics import PEAK_TFLOPS
+
+    if not flops_per_device:
+        return {}
+    step_s = flops_per_device / (PEAK_TFLOPS[V5P] * 1e12 * ASSUMED_MFU)
+    per_chip = batch / devices / step_s
+    record = {
+        "v5p_assumed_mfu": ASSUMED_MFU,
+        "v5p_step_s": round(step_s, 4),
+        "v5p_examples_per_s_chip": round(per_chip, 2),
+        "v5p_examples_per_s_host": round(per_chip * V5P_CHIPS_PER_HOST, 2),
+    }
+    if memory:
+        record["v5p_hbm_fraction"] = round(memory / V5P_HBM_BYTES, 3)
+        record["v5p_hbm_margin_gb"] = round((V5P_HBM_BYTES - memory) / 1e9, 1)
+    return record
 
 
 def run_one(
@@ -42,58 +291,72 @@ def run_one(
     face: bool,
     remat: bool,
     steps: int,
-    face_window: float = 1.0,
+    face_window: float | None = None,
     face_fraction: float | None = None,
+    fsdp: int = 1,
+    abstract: bool = False,
+    attention: str | None = None,
 ):
-    """Build, compile and time the step; returns the JSON record."""
+    """Build, compile and time the step (or only compile it); returns the JSON record."""
+    set_cpu_devices(fsdp)
     import jax
 
     sys.path.insert(0, str(ROOT))
-    from configs import tiny
     from pv_jax.train import sharding, trainer
     from pv_jax.train.metrics import compiled_flops
 
-    cfg = tiny.get_config()
-    if config == "sd15":
-        from pv_jax.photoverse import PhotoVerseConfig
-
-        cfg.model = PhotoVerseConfig().to_dict()
-        cfg.base.kind = "random_sd15"
-    cfg.data.resolution = resolution
-    cfg.train.batch_size = batch
-    cfg.base.remat = bool(remat)
-    if not face:
-        cfg.model.face_weight = 0.0
-    cfg.model.face_window = face_window
-    cfg.model.face_batch_fraction = face_fraction
+    abstract = abstract or config in COMPILE_ONLY
+    cfg = make_config(
+        config, resolution, batch, face, remat, fsdp, face_window, face_fraction, attention
+    )
     t0 = time.perf_counter()
-    mesh = sharding.make_mesh(1, 1)
-    run = trainer.setup(cfg, mesh)
+    mesh = sharding.make_mesh(-1, fsdp)
+    if abstract:
+        step, args, trainable_params, frozen_params = abstract_run(cfg, mesh)
+    else:
+        run = trainer.setup(cfg, mesh)
+        state = sharding.put_global(run.host_state, run.state_sh)
+        run.host_state = None
+        step, trainable_params, frozen_params = run.step, run.trainable_params, run.frozen_params
+        args = (state, run.frozen, sharding.put_batch(next(run.data), mesh))
     build_s = time.perf_counter() - t0
-    state = sharding.put_global(run.host_state, run.state_sh)
-    run.host_state = None
-    batch_arrays = sharding.put_batch(next(run.data), mesh)
     t0 = time.perf_counter()
-    compiled = run.step.lower(state, run.frozen, batch_arrays).compile()
+    lowered = step.lower(*args)
+    lower_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-    flops = compiled_flops(compiled)
+    flops = compiled_flops(compiled)  # per device: the cost of the SPMD-partitioned program
+    memory = memory_record(compiled)
     record = {
         "config": config,
         "resolution": resolution,
         "batch": batch,
+        "fsdp": fsdp,
         "face_loss": bool(face),
         "remat": bool(remat),
-        "face_window": face_window,
-        "face_fraction": face_fraction,
+        "dtype": cfg.base.dtype,
+        "attention": cfg.base.attention,
+        "face_window": cfg.model.face_window,
+        "face_fraction": cfg.model.face_batch_fraction,
         "step_gflop": round(flops / 1e9, 2),
+        "gflop_per_example": round(flops * fsdp / batch / 1e9, 2),
+        **{k: v for k, v in memory.items() if k != "memory_per_device_bytes"},
+        "trainable_params": trainable_params,
+        "params": trainable_params + frozen_params,
+        "build_s": round(build_s, 2),
+        "lower_s": round(lower_s, 2),
         "compile_s": round(compile_s, 2),
     }
-    if steps == 0:  # compile only: the FLOP count of a setting too slow to run here
-        return record
+    if config in ("sd15", "sdxl"):
+        record.update(v5p_projection(flops, batch, fsdp, memory.get("memory_per_device_bytes")))
+    if abstract or steps == 0:  # compile only: a setting too slow (or too big) to run here
+        return {**record, "peak_rss_gib": peak_rss_gib()}
+    state, frozen, batch_arrays = args
     times = []
     for _ in range(steps + 1):  # the first call also allocates: not timed
         t0 = time.perf_counter()
-        state, metrics = compiled(state, run.frozen, batch_arrays)
+        state, metrics = compiled(state, frozen, batch_arrays)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times[1:])
@@ -102,48 +365,54 @@ def run_one(
         "step_s": round(step_s, 4),
         "examples_per_s": round(batch / step_s, 3),
         "gflops_per_s": round(flops / step_s / 1e9, 2),
-        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-        "build_s": round(build_s, 2),
-        "trainable_params": run.trainable_params,
-        "params": run.trainable_params + run.frozen_params,
+        "peak_rss_gib": peak_rss_gib(),
         "loss": float(metrics["loss"]),
         "device": jax.devices()[0].device_kind,
     }
 
 
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+
+
 def main() -> None:
     """Run one setting (flags given) or the whole matrix (each in a subprocess)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", choices=["tiny", "sd15"])
+    p.add_argument("--config", choices=CONFIGS)
     p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="global batch (over all devices)")
     p.add_argument("--face", type=int, default=1)
     p.add_argument("--remat", type=int, default=1)
+    p.add_argument("--fsdp", type=int, default=1, help="CPU devices of the (1, fsdp) mesh")
     p.add_argument("--steps", type=int, default=3, help="timed steps; 0: compile only")
-    p.add_argument("--face-window", type=float, default=1.0, help="1.0: whole-image decode")
+    p.add_argument("--abstract", type=int, default=0, help="1: compile from abstract shapes")
+    p.add_argument("--attention", help="base.attention (default: the config's; sdxl: xla)")
+    p.add_argument(
+        "--face-window", type=float, default=None, help="1.0: whole-image decode (default)"
+    )
     p.add_argument(
         "--face-fraction", type=float, default=None, help="face sub-batch (default: P(t<=500))"
     )
-    p.add_argument("--only", choices=["tiny", "sd15"], help="run the matrix rows of one config")
+    p.add_argument("--only", choices=CONFIGS, help="run the matrix rows of one config")
     args = p.parse_args()
     if args.config:
-        print(
-            json.dumps(
-                run_one(
-                    args.config,
-                    args.resolution,
-                    args.batch,
-                    args.face,
-                    args.remat,
-                    args.steps,
-                    args.face_window,
-                    args.face_fraction,
-                )
-            ),
-            flush=True,
+        record = run_one(
+            args.config,
+            args.resolution,
+            args.batch,
+            args.face,
+            args.remat,
+            args.steps,
+            args.face_window,
+            args.face_fraction,
+            args.fsdp,
+            bool(args.abstract),
+            args.attention,
         )
+        print(json.dumps(record), flush=True)
         return
-    for config, res, batch, face, remat in MATRIX:
+    for config, res, batch, face, remat, fsdp in MATRIX:
         if args.only and config != args.only:
             continue
         cmd = [
@@ -154,6 +423,7 @@ def main() -> None:
             f"--batch={batch}",
             f"--face={face}",
             f"--remat={remat}",
+            f"--fsdp={fsdp}",
             f"--steps={args.steps}",
         ]
         out = subprocess.run(cmd, capture_output=True, text=True)
@@ -166,6 +436,7 @@ def main() -> None:
                         "config": config,
                         "resolution": res,
                         "batch": batch,
+                        "fsdp": fsdp,
                         "face_loss": bool(face),
                         "remat": bool(remat),
                         "error": err[0],
