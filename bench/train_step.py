@@ -40,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ["tiny", "sd15", "tiny_sdxl", "sdxl"]
 # config, resolution, global batch, face loss, remat, fsdp (CPU devices of the mesh)
+# [, face_batch_fraction (default: P(t <= t_face_max))]
 MATRIX = [
     ("tiny", 32, 1, 1, 0, 1),
     ("tiny", 32, 2, 1, 0, 1),
@@ -56,6 +57,9 @@ MATRIX = [
     # SDXL (compile only): configs/photoverse_sdxl.py's one v5p host, batch 1 per device.
     ("sdxl", 1024, 4, 1, 1, 4),
     ("sdxl", 1024, 4, 0, 1, 4),
+    # The whole batch through the face branch: 4 decodes, one per device. The default's 2 of 4
+    # do not split over 4 devices, so XLA gives each device a decode or more (see the docs).
+    ("sdxl", 1024, 4, 1, 1, 4, 1.0),
     ("sdxl", 512, 4, 1, 1, 4),
     ("sdxl", 512, 4, 0, 1, 4),
 ]
@@ -66,6 +70,21 @@ V5P = "TPU v5p"
 V5P_HBM_BYTES = 95e9
 V5P_CHIPS_PER_HOST = 4
 ASSUMED_MFU = 0.40
+
+
+# LLVM's optimisation level only: XLA's HLO passes, buffer assignment (the memory analysis) and
+# cost analysis run before it and are unchanged (checked: docs/BENCHMARKS.md), while the CPU
+# compile of a compile-only row takes about 40% less time. The code it makes is slower, so
+# timed rows never use it.
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def set_xla_flags(n: int, fast_compile: bool) -> None:
+    """Set the CPU device count and the compile-only flags (before JAX is imported)."""
+    set_cpu_devices(n)
+    if fast_compile:
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} {FAST_COMPILE_FLAGS}".strip()
 
 
 def set_cpu_devices(n: int) -> None:
@@ -296,16 +315,17 @@ def run_one(
     fsdp: int = 1,
     abstract: bool = False,
     attention: str | None = None,
+    fast_compile: bool = True,
 ):
     """Build, compile and time the step (or only compile it); returns the JSON record."""
-    set_cpu_devices(fsdp)
+    abstract = abstract or config in COMPILE_ONLY
+    set_xla_flags(fsdp, fast_compile and (abstract or steps == 0))
     import jax
 
     sys.path.insert(0, str(ROOT))
     from pv_jax.train import sharding, trainer
     from pv_jax.train.metrics import compiled_flops
 
-    abstract = abstract or config in COMPILE_ONLY
     cfg = make_config(
         config, resolution, batch, face, remat, fsdp, face_window, face_fraction, attention
     )
@@ -341,7 +361,8 @@ def run_one(
         "face_fraction": cfg.model.face_batch_fraction,
         "step_gflop": round(flops / 1e9, 2),
         "gflop_per_example": round(flops * fsdp / batch / 1e9, 2),
-        **{k: v for k, v in memory.items() if k != "memory_per_device_bytes"},
+        **memory,
+        "xla_fast_compile": FAST_COMPILE_FLAGS in os.environ.get("XLA_FLAGS", ""),
         "trainable_params": trainable_params,
         "params": trainable_params + frozen_params,
         "build_s": round(build_s, 2),
@@ -394,6 +415,12 @@ def main() -> None:
     p.add_argument(
         "--face-fraction", type=float, default=None, help="face sub-batch (default: P(t<=500))"
     )
+    p.add_argument(
+        "--fast-compile",
+        type=int,
+        default=1,
+        help="compile-only settings: 1 (default) LLVM opt level 0 (same memory and FLOPs)",
+    )
     p.add_argument("--only", choices=CONFIGS, help="run the matrix rows of one config")
     args = p.parse_args()
     if args.config:
@@ -409,12 +436,14 @@ def main() -> None:
             args.fsdp,
             bool(args.abstract),
             args.attention,
+            bool(args.fast_compile),
         )
         print(json.dumps(record), flush=True)
         return
-    for config, res, batch, face, remat, fsdp in MATRIX:
+    for config, res, batch, face, remat, fsdp, *fraction in MATRIX:
         if args.only and config != args.only:
             continue
+        extra = [f"--face-fraction={fraction[0]}"] if fraction else []
         cmd = [
             sys.executable,
             __file__,
@@ -425,6 +454,7 @@ def main() -> None:
             f"--remat={remat}",
             f"--fsdp={fsdp}",
             f"--steps={args.steps}",
+            *extra,
         ]
         out = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
@@ -439,6 +469,7 @@ def main() -> None:
                         "fsdp": fsdp,
                         "face_loss": bool(face),
                         "remat": bool(remat),
+                        "face_fraction": fraction[0] if fraction else None,
                         "error": err[0],
                     }
                 ),
