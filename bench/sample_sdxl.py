@@ -12,8 +12,8 @@ separate processes, one after the other, each waiting until ``--min-free-gib`` a
    other weights fan-in scaled normal) written once as a diffusers SDXL folder under
    ``--cache`` (reused when present). :func:`save_stable_diffusion` writes the folder (text
    towers, VAE, tokenizers, the DDIM scheduler config, ``model_index.json``); the UNet is
-   filled and written tensor by tensor in 2 GiB safetensors shards instead (``save_unet``
-   holds the weights three times: the module, ``export_state``'s copy and safetensors' bytes).
+   filled and written tensor by tensor in 2 GiB safetensors shards instead, so that the random
+   10.3 GB UNet never exists whole in this process.
 2. ``ours``: :func:`load_stable_diffusion`, then :func:`txt2img_latents` and
    :func:`decode_latents`; one untimed compiling call, then ``--repeats`` timed ones.
 3. ``torch``: ``StableDiffusionXLPipeline.from_pretrained`` with a ``DDIMScheduler``, the same

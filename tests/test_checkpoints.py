@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -227,6 +228,68 @@ def test_safetensors_reader_dtypes_and_truncation(tmp_path):
         open_tensors([tmp_path / "junk.safetensors"]),
     ):
         pass
+
+
+def test_safetensors_writer_streams_and_reads_back(tmp_path):
+    import gc
+    import weakref
+
+    import ml_dtypes
+    from safetensors.torch import load_file as torch_load_file
+
+    from pv_jax.weights.convert import LazyTensor
+    from pv_jax.weights.hf_folders import write_safetensors
+
+    rng = np.random.RandomState(0)
+    eager = {
+        "f16": rng.randn(5).astype(np.float16),
+        "bf16": rng.randn(3, 4).astype(ml_dtypes.bfloat16),
+        "i64": np.arange(7),
+        "bool": np.array([True, False, True]),
+        "scalar": np.float32(2.5).reshape(()),
+        "empty": np.zeros((0, 3), np.float32),
+    }
+    alive: list[weakref.ref] = []
+
+    def lazy(array: np.ndarray) -> LazyTensor:
+        def make() -> np.ndarray:
+            gc.collect()
+            # Streaming: every tensor made before this one has been written and let go.
+            chex.assert_trees_all_equal([r() for r in alive], [None] * len(alive))
+            out = array.copy()
+            alive.append(weakref.ref(out))
+            return out
+
+        return LazyTensor(array.shape, make)
+
+    big = {f"lazy.{i}": rng.randn(16, 3 + i).astype(np.float32) for i in range(4)}
+    path = write_safetensors(
+        tmp_path / "w.safetensors",
+        {**eager, **{k: lazy(v) for k, v in big.items()}},
+        {"format": "pt"},
+    )
+    assert len(alive) == 4
+    want = {**eager, **big}
+    got = load_file(str(path))  # safetensors' own reader, and torch's
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+        chex.assert_shape(got[k], v.shape)
+        np.testing.assert_array_equal(got[k], v)
+    back = torch_load_file(str(path))
+    np.testing.assert_array_equal(back["bf16"].float().numpy(), eager["bf16"].astype(np.float32))
+    (n,) = np.frombuffer(path.read_bytes()[:8], "<u8")
+    assert n % 8 == 0
+
+    # A tensor made with another shape than announced: an error naming it, the earlier file
+    # intact and no partial file left.
+    before = path.read_bytes()
+    bad = LazyTensor((4,), lambda: np.zeros(5, np.float32))
+    with pytest.raises(ValueError, match=r"tensor bad was made as \(5,\)"):
+        write_safetensors(path, {"ok": np.zeros(2, np.float32), "bad": bad})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+    with pytest.raises(ValueError, match="complex128, which safetensors lacks"):
+        write_safetensors(tmp_path / "c.safetensors", {"c": np.zeros(2, np.complex128)})
 
 
 def test_packaged_tokenizer_is_openai_clip():

@@ -171,6 +171,47 @@ def load_into(
     return nnx.merge(graphdef, state)
 
 
+@dataclasses.dataclass(frozen=True)
+class LazyTensor:
+    """A tensor to export, made only when called: its torch-layout shape, float32."""
+
+    shape: tuple[int, ...]
+    make: Callable[[], np.ndarray]
+    dtype: np.dtype = np.dtype(np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the made tensor."""
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def __call__(self) -> np.ndarray:
+        return self.make()
+
+
+def export_lazy(
+    module: nnx.Module,
+    rules: Sequence[Rule] = DEFAULT_RULES,
+    *,
+    prefix: str = "",
+    skip: nnx.filterlib.Filter = nothing,
+) -> dict[str, LazyTensor]:
+    """:func:`export_state` without the copies: torch key -> a :class:`LazyTensor` that makes
+    the tensor (float32, torch layout, contiguous) when called, so a writer holds one at a time."""
+    out: dict[str, LazyTensor] = {}
+    params = nnx.All(nnx.Param, nnx.Not(skip))
+    for path, var in nnx.to_flat_state(nnx.state(module, params)):
+        key, layout = torch_key(_path_str(path), rules)
+        # A zero-stride view: the torch-layout shape without touching the weights.
+        shape = to_torch_layout(np.broadcast_to(np.float32(0), var.get_value().shape), layout).shape
+
+        def make(var=var, layout=layout) -> np.ndarray:
+            array = np.asarray(var.get_value(), dtype=np.float32)
+            return np.ascontiguousarray(to_torch_layout(array, layout))
+
+        out[prefix + key] = LazyTensor(tuple(shape), make)
+    return out
+
+
 def export_state(
     module: nnx.Module,
     rules: Sequence[Rule] = DEFAULT_RULES,
@@ -180,10 +221,4 @@ def export_state(
 ) -> dict[str, np.ndarray]:
     """The module's parameters as a torch-layout state dict (float32 numpy, contiguous), but
     those matching ``skip``."""
-    out: dict[str, np.ndarray] = {}
-    params = nnx.All(nnx.Param, nnx.Not(skip))
-    for path, var in nnx.to_flat_state(nnx.state(module, params)):
-        key, layout = torch_key(_path_str(path), rules)
-        array = np.asarray(var.get_value(), dtype=np.float32)
-        out[prefix + key] = np.ascontiguousarray(to_torch_layout(array, layout))
-    return out
+    return {k: make() for k, make in export_lazy(module, rules, prefix=prefix, skip=skip).items()}

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors.numpy import save_file
 
 from pv_jax.errors import InputError
 from pv_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
@@ -33,8 +32,9 @@ from pv_jax.weights.convert import (
     CLIP_TEXT_STRIP_PREFIXES,
     CLIP_VISION_STRIP_PREFIXES,
     DEFAULT_RULES,
+    LazyTensor,
     TensorSource,
-    export_state,
+    export_lazy,
     load_into,
     nothing,
 )
@@ -432,10 +432,64 @@ def load_stable_diffusion(
 # ----------------------------------------------------------------------------------- export
 
 
-def _write(folder: Path, config: dict, tensors: dict[str, np.ndarray], weights_file: str) -> Path:
+_DTYPE_CODES = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, LazyTensor | np.ndarray],
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write a safetensors file one tensor at a time: the peak is the largest tensor, not the
+    whole state dict twice over (``safetensors.numpy.save_file`` copies every tensor to bytes).
+
+    :class:`LazyTensor` values are made as they are written. The file appears complete or not
+    at all (written beside it, then renamed).
+    """
+    path = Path(path)
+    header: dict[str, Any] = {}
+    offset = 0
+    for key, t in tensors.items():
+        dtype = np.dtype(t.dtype)
+        if dtype not in _DTYPE_CODES:
+            raise ValueError(f"{path}: tensor {key} has dtype {dtype}, which safetensors lacks")
+        size = int(np.prod(t.shape, dtype=np.int64)) * dtype.itemsize
+        header[key] = dict(
+            dtype=_DTYPE_CODES[dtype], shape=list(t.shape), data_offsets=[offset, offset + size]
+        )
+        offset += size
+    if metadata:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for key, t in tensors.items():
+                array = np.asarray(t() if isinstance(t, LazyTensor) else t)
+                array = array if array.flags.c_contiguous else array.copy(order="C")
+                want = (header[key]["shape"], header[key]["dtype"])
+                if (list(array.shape), _DTYPE_CODES.get(array.dtype)) != want:
+                    raise ValueError(
+                        f"{path}: tensor {key} was made as {array.shape} {array.dtype}, "
+                        f"announced as {want}"
+                    )
+                f.write(array.reshape(-1).view(np.uint8).data)
+                del array
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _write(
+    folder: Path, config: dict, tensors: Mapping[str, LazyTensor], weights_file: str
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    save_file(tensors, str(folder / weights_file), metadata={"format": "pt"})
+    write_safetensors(folder / weights_file, tensors, {"format": "pt"})
     return folder
 
 
@@ -444,7 +498,7 @@ def save_unet(unet: UNet2DConditionModel, folder: str | os.PathLike) -> Path:
     return _write(
         Path(folder),
         unet.config.to_diffusers(),
-        export_state(unet),
+        export_lazy(unet),
         f"{DIFFUSERS_WEIGHTS}.safetensors",
     )
 
@@ -454,7 +508,7 @@ def save_vae(vae: AutoencoderKL, folder: str | os.PathLike) -> Path:
     return _write(
         Path(folder),
         vae.config.to_diffusers(),
-        export_state(vae),
+        export_lazy(vae),
         f"{DIFFUSERS_WEIGHTS}.safetensors",
     )
 
@@ -463,7 +517,7 @@ def _clip_export(model, prefix: str, arch: str, folder: Path) -> Path:
     # transformers writes the tower prefix only for the *WithProjection classes.
     proj = getattr(model, "with_projection", False)
     config = dict(model.config.to_hf(), architectures=[arch + ("WithProjection" if proj else "")])
-    tensors = export_state(model, CLIP_RULES, prefix="")
+    tensors = export_lazy(model, CLIP_RULES)
     if proj:
         tensors = {
             (k if k.endswith("projection.weight") else prefix + k): v for k, v in tensors.items()
