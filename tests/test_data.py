@@ -427,7 +427,8 @@ def _tokenizer(second: bool = False):
 
 def test_target_geometry_and_time_ids_by_hand():
     """source_size is the photo's (H, W); target_box is the square that was cut; the time ids
-    follow [ours] SDXL rule, checked by hand inside the photo and past its top/left border."""
+    follow [ours] rule (the square is the original image), checked by hand inside the photo
+    and past its top/left border."""
     from pv_jax.train.data import default_time_ids, micro_conditioning_ids
 
     astronaut = skimage.data.astronaut()
@@ -445,18 +446,13 @@ def test_target_geometry_and_time_ids_by_hand():
         box = np.array([left, top, left + side, top + side])
         again = pp.crop_resize(image, box, 128, "constant", Image.BICUBIC)
         np.testing.assert_array_equal(again, rec.target)
-    sizes = np.stack([inside.source_size, past.source_size, [600, 512]])
     boxes = np.stack([inside.target_box, past.target_box, [-79, -55, 648]])
-    ids = micro_conditioning_ids(sizes, boxes, 1024)
+    ids = micro_conditioning_ids(boxes, 1024)
     chex.assert_shape(ids, (3, 6))
     chex.assert_type(ids, np.float32)
-    # k = 1024 / 264: 91 k = 352.970, 187 k = 725.333; top -5 -> 0; hopper's -79, -55 -> 0, 0.
-    want = [
-        [608, 700, 352.970, 725.333, 1024, 1024],
-        [512, 512, 0, 352.970, 1024, 1024],
-        [600, 512, 0, 0, 1024, 1024],
-    ]
-    np.testing.assert_allclose(ids, want, atol=1e-3)
+    # The square's side is the original size wherever it lies in the photo; never cropped.
+    want = [[264, 264, 0, 0, 1024, 1024]] * 2 + [[648, 648, 0, 0, 1024, 1024]]
+    np.testing.assert_array_equal(ids, want)
     np.testing.assert_array_equal(default_time_ids(2, 64), [[64, 64, 0, 0, 64, 64]] * 2)
 
 
@@ -492,13 +488,12 @@ def test_dataset_geometry_to_record_time_ids(built):
     it = batches(micro_conditioning=True)
     got = np.concatenate([next(it)["time_ids"] for _ in range(3)])  # one epoch: 6 records
     chex.assert_type(got, np.float32)
-    geometry = [(r["source_size"], r["target_box"]) for r in rows.values()]
-    sizes, boxes = (np.stack(x) for x in zip(*geometry, strict=True))
-    want = micro_conditioning_ids(sizes, boxes, 32)
+    want = micro_conditioning_ids(np.stack([r["target_box"] for r in rows.values()]), 32)
     np.testing.assert_array_equal(np.unique(got, axis=0), np.unique(want, axis=0))
-    # 91 * 32 / 264 = 11.0303: astronaut's square passes the top only; hopper's the top-left.
-    assert np.isclose(got, [512, 512, 0, 11.0303, 32, 32], atol=1e-4).all(axis=1).any()
-    assert (got == [600, 512, 0, 0, 32, 32]).all(axis=1).any()
+    # Astronaut's square (264 px a side) and hopper's (648), by hand.
+    np.testing.assert_array_equal(
+        np.unique(got, axis=0), [[264, 264, 0, 0, 32, 32], [648, 648, 0, 0, 32, 32]]
+    )
     plain, flagged = next(batches()), next(batches(micro_conditioning=True))
     assert "time_ids" not in plain and flagged.keys() - plain.keys() == {"time_ids"}
     for k in plain:
@@ -596,8 +591,9 @@ def test_synthetic_time_ids_and_second_tokenizer():
         chex.assert_shape(x["input_ids_2"], x["input_ids"].shape)
     ids = np.concatenate([x["time_ids"] for x in a])
     assert not np.array_equal(a[0]["time_ids"], a[1]["time_ids"])  # new rows every step
-    assert np.all((ids[:, :2] >= 256) & (ids[:, :2] <= 2048))  # photo sizes
-    assert np.all(ids[:, 2:4] >= 0) and np.all(ids[:, 4:] == 64)
+    # Squares of 0.3..1.2 times a 256..2048 px photo's short side; never cropped.
+    assert np.all(ids[:, 0] == ids[:, 1]) and np.all((ids[:, 0] >= 77) & (ids[:, 0] <= 2458))
+    assert np.all(ids[:, 2:4] == 0) and np.all(ids[:, 4:] == 64)
     # Row r of a global batch is the same whichever process holds it.
     other = first_two(True, process_index=1)
     whole = SyntheticBatches(

@@ -62,9 +62,9 @@ class FaceRecord:
     landmarks: np.ndarray  # (5, 2) float32 (x, y) in target-crop pixels, dlib's order
     descriptor: np.ndarray  # (128,) float32 dlib face descriptor of the target crop
     face_box: np.ndarray  # (4,) float32 left, top, right, bottom in source-image pixels
-    # For SDXL's size/crop micro-conditioning (``pv_jax.train.data.micro_conditioning_ids``):
-    # the upright photo's (H, W), and the target square (top, left, side) in its pixels; stored,
-    # not derived: the photo's size is not in the crops, and re-deriving the square from the
+    # The upright photo's (H, W), and the target square (top, left, side) in its pixels, whose
+    # side is SDXL's original size (``pv_jax.train.data.micro_conditioning_ids``); stored, not
+    # derived: the photo's size is not in the crops, and re-deriving the square from the
     # float32 face_box and the config could round differently from what was cut.
     source_size: np.ndarray  # (2,) int32 height, width of the upright photo
     target_box: np.ndarray  # (3,) float32 top, left, side of the target square (integers)

@@ -46,32 +46,28 @@ def _tokens(
     return tokenizer([prompts[i] for i in picks], num_words).arrays()
 
 
-def micro_conditioning_ids(
-    source_size: np.ndarray, target_box: np.ndarray, resolution: int
-) -> np.ndarray:
-    """SDXL's time ids (B, 6) float32 of targets cut from photos: original (h, w), crop (top,
-    left), target (h, w).
+def micro_conditioning_ids(target_box: np.ndarray, resolution: int) -> np.ndarray:
+    """SDXL's time ids (B, 6) float32 of face targets: original (h, w), crop (top, left),
+    target (h, w).
 
-    ``source_size``: (B, 2) photo (H, W); ``target_box``: (B, 3) target square (top, left,
-    side), both in source pixels (``FaceRecord``). [ours] SDXL's rule (diffusers' training
-    script: the photo's size before resizing, the crop's corner in the resized photo) applied
-    to the face crop: the photo is scaled by k = resolution / side, which makes the square the
-    training resolution, so
+    ``target_box``: (B, 3) target square (top, left, side) in source pixels (``FaceRecord``).
+    [ours] The training pixels are the square, ``side`` source pixels a side, rescaled by
+    k = resolution / side; so the square is the original image and nothing of it is cropped:
 
-    - original_size = (H, W), the photo before rescaling, as SDXL;
-    - crop_top_left = (top * k, left * k), the square's corner in the rescaled photo, clipped
-      at 0: a square past the top/left border (zero-padded there) counts as crop 0 (unrounded:
-      k is rarely an integer);
+    - original_size = (side, side);
+    - crop_top_left = (0, 0);
     - target_size = (resolution, resolution).
 
-    The square's bottom/right overhang (zero padding there too) has no term in SDXL's ids.
+    Not SDXL's rule for whole photos (the photo's (H, W) and the crop's corner in the photo
+    rescaled to its short side): SDXL reads the rescale factor from original vs target size,
+    and a face square is far smaller than the photo's short side, so the photo's size would
+    claim sharp, downsampled pixels where they are upsampled k times. Crop (0, 0) is also what
+    the sampler passes. A square past the border is zero padded; SDXL's ids have no term for it.
     """
     res = float(resolution)
-    box = np.asarray(target_box, np.float64).reshape(-1, 3)
-    k = res / box[:, 2:3]
-    crop = np.maximum(box[:, :2] * k, 0.0)
-    size = np.asarray(source_size, np.float64).reshape(-1, 2)
-    return sdxl_time_ids(size, crop, (res, res), len(box)).astype(np.float32)
+    side = np.asarray(target_box, np.float64).reshape(-1, 3)[:, 2:3]
+    size = np.concatenate([side, side], axis=1)
+    return sdxl_time_ids(size, (0.0, 0.0), (res, res), len(side)).astype(np.float32)
 
 
 def default_time_ids(batch: int, resolution: int) -> np.ndarray:
@@ -86,7 +82,7 @@ class SyntheticBatches(Iterator[dict[str, np.ndarray]]):
     function of (seed, n, r) only, so any number of processes sees the same global batches.
 
     ``micro_conditioning``: batches also hold ``time_ids`` (B, 6) float32 of a random photo
-    geometry per row (:meth:`_geometry`) through :func:`micro_conditioning_ids`."""
+    target square per row (:meth:`_geometry`) through :func:`micro_conditioning_ids`."""
 
     def __init__(
         self,
@@ -119,22 +115,22 @@ class SyntheticBatches(Iterator[dict[str, np.ndarray]]):
             int(r.integers(len(self.prompts))),
         )
         # Drawn last, from the same stream: the rows above do not depend on the flag.
-        return out + (self._geometry(r) if self.micro_conditioning else (None, None))
+        return out + ((self._geometry(r),) if self.micro_conditioning else (None,))
 
     @staticmethod
-    def _geometry(r: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """A plausible photo (H, W) and target square (top, left, side) in its pixels: photos of
+    def _geometry(r: np.random.Generator) -> np.ndarray:
+        """A plausible target square (top, left, side) in a photo's pixels: photos of
         256..2048 px a side, a square of 0.3..1.2 times the short side (3x a face box), which
         may pass any border by up to a quarter of its side (the zero-padded case)."""
         h, w = (int(v) for v in r.integers(256, 2049, 2))
         side = max(1, round(r.uniform(0.3, 1.2) * min(h, w)))
         top = int(r.integers(-(side // 4), h - side + side // 4 + 1))
         left = int(r.integers(-(side // 4), w - side + side // 4 + 1))
-        return np.array([h, w], np.int32), np.array([top, left, side], np.float32)
+        return np.array([top, left, side], np.float32)
 
     def __next__(self) -> dict[str, np.ndarray]:
         first = self.process_index * self.local_batch
-        refs, targets, lms, picks, sizes, boxes = zip(
+        refs, targets, lms, picks, boxes = zip(
             *(self._row(first + i) for i in range(self.local_batch)), strict=True
         )
         self.index += 1
@@ -145,9 +141,7 @@ class SyntheticBatches(Iterator[dict[str, np.ndarray]]):
             **_tokens(self.tokenizer, self.prompts, np.asarray(picks), self.num_words),
         }
         if self.micro_conditioning:
-            batch["time_ids"] = micro_conditioning_ids(
-                np.stack(sizes), np.stack(boxes), self.resolution
-            )
+            batch["time_ids"] = micro_conditioning_ids(np.stack(boxes), self.resolution)
         return batch
 
     def get_state(self) -> bytes:
@@ -176,7 +170,7 @@ class RecordBatches(Iterator[dict[str, np.ndarray]]):
     """The preprocessed face dataset through grain, endlessly, in this process's shard.
 
     ``micro_conditioning``: batches also hold ``time_ids`` (B, 6) float32 from each record's
-    stored photo geometry (:func:`micro_conditioning_ids`); a dataset built before version 1.1.0
+    stored target square (:func:`micro_conditioning_ids`); a dataset built before version 1.1.0
     has none, and gets :func:`default_time_ids` with a warning at construction."""
 
     def __init__(
@@ -248,7 +242,7 @@ class RecordBatches(Iterator[dict[str, np.ndarray]]):
         }
         if self.micro_conditioning:
             if "target_box" in ex:
-                ids = micro_conditioning_ids(ex["source_size"], ex["target_box"], self.resolution)
+                ids = micro_conditioning_ids(ex["target_box"], self.resolution)
             else:  # an older dataset: warned about in __init__
                 ids = default_time_ids(len(targets), self.resolution)
             batch["time_ids"] = ids
