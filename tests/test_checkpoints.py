@@ -279,6 +279,12 @@ def test_safetensors_writer_streams_and_reads_back(tmp_path):
     np.testing.assert_array_equal(back["bf16"].float().numpy(), eager["bf16"].astype(np.float32))
     (n,) = np.frombuffer(path.read_bytes()[:8], "<u8")
     assert n % 8 == 0
+    # Larger elements first, so each tensor's data is aligned to its element size (f16's 5
+    # elements would otherwise misalign the f32 tensors after it).
+    header = json.loads(path.read_bytes()[8 : 8 + n])
+    assert header.pop("__metadata__") == {"format": "pt"}
+    for k, info in header.items():
+        assert info["data_offsets"][0] % want[k].dtype.itemsize == 0, k
 
     # A tensor made with another shape than announced: an error naming it, the earlier file
     # intact and no partial file left.
@@ -288,6 +294,10 @@ def test_safetensors_writer_streams_and_reads_back(tmp_path):
         write_safetensors(path, {"ok": np.zeros(2, np.float32), "bad": bad})
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+    with pytest.raises(ValueError, match="header key, not a tensor name"):
+        write_safetensors(tmp_path / "m.safetensors", {"__metadata__": np.zeros(1)})
+    with pytest.raises(ValueError, match="metadata maps str to str"):
+        write_safetensors(tmp_path / "m.safetensors", {"a": np.zeros(1)}, {"format": 1})
     with pytest.raises(ValueError, match="complex128, which safetensors lacks"):
         write_safetensors(tmp_path / "c.safetensors", {"c": np.zeros(2, np.complex128)})
 

@@ -313,6 +313,18 @@ def test_txt2img_matches_diffusers_sdxl(xl_folder, ours, negative):
         guidance=2.0,
     )
     assert np.abs(np.asarray(other) - np.asarray(got)).max() > 1e-3
+    # diffusers' `prompt_2 or prompt`: empty second-tower prompts fall back to the first's.
+    same = txt2img_latents(
+        ours,
+        [PROMPT],
+        prompts_2="",
+        negative_prompts=negative,
+        negative_prompts_2="",
+        noise=jnp.asarray(to_nhwc(noise)),
+        steps=4,
+        guidance=5.0,
+    )
+    np.testing.assert_allclose(np.asarray(same), np.asarray(got), atol=1e-6)
     if negative is None:  # the zeros matter: the encoded empty prompt gives other latents
         empty = dataclasses.replace(ours, force_zeros_for_empty_prompt=False)
         other = txt2img_latents(
@@ -337,6 +349,10 @@ def test_txt2img_matches_diffusers_sd1(xl_folder, tmp_path):
     )
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(tmp_path)
+    # An SDXL-only flag in an SD index (hand-edited, or a converter's) has no effect.
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    index["force_zeros_for_empty_prompt"] = True
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
     sd = load_stable_diffusion(tmp_path)
     assert not sd.is_xl and not sd.force_zeros_for_empty_prompt
     noise = np.random.RandomState(7).randn(1, 4, PX // 2, PX // 2).astype(np.float32)

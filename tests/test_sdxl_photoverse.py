@@ -238,6 +238,17 @@ def test_model_rejects_mixed_bases(xl):
             text_encoder_2=None,
             rngs=nnx.Rngs(0),
         )
+    # SD's choice of hidden state has no meaning on SDXL (penultimate states of both towers).
+    with pytest.raises(ValueError, match="text_encoder_layer=-2 is SD's choice"):
+        PhotoVerse(
+            dataclasses.replace(TINY_CONFIG, text_encoder_layer=-2),
+            unet=m.unet,
+            vae=m.vae,
+            text_encoder=m.text_encoder,
+            image_encoder=m.image_encoder,
+            text_encoder_2=m.text_encoder_2,
+            rngs=nnx.Rngs(0),
+        )
 
 
 @pytest.mark.slow

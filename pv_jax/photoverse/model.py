@@ -91,6 +91,12 @@ class PhotoVerse(nnx.Module):
                 f"text_encoder_2's projection_dim {text_encoder_2.config.projection_dim} is not "
                 f"the UNet's pooled text width {unet.config.pooled_text_dim}"
             )
+        if xl_unet and config.text_encoder_layer != -1:
+            raise ValueError(
+                f"config.text_encoder_layer={config.text_encoder_layer} is SD's choice of text "
+                "hidden state; SDXL's context is each tower's penultimate state, as in diffusers: "
+                "leave text_encoder_layer at -1 for an SDXL model"
+            )
         if not cross_attentions(unet):
             raise ValueError(
                 "the UNet has no PhotoVerse cross-attention: build it with "

@@ -176,12 +176,15 @@ def txt2img_latents(
     ids_2 = neg_ids = neg_ids_2 = time_ids = None
     if xl:
         te2_len = sd.text_encoder_2.config.max_position_embeddings
-        ids_2 = _tokenize(sd.tokenizer_2, _as_list(prompts_2, b, "prompts_2") or prompts, te2_len)
+        # diffusers' `prompt_2 or prompt`: an empty string falls back too (so `or None` first).
+        ids_2 = _tokenize(
+            sd.tokenizer_2, _as_list(prompts_2 or None, b, "prompts_2") or prompts, te2_len
+        )
     if cfg:  # (the empty prompt is encoded, then zeroed, in the zero_negative case)
         negative = negative or [""] * b
         neg_ids = _tokenize(sd.tokenizer, negative, te_len)
         if xl:
-            negative_2 = _as_list(negative_prompts_2, b, "negative_prompts_2") or negative
+            negative_2 = _as_list(negative_prompts_2 or None, b, "negative_prompts_2") or negative
             neg_ids_2 = _tokenize(sd.tokenizer_2, negative_2, te2_len)
     if xl:
         f = vae_scale_factor(sd)

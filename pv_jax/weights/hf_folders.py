@@ -425,7 +425,8 @@ def load_stable_diffusion(
         scheduler_config=json.loads(sched.read_text()),
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
-        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", xl)),
+        # An SDXL pipeline's flag only: StableDiffusionPipeline has no such behaviour.
+        force_zeros_for_empty_prompt=xl and bool(index.get("force_zeros_for_empty_prompt", True)),
     )
 
 
@@ -447,9 +448,17 @@ def write_safetensors(
     at all (written beside it, then renamed).
     """
     path = Path(path)
+    if "__metadata__" in tensors:
+        raise ValueError(f"{path}: '__metadata__' is safetensors' header key, not a tensor name")
+    if metadata and not all(isinstance(v, str) for v in (*metadata, *metadata.values())):
+        raise ValueError(f"{path}: safetensors metadata maps str to str, got {metadata!r}")
+    # safetensors' own order: larger elements first, then by name, so every tensor's data starts
+    # aligned to its element size (readers that view the file's bytes in place need that).
+    order = sorted(tensors, key=lambda k: (-np.dtype(tensors[k].dtype).itemsize, k))
     header: dict[str, Any] = {}
     offset = 0
-    for key, t in tensors.items():
+    for key in order:
+        t = tensors[key]
         dtype = np.dtype(t.dtype)
         if dtype not in _DTYPE_CODES:
             raise ValueError(f"{path}: tensor {key} has dtype {dtype}, which safetensors lacks")
@@ -467,7 +476,8 @@ def write_safetensors(
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
-            for key, t in tensors.items():
+            for key in order:
+                t = tensors[key]
                 array = np.asarray(t() if isinstance(t, LazyTensor) else t)
                 array = array if array.flags.c_contiguous else array.copy(order="C")
                 want = (header[key]["shape"], header[key]["dtype"])
@@ -478,6 +488,8 @@ def write_safetensors(
                     )
                 f.write(array.reshape(-1).view(np.uint8).data)
                 del array
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
