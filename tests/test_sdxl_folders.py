@@ -380,3 +380,8 @@ def test_missing_text_encoder_2_is_named(xl_folder, tmp_path):
     ) as e:
         load_stable_diffusion(broken)
     assert "StableDiffusionXLPipeline" in str(e.value) and "tokenizer_2" in str(e.value)
+    # A refiner's layout (no text_encoder/) is named as such, before any weight is read.
+    refiner = tmp_path / "refiner"
+    shutil.copytree(folder, refiner, ignore=shutil.ignore_patterns("text_encoder"))
+    with pytest.raises(CheckpointFolderError, match="An SDXL refiner .* is not supported"):
+        load_stable_diffusion(refiner)

@@ -399,9 +399,15 @@ def load_stable_diffusion(
     missing = [s for s in expected if not (folder / s).is_dir()]
     if missing:
         what, pipeline = ("an SDXL", SDXL_PIPELINE) if xl else ("a Stable Diffusion", SD_PIPELINE)
+        refiner = (
+            " An SDXL refiner (text_encoder_2 only, 5 time ids with an aesthetic score) is not "
+            "supported: use the base model's folder."
+            if xl and missing == ["text_encoder"]
+            else ""
+        )
         raise CheckpointFolderError(
             f"{folder} is not {what} folder: missing subfolders {missing}; expected "
-            f"{list(expected)} (diffusers' {pipeline}.save_pretrained)"
+            f"{list(expected)} (diffusers' {pipeline}.save_pretrained).{refiner}"
         )
     sched = folder / "scheduler" / "scheduler_config.json"
     if not sched.is_file():
