@@ -239,7 +239,7 @@ def abstract_run(cfg, mesh):
         seed=cfg.train.seed,
         fusion=cfg.train.fusion,
         ema_decay=cfg.train.ema_decay,
-        face_sharding=trainer._face_sharding(cfg, bundle, mesh),
+        face_sharding=trainer._face_sharding(mesh),
     )
     jitted = jax.jit(
         step_fn,

@@ -252,6 +252,10 @@ def test_stratified_timesteps_keep_a_uniform_marginal():
     p = 501 / 1000
     assert [face_subset_size(b, cfg, 1000) for b in (1, 2, 3, 8, 64)] == [1, 1, 2, 4, 32]
     assert face_subset_size(8, dataclasses.replace(cfg, face_batch_fraction=1.0), 1000) == 8
+    # Split over devices: rounded up to a multiple of them (when they divide the batch).
+    sizes = {(b, n): face_subset_size(b, cfg, 1000, n) for b, n in [(4, 4), (12, 4), (64, 16)]}
+    assert sizes == {(4, 4): 4, (12, 4): 8, (64, 16): 32}
+    assert face_subset_size(64, cfg, 1000, 64) == 64 and face_subset_size(6, cfg, 1000, 4) == 3
     n = 4000
     for b in (1, 3, 64):
         keys = jax.random.split(jax.random.key(b), n)

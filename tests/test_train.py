@@ -78,6 +78,10 @@ def test_multi_device_meshes_agree_and_restore_onto_another_mesh():
         assert r["loss_diff"] < 1e-5 and r["param_diff"] < 1e-5, (mesh, r)
     # The face loss's sub-batch (8 of 16) is constrained to the batch sharding on every mesh.
     assert set(result["face_sharding"].values()) == {"P(('data', 'fsdp'),)"}
+    # With one example per device the sub-batch (4 of 8) is rounded up to 8 and sharded: each
+    # device decodes one sample, as with the whole batch (unsharded, each decoded all 4).
+    flops = result["face_gflop_per_device"]
+    assert abs(flops["default"] / flops["whole_batch"] - 1.0) < 0.01, flops
     # Parameter classes on the (data=2, fsdp=4) mesh: input widths over fsdp, the rest whole.
     assert result["specs"] == {
         "conv_kernel": "(None, None, 'fsdp', None)",

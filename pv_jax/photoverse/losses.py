@@ -60,12 +60,21 @@ def face_descriptors(model: PhotoVerse, images01: jax.Array, landmarks: jax.Arra
     return model.face_net(chips)
 
 
-def face_subset_size(batch: int, config: PhotoVerseConfig, num_train_timesteps: int) -> int:
-    """How many samples the face loss decodes: round(B * fraction), at least 1, at most B."""
+def face_subset_size(
+    batch: int, config: PhotoVerseConfig, num_train_timesteps: int, shards: int = 1
+) -> int:
+    """How many samples the face loss decodes: round(B * fraction), at least 1, at most B, and
+    rounded up to a multiple of ``shards`` (the devices the batch is split over, when they
+    divide B) so that every device decodes the same share. An uneven sub-batch cannot be
+    sharded, and XLA then has every device decode all of it; the few extra samples (the next
+    smallest t) cost less, and the face-range mask still decides which ones count."""
     fraction = config.face_batch_fraction
     if fraction is None:
         fraction = face_share(config, num_train_timesteps)
-    return int(min(batch, max(1, round(batch * fraction))))
+    n = int(min(batch, max(1, round(batch * fraction))))
+    if shards > 1 and batch % shards == 0:
+        n = min(batch, -(-n // shards) * shards)
+    return n
 
 
 def face_share(config: PhotoVerseConfig, num_train_timesteps: int) -> float:
@@ -194,7 +203,8 @@ def photoverse_loss(
 
     ``fusion``: draw (gamma, sigma) per sample by random fusion (training); otherwise use the
     config's fixed gamma and sigma. ``face_sharding``: the sharding of the face loss's
-    sub-batch (the batch's, so that each device decodes its share of it).
+    sub-batch (the batch's, so that each device decodes its share of it; the sub-batch is
+    rounded up to a multiple of its shards, :func:`face_subset_size`).
     """
     cfg = config or model.config
     if cfg.face_weight and model.face_net is None:
@@ -206,7 +216,9 @@ def photoverse_loss(
     b = target.shape[0]
     k_latent, k_noise, k_t, k_fuse = jax.random.split(key, 4)
     num_t = schedule.num_train_timesteps
-    subset = face_subset_size(b, cfg, num_t) if cfg.face_weight else b
+    # The devices the batch (and so the face sub-batch) is split over.
+    shards = 1 if face_sharding is None else b // face_sharding.shard_shape((b,))[0]
+    subset = face_subset_size(b, cfg, num_t, shards) if cfg.face_weight else b
 
     latents = jax.lax.stop_gradient(model.vae.sample_latents(target * 2.0 - 1.0, k_latent))
     t = batch.get("timesteps")

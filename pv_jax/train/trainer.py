@@ -9,7 +9,6 @@ once (explicit in/out shardings, donated state), then drive it from Python.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import signal
 import time
@@ -26,7 +25,6 @@ from tqdm import tqdm
 from pv_jax.paths import require_local, run_path
 from pv_jax.photoverse import PhotoVerseBundle, PhotoVerseConfig, count_params, split_trainable
 from pv_jax.photoverse.factory import BASE_KINDS, DTYPES, build_bundle
-from pv_jax.photoverse.losses import face_subset_size
 from pv_jax.run_checkpoint import Checkpointer
 from pv_jax.sampling import SampleGrid
 from pv_jax.train import sharding
@@ -197,13 +195,10 @@ class Run:
     frozen_params: int
 
 
-def _face_sharding(cfg, bundle, mesh: jax.sharding.Mesh) -> jax.sharding.Sharding | None:
-    """The batch sharding for the face loss's sub-batch when it splits evenly over devices."""
-    subset = face_subset_size(
-        cfg.train.batch_size, bundle.config, bundle.schedule.num_train_timesteps
-    )
-    shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
-    return sharding.batch_sharding(mesh) if subset % shards == 0 else None
+def _face_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.Sharding:
+    """The face loss's sub-batch sharding: the batch's (the loss rounds the sub-batch up to a
+    multiple of its shards, ``face_subset_size``, so that every device decodes its share)."""
+    return sharding.batch_sharding(mesh)
 
 
 def setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Run:
@@ -227,7 +222,7 @@ def setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Run:
         seed=cfg.train.seed,
         fusion=cfg.train.fusion,
         ema_decay=cfg.train.ema_decay,
-        face_sharding=_face_sharding(cfg, bundle, mesh),
+        face_sharding=_face_sharding(mesh),
     )
     jitted = jax.jit(
         step_fn,
