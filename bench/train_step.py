@@ -57,9 +57,6 @@ MATRIX = [
     # SDXL (compile only): configs/photoverse_sdxl.py's one v5p host, batch 1 per device.
     ("sdxl", 1024, 4, 1, 1, 4),
     ("sdxl", 1024, 4, 0, 1, 4),
-    # The whole batch through the face branch: 4 decodes, one per device. The default's 2 of 4
-    # do not split over 4 devices, so XLA gives each device a decode or more (see the docs).
-    ("sdxl", 1024, 4, 1, 1, 4, 1.0),
     ("sdxl", 512, 4, 1, 1, 4),
     ("sdxl", 512, 4, 0, 1, 4),
 ]

@@ -7,10 +7,11 @@
 batch 64, 60k steps, m = 5 pseudo-words, loss weights 0.01 / 0.01 / 0.001) at SDXL's 1024 px.
 
 Our choices: bf16 compute with fp32 master weights, remat, FSDP over the 4 chips of a v5p host
-(``get_config("fsdp=N")`` to change it; docs/BENCHMARKS.md has the memory per device), OpenCLIP
-ViT-H/14 as the image encoder (IP-Adapter's for SDXL; 32 layers, so the text branch reads hidden
-states 32, 5, 11, 16, 21: SD 1.5's 24, 4, 8, 12, 16 at the same relative depths) and SDXL's
-micro-conditioning from each photo's original size and crop (pv_jax.data records them). The
+(``get_config("fsdp=N")`` to change it), OpenCLIP ViT-H/14 as the image encoder (IP-Adapter's
+for SDXL; 32 layers, so the text branch reads hidden states 32, 5, 11, 16, 21: SD 1.5's 24, 4,
+8, 12, 16 at the same relative depths) and SDXL's micro-conditioning from each face square's
+size (``pv_jax.train.data.micro_conditioning_ids``). One example per chip at 1024 px fits in
+59 GiB (docs/BENCHMARKS.md), two most likely not: batch 64 wants 64 chips (a v5p-128). The
 dataset must be built at 1024 px (``--target-size 1024``) so that targets are not upsampled.
 ``get_config("tiny")``: the same run on tiny random SDXL-shaped networks and synthetic faces.
 """
