@@ -468,7 +468,7 @@ def write_safetensors(
         dtype = np.dtype(t.dtype)
         if dtype not in _DTYPE_CODES:
             raise ValueError(f"{path}: tensor {key} has dtype {dtype}, which safetensors lacks")
-        size = int(np.prod(t.shape, dtype=np.int64)) * dtype.itemsize
+        size = t.nbytes  # (LazyTensor's and ndarray's alike)
         header[key] = dict(
             dtype=_DTYPE_CODES[dtype], shape=list(t.shape), data_offsets=[offset, offset + size]
         )
