@@ -19,7 +19,7 @@ before JAX is imported) with the mesh (data=1, fsdp=N), as ``mesh.fsdp`` does on
 
 ``sdxl`` (and any setting with ``--abstract 1``) is compile-only and never allocates a weight:
 the model is built under ``nnx.eval_shape``, the train state under ``jax.eval_shape``, and the
-trainer's step (``make_train_step``, jitted with the trainer's shardings) is lowered from
+trainer's jitted step (``trainer.jit_train_step``, with its shardings) is lowered from
 ``jax.ShapeDtypeStruct``\\ s. Its rows add the projected TPU v5p throughput (peak bf16 FLOP/s x
 an assumed MFU / the step's FLOPs per device) and whether XLA's memory per device fits a v5p
 chip's HBM.
@@ -143,7 +143,7 @@ def make_config(
 def abstract_run(cfg, mesh):
     """The trainer's jitted step and abstract (state, frozen, batch) to lower it with; no
     weight is allocated. ``trainer.setup`` builds the weights, so this mirrors it: the same
-    optimizer, shardings and ``make_train_step``, on a model built under ``nnx.eval_shape``."""
+    optimizer, shardings and ``jit_train_step``, on a model built under ``nnx.eval_shape``."""
     import jax
     from flax import nnx
 
@@ -162,7 +162,7 @@ def abstract_run(cfg, mesh):
     )
     from pv_jax.photoverse.factory import DTYPES, PRESETS, _tokenizer
     from pv_jax.train import sharding, trainer
-    from pv_jax.train.step import TrainState, make_train_step
+    from pv_jax.train.step import TrainState
     from pv_jax.weights.hf_folders import load_tokenizer, load_tokenizer_2
 
     trainer.check_config(cfg, mesh)
@@ -227,23 +227,7 @@ def abstract_run(cfg, mesh):
         lambda t: TrainState.create(t, tx, ema=cfg.train.ema_decay > 0), trainable
     )
     state_sh = sharding.train_state_shardings(state, tx, trainable_sh, mesh)
-    step_fn = make_train_step(
-        graphdef,
-        tx,
-        lr,
-        noise_schedule=bundle.schedule,
-        config=pv_cfg,
-        seed=cfg.train.seed,
-        fusion=cfg.train.fusion,
-        ema_decay=cfg.train.ema_decay,
-        face_sharding=trainer._face_sharding(mesh),
-    )
-    jitted = jax.jit(
-        step_fn,
-        in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
-        out_shardings=(state_sh, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
+    jitted = trainer.jit_train_step(cfg, bundle, graphdef, tx, lr, state_sh, frozen_sh, mesh)
     return jitted, (state, frozen, batch), count_params(trainable), count_params(frozen)
 
 

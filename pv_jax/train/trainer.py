@@ -19,6 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 import optax
+from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
@@ -201,6 +202,37 @@ def _face_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.Sharding:
     return sharding.batch_sharding(mesh)
 
 
+def jit_train_step(
+    cfg: ml_collections.ConfigDict,
+    bundle: PhotoVerseBundle,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    lr: optax.Schedule,
+    state_sh,
+    frozen_sh,
+    mesh: jax.sharding.Mesh,
+):
+    """The run's train step, jitted with its shardings: (state, frozen, batch) -> (state,
+    metrics), the state donated (also used by bench/train_step.py on abstract shapes)."""
+    step_fn = make_train_step(
+        graphdef,
+        tx,
+        lr,
+        noise_schedule=bundle.schedule,
+        config=bundle.config,
+        seed=cfg.train.seed,
+        fusion=cfg.train.fusion,
+        ema_decay=cfg.train.ema_decay,
+        face_sharding=_face_sharding(mesh),
+    )
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
+        out_shardings=(state_sh, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
 def setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Run:
     """Check the config, build the model and data, place the frozen networks, jit the step."""
     check_config(cfg, mesh)
@@ -213,23 +245,7 @@ def setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Run:
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
         host_state = TrainState.create(trainable, tx, ema=cfg.train.ema_decay > 0)
     state_sh = sharding.train_state_shardings(host_state, tx, trainable_sh, mesh)
-    step_fn = make_train_step(
-        graphdef,
-        tx,
-        lr,
-        noise_schedule=bundle.schedule,
-        config=bundle.config,
-        seed=cfg.train.seed,
-        fusion=cfg.train.fusion,
-        ema_decay=cfg.train.ema_decay,
-        face_sharding=_face_sharding(mesh),
-    )
-    jitted = jax.jit(
-        step_fn,
-        in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
-        out_shardings=(state_sh, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
+    jitted = jit_train_step(cfg, bundle, graphdef, tx, lr, state_sh, frozen_sh, mesh)
     return Run(
         bundle=bundle,
         data=data,
