@@ -242,6 +242,30 @@ def test_image_branch_initialised_from_text_keys_and_values(tiny_pv):
         assert np.asarray(attn.lora_k.lora_a.get_value()).std() > 0
 
 
+def test_zero_image_branch_init_starts_silent():
+    # image_branch_init="zero": W_k^S = W_k, W_v^S = 0, so with image tokens at any sigma the
+    # UNet equals the plain one at the start (ControlNet's zero init), and W_v^S has a gradient.
+    pv, plain = _unet_pair()
+    for attn in cross_attentions(pv):
+        attn.reset_photoverse_params(nnx.Rngs(0), "zero")
+        np.testing.assert_array_equal(attn.to_k_s.kernel.get_value(), attn.to_k.kernel.get_value())
+        assert not np.asarray(attn.to_v_s.kernel.get_value()).any()
+    x, t, ctx, f = _unet_inputs()
+    want = np.asarray(_unet(plain, x, t, ctx, None))
+    got = _unet(pv, x, t, ctx, dict(image_tokens=f, gamma=1.0, sigma=2.0))
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
+
+    graphdef, extras, rest = nnx.split(pv, UNET_EXTRAS, ...)
+
+    def out(extras):
+        m = nnx.merge(graphdef, extras, rest)
+        return jnp.sum(m(x, t, ctx, cross_attention_kwargs=dict(image_tokens=f, sigma=1.0)))
+
+    grads = jax.grad(out)(extras)
+    v_grad = [g for p, g in nnx.to_flat_state(grads) if "to_v_s" in str(p)]
+    assert v_grad and all(np.abs(np.asarray(g.get_value())).max() > 0 for g in v_grad)
+
+
 def test_random_fusion_frequencies():
     cfg = PhotoVerseConfig()
     gamma, sigma = jax.jit(lambda k: random_fusion(k, 200_000, cfg))(jax.random.key(0))
@@ -380,3 +404,25 @@ def test_image_adapter_token_choice(tokens, count):
         states[-2][:, {"all": slice(None), "patches": slice(1, None)}.get(tokens, slice(0, 1))]
     )
     np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
+
+
+def test_per_group_learning_rates(tiny_pv):
+    from pv_jax.photoverse.model import TRAINABLE_GROUPS, trainable_group
+    from pv_jax.train.step import make_optimizer
+
+    _, trainable, _ = split_trainable(tiny_pv.model)
+    groups = {trainable_group(p) for p, _ in nnx.to_flat_state(trainable)}
+    assert groups == set(TRAINABLE_GROUPS)
+    grads = jax.tree.map(jnp.ones_like, trainable)
+
+    def updates(**kw):
+        tx = make_optimizer(1e-3, weight_decay=0.0, **kw)
+        u, _ = tx.update(grads, tx.init(trainable), trainable)
+        return {str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(u)}
+
+    plain, scaled = updates(), updates(lr_multipliers={"image_adapter": 4.0, "to_v_s": 0.5})
+    for path, u in plain.items():
+        factor = 4.0 if "image_adapter" in path else 0.5 if "to_v_s" in path else 1.0
+        np.testing.assert_allclose(scaled[path], factor * u, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"unknown groups \['unet'\].*image_adapter"):
+        make_optimizer(1e-3, lr_multipliers={"unet": 2.0})

@@ -74,7 +74,8 @@ class PhotoVerseAttention(Attention):
         self.reset_photoverse_params(rngs, image_branch_init)
 
     def reset_photoverse_params(self, rngs: nnx.Rngs, image_branch_init: str = "copy") -> None:
-        """(Re)create the LoRA factors (A random, B zero) and W_k^S, W_v^S (copied or random).
+        """(Re)create the LoRA factors (A random, B zero) and W_k^S, W_v^S (copied, random, or
+        "zero": W_k copied and W_v^S zero).
 
         Called after the base weights are loaded, so that ``"copy"`` copies the real W_k, W_v.
         """
@@ -97,7 +98,11 @@ class PhotoVerseAttention(Attention):
             proj = layers.linear(
                 d_ctx, inner, use_bias=self.qkv_bias, axes=axes, rngs=rngs, dtype=self.dtype
             )
-            if image_branch_init == "copy":
+            if image_branch_init == "zero" and name == "to_v_s":
+                proj.kernel.set_value(jnp.zeros_like(base.kernel.get_value()))
+                if self.qkv_bias:
+                    proj.bias.set_value(jnp.zeros_like(base.bias.get_value()))
+            elif image_branch_init in ("copy", "zero"):
                 # A copy, not a shared buffer: the trainable copy is donated in training.
                 proj.kernel.set_value(jnp.array(base.kernel.get_value(), copy=True))
                 if self.qkv_bias:

@@ -13,7 +13,7 @@ TEXT_INPUTS = ("cls", "cls_mean")
 IMAGE_TOKENS = ("all", "patches", "cls")
 LORA_TARGETS = ("q", "k", "v", "out")
 MISSING_PLACEHOLDER = ("error", "append")
-IMAGE_BRANCH_INIT = ("copy", "random")
+IMAGE_BRANCH_INIT = ("copy", "random", "zero")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +43,9 @@ class PhotoVerseConfig:
     # UNet cross-attention: LoRA on the text keys/values and the image key/value branch.
     lora_rank: int = 8  # [ours]
     lora_targets: tuple[str, ...] = ("k", "v")  # [paper]; "q" and "out" optional
-    image_branch_init: str = "copy"  # W_k^S, W_v^S start as W_k, W_v [ours]
+    # W_k^S, W_v^S start as W_k, W_v [ours]; "random"; "zero": W_k^S = W_k, W_v^S = 0, so the
+    # image branch starts silent and the model starts as its base (ControlNet's zero init).
+    image_branch_init: str = "copy"
     # Inference knobs [paper]: number of pseudo-words, branch weights, LoRA scale.
     num_words: int | None = None  # m at inference; None = len(text_layers)
     gamma: float = 1.0

@@ -38,6 +38,18 @@ from pv_jax.photoverse.placeholder import encode_prompts, inject_pseudo_words
 ADAPTER_NAMES = ("text_adapter", "image_adapter")
 TRAINABLE = nnx.Any(UNET_EXTRAS, *(nnx.PathContains(n) for n in ADAPTER_NAMES))
 FROZEN = nnx.All(nnx.Param, nnx.Not(TRAINABLE))
+# The trainable groups, named by what a parameter's path contains (per-group learning rates,
+# gradient norms per group).
+TRAINABLE_GROUPS = ("text_adapter", "image_adapter", "lora", "to_k_s", "to_v_s")
+
+
+def trainable_group(path: tuple) -> str:
+    """The trainable group (``TRAINABLE_GROUPS``) of a parameter path (keys or names)."""
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    for group in TRAINABLE_GROUPS:
+        if any(group in n for n in names):
+            return group
+    raise ValueError(f"{'/'.join(names)} is in none of the trainable groups {TRAINABLE_GROUPS}")
 
 
 @struct.dataclass

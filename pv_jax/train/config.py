@@ -58,6 +58,9 @@ def default_config() -> ml_collections.ConfigDict:
         b2=0.999,
         eps=1e-8,
         clip_norm=1.0,
+        # Per trainable group (text_adapter, image_adapter, lora, to_k_s, to_v_s), a factor
+        # on the learning rate [ours]; empty: one rate for all.
+        lr_multipliers={},
     )
     c.train = dict(
         batch_size=64,  # global [paper]

@@ -60,6 +60,28 @@ def learning_rate_schedule(
     raise ValueError(f"optim.schedule={kind!r} is not one of ['constant', 'cosine']")
 
 
+def scale_by_group(multipliers: dict[str, float]) -> optax.GradientTransformation:
+    """Multiply each trainable group's updates (``trainable_group`` of the path) by its factor
+    (1 for groups not named): per-group learning rates after AdamW."""
+    from pv_jax.photoverse.model import TRAINABLE_GROUPS, trainable_group
+
+    unknown = sorted(set(multipliers) - set(TRAINABLE_GROUPS))
+    if unknown:
+        raise ValueError(
+            f"optim.lr_multipliers names unknown groups {unknown}; the groups are "
+            f"{list(TRAINABLE_GROUPS)}"
+        )
+
+    def update(updates, state, params=None):
+        del params
+        scaled = jax.tree_util.tree_map_with_path(
+            lambda path, u: u * multipliers.get(trainable_group(path), 1.0), updates
+        )
+        return scaled, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(
     schedule: optax.Schedule,
     *,
@@ -68,10 +90,14 @@ def make_optimizer(
     b2: float = 0.999,
     eps: float = 1e-8,
     clip_norm: float | None = 1.0,
+    lr_multipliers: dict[str, float] | None = None,
 ) -> optax.GradientTransformation:
-    """AdamW (the paper's optimizer) after global-norm gradient clipping."""
+    """AdamW (the paper's optimizer) after global-norm gradient clipping; ``lr_multipliers``:
+    per trainable group, a factor on its learning rate (:func:`scale_by_group`)."""
     parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
     parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    if lr_multipliers:
+        parts.append(scale_by_group(dict(lr_multipliers)))
     return optax.chain(*parts)
 
 

@@ -173,7 +173,13 @@ def make_optimizer_from_config(cfg: ml_collections.ConfigDict, *, with_schedule:
         end_factor=o.end_factor,
     )
     tx = make_optimizer(
-        lr, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.clip_norm
+        lr,
+        weight_decay=o.weight_decay,
+        b1=o.b1,
+        b2=o.b2,
+        eps=o.eps,
+        clip_norm=o.clip_norm,
+        lr_multipliers=dict(o.lr_multipliers),
     )
     return (tx, lr) if with_schedule else tx
 
