@@ -6,7 +6,12 @@ toy base model (``models/toy_faces/sd``), the self-supervised image encoder
 random fusion, the face loss through the JAX dlib net.
 
 ``get_config(arg)``: ``full`` (default), ``no_face`` (face_weight 0) or ``no_image`` (no image
-branch: sigma 0, no random fusion, no L_Sreg): the paper's two main ablations.
+branch: sigma 0, no random fusion, no L_Sreg): the paper's two main ablations; ``ladder``: the
+recipe that rung 0 of docs/EXPERIMENTS.md found to use its reference (the image branch
+zero-initialised, no random fusion: gamma = sigma = 1 in every step, no face loss, AdamW 1e-3),
+trained on every training photo for rung 2:
+
+    python train_tpu.py --config configs/toy_faces.py:ladder --workdir toy_work/ladder
 """
 
 import ml_collections
@@ -14,7 +19,7 @@ import ml_collections
 from pv_jax.photoverse import AdapterConfig, PhotoVerseConfig
 from pv_jax.train.config import default_config
 
-VARIANTS = ("full", "no_face", "no_image")
+VARIANTS = ("full", "no_face", "no_image", "ladder")
 WORK = "toy_work"
 MODELS = "models/toy_faces"
 
@@ -42,6 +47,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.sigma = 0.0
         c.model.image_reg_weight = 0.0
         c.train.fusion = False
+    if variant == "ladder":
+        c.model.face_weight = 0.0
+        c.model.image_branch_init = "zero"
+        c.train.fusion = False
     c.base.kind = "folders"
     c.base.sd_folder = f"{MODELS}/sd"
     c.base.clip_vision_folder = f"{MODELS}/clip_vision"
@@ -59,4 +68,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.sample_every = 200
     c.train.sample_steps = 25
     c.train.tensorboard = False
+    if variant == "ladder":  # the curve of the gap against steps, on the validation people
+        c.optim.lr = 1e-3
+        c.train.steps = 5000
+        c.train.checkpoint_every = 500
+        c.train.keep_checkpoints = 20
+        c.train.sample_every = 0
     return c

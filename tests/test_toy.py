@@ -214,6 +214,19 @@ def _line_batch(rng):
     return {"x": x, "y": x @ np.array([1.0, -2.0, 0.5], np.float32)}
 
 
+def _crashing_after(batches: int):
+    """A batch maker that is killed (KeyboardInterrupt) when asked for batch ``batches + 1``."""
+    calls = {"n": 0}
+
+    def make(rng):
+        calls["n"] += 1
+        if calls["n"] > batches:
+            raise KeyboardInterrupt
+        return _line_batch(rng)
+
+    return make
+
+
 def test_fit_learns_resumes_exactly_and_decays_to_end_factor(tmp_path):
     from pv_jax.toy.fit import FitConfig, fit, read_metrics
 
@@ -224,16 +237,8 @@ def test_fit_learns_resumes_exactly_and_decays_to_end_factor(tmp_path):
     np.testing.assert_allclose(max(lrs), 0.1, rtol=1e-5)
     assert lrs[-1] < 0.1 * 0.05 * 1.05  # the cosine ends near end_factor * lr, never above lr
     # Killed during step 26 (after the step-20 save): the resume replays 21..40 exactly.
-    calls = {"n": 0}
-
-    def crashing(rng):
-        calls["n"] += 1
-        if calls["n"] > 25:
-            raise KeyboardInterrupt
-        return _line_batch(rng)
-
     with pytest.raises(KeyboardInterrupt):
-        fit("line", _Line(), _line_loss, crashing, cfg, tmp_path / "b")
+        fit("line", _Line(), _line_loss, _crashing_after(25), cfg, tmp_path / "b")
     assert int(np.load(tmp_path / "b" / "state.npz")["step"]) == 20
     resumed, s2 = fit("line", _Line(), _line_loss, _line_batch, cfg, tmp_path / "b")
     assert s2["resumed_from"] == 20
@@ -242,6 +247,32 @@ def test_fit_learns_resumes_exactly_and_decays_to_end_factor(tmp_path):
     again, s3 = fit("line", _Line(), _line_loss, _line_batch, cfg, tmp_path / "a")
     assert s3 == summary  # finished: nothing is trained again
     np.testing.assert_array_equal(np.asarray(again.w.get_value()), whole_w)
+
+
+def test_fit_keeps_an_ema_snapshots_and_resumes_it(tmp_path):
+    from pv_jax.toy.fit import FitConfig, fit, load_snapshot
+
+    cfg = FitConfig(
+        steps=20, lr=0.1, batch_size=16, warmup=5, log_every=5, save_every=10, ema_decay=0.9
+    )
+    raw_cfg = FitConfig(**{**cfg.__dict__, "ema_decay": 0.0})
+    ema, _ = fit("line", _Line(), _line_loss, _line_batch, cfg, tmp_path / "a")
+    raw, _ = fit("line", _Line(), _line_loss, _line_batch, raw_cfg, tmp_path / "raw")
+    # The EMA trails the raw weights (same batches and keys): close, not equal.
+    w_ema, w_raw = np.asarray(ema.w.get_value()), np.asarray(raw.w.get_value())
+    assert not np.allclose(w_ema, w_raw) and np.abs(w_ema - w_raw).max() < 0.5
+    assert sorted(p.name for p in (tmp_path / "a").glob("ema_*.npz")) == [
+        "ema_10.npz",
+        "ema_20.npz",
+    ]
+    snap = load_snapshot(_Line(), tmp_path / "a" / "ema_20.npz")
+    np.testing.assert_array_equal(np.asarray(snap.w.get_value()), w_ema)
+    # Killed during step 16 (after the step-10 save): the resumed EMA continues exactly.
+    with pytest.raises(KeyboardInterrupt):
+        fit("line", _Line(), _line_loss, _crashing_after(15), cfg, tmp_path / "b")
+    resumed, s = fit("line", _Line(), _line_loss, _line_batch, cfg, tmp_path / "b")
+    assert s["resumed_from"] == 10
+    np.testing.assert_allclose(np.asarray(resumed.w.get_value()), w_ema, rtol=1e-6, atol=1e-7)
 
 
 def test_standardized_vae_decodes_the_same_and_has_unit_latents():
@@ -270,3 +301,18 @@ def test_standardized_vae_decodes_the_same_and_has_unit_latents():
     after = vae.decode(vae.encode(x)[0])
     np.testing.assert_allclose(np.asarray(after), np.asarray(decoded_before), atol=2e-5)
     assert not np.allclose(np.asarray(vae.decode(z)), np.asarray(raw_before), atol=1e-3)
+
+
+def test_ladder_variant_is_the_rung0_recipe():
+    # configs/toy_faces.py:ladder: the full method's config but for what rung 0 changed (the
+    # image branch zero-initialised, no random fusion, no face loss, lr 1e-3, a 5000-step curve).
+    from configs import toy_faces
+    from pv_jax.photoverse import PhotoVerseConfig
+
+    full, ladder = toy_faces.get_config("full"), toy_faces.get_config("ladder")
+    pv = PhotoVerseConfig.from_dict(ladder.model.to_dict())
+    assert pv.image_branch_init == "zero" and pv.face_weight == 0.0
+    assert (pv.gamma, pv.sigma) == (1.0, 1.0) and not ladder.train.fusion and full.train.fusion
+    assert ladder.optim.lr == 1e-3 and ladder.train.steps == 5000
+    changed = {k for k in full.model if full.model[k] != ladder.model[k]}
+    assert changed == {"image_branch_init", "face_weight"}

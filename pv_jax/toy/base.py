@@ -163,8 +163,15 @@ def sample_base(
     return np.concatenate(out)
 
 
-def train_unet(work: Path, out: Path, vae: AutoencoderKL, fit_config: FitConfig = UNET_FIT):
-    """Train (or resume) the base UNet on captioned training latents."""
+def train_unet(
+    work: Path,
+    out: Path,
+    vae: AutoencoderKL,
+    fit_config: FitConfig = UNET_FIT,
+    init: UNet2DConditionModel | None = None,
+):
+    """Train (or resume) the base UNet on captioned training latents, from scratch or from
+    ``init`` (a trained UNet to continue)."""
     from pv_jax.toy.data import split_arrays
     from pv_jax.weights.hf_folders import load_tokenizer
 
@@ -182,7 +189,9 @@ def train_unet(work: Path, out: Path, vae: AutoencoderKL, fit_config: FitConfig 
     lat = lat.reshape(len(names), 2 * len(faces), *lat.shape[1:])
     probs = np.array([attributes.CAPTION_WEIGHTS[a] for a in names])
     schedule = NoiseSchedule()
-    unet = random_module(lambda r: UNet2DConditionModel(TOY_UNET, rngs=r), np.random.default_rng(2))
+    unet = init or random_module(
+        lambda r: UNet2DConditionModel(TOY_UNET, rngs=r), np.random.default_rng(2)
+    )
 
     def make_batch(rng):
         b = fit_config.batch_size

@@ -38,6 +38,9 @@ class FitConfig:
     log_every: int = 25
     save_every: int = 250
     seed: int = 0
+    # > 0: keep an exponential moving average of the parameters, return it, and write it to
+    # ``<dir>/ema_<step>.npz`` at every save (the curve of a quality metric against steps).
+    ema_decay: float = 0.0
 
 
 def _save(path: Path, leaves: list, step: int) -> None:
@@ -72,7 +75,8 @@ def fit(
         optax.adamw(schedule, weight_decay=config.weight_decay),
     )
     opt_state = tx.init(params)
-    leaves, treedef = jax.tree.flatten((params, opt_state))
+    ema = jax.tree.map(jnp.copy, params) if config.ema_decay else None
+    leaves, treedef = jax.tree.flatten((params, opt_state, ema))
     state_path, done_path = out / "state.npz", out / "done.json"
     start = 0
     if state_path.is_file():
@@ -81,20 +85,25 @@ def fit(
             saved = [f[f"a{i}"] for i in range(len(leaves))]
         if [s.shape for s in saved] != [np.shape(x) for x in leaves]:
             raise ValueError(f"{state_path} was saved by another {name} config: delete {out}")
-        params, opt_state = jax.tree.unflatten(treedef, [jnp.asarray(s) for s in saved])
+        params, opt_state, ema = jax.tree.unflatten(treedef, [jnp.asarray(s) for s in saved])
     if done_path.is_file() and start >= config.steps:
-        return nnx.merge(graphdef, params, rest), json.loads(done_path.read_text())
+        return nnx.merge(graphdef, params if ema is None else ema, rest), json.loads(
+            done_path.read_text()
+        )
 
-    def step(params, opt_state, rest, batch, key):
+    def step(params, opt_state, ema, rest, batch, key):
         def loss(p):
             return loss_fn(nnx.merge(graphdef, p, rest), batch, key)
 
         (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         metrics = dict(metrics, loss=value, grad_norm=optax.tree.norm(grads))
-        return optax.apply_updates(params, updates), opt_state, metrics
+        params = optax.apply_updates(params, updates)
+        if ema is not None:
+            ema = optax.incremental_update(params, ema, 1.0 - config.ema_decay)
+        return params, opt_state, ema, metrics
 
-    jstep = jax.jit(step, donate_argnums=(0, 1))
+    jstep = jax.jit(step, donate_argnums=(0, 1, 2))
     t0, t_compile = time.perf_counter(), None
     log = (out / "metrics.jsonl").open("a")
     metrics_host: dict = {}
@@ -103,7 +112,7 @@ def fit(
             rng = np.random.default_rng([config.seed, i])  # batch i is the same on a resume
             batch = make_batch(rng)
             key = jax.random.fold_in(jax.random.key(config.seed), i)
-            params, opt_state, metrics = jstep(params, opt_state, rest, batch, key)
+            params, opt_state, ema, metrics = jstep(params, opt_state, ema, rest, batch, key)
             if t_compile is None:
                 t_compile = time.perf_counter() - t0
             if (i + 1) % config.log_every == 0 or i + 1 == config.steps:
@@ -113,7 +122,9 @@ def fit(
                 log.flush()
                 bar.set_postfix(loss=f"{metrics_host['loss']:.4f}", refresh=False)
             if (i + 1) % config.save_every == 0 or i + 1 == config.steps:
-                _save(state_path, jax.tree.leaves((params, opt_state)), i + 1)
+                _save(state_path, jax.tree.leaves((params, opt_state, ema)), i + 1)
+                if ema is not None:
+                    _save(out / f"ema_{i + 1}.npz", jax.tree.leaves(ema), i + 1)
             bar.update()
     log.close()
     seconds = time.perf_counter() - t0
@@ -133,7 +144,18 @@ def fit(
         f"({summary['s_per_step']:.3f}s/step, compile {summary['compile_seconds']:.0f}s) | "
         f"loss {metrics_host.get('loss', float('nan')):.4f} | {summary['params']:,} params"
     )
-    return nnx.merge(graphdef, params, rest), summary
+    return nnx.merge(graphdef, params if ema is None else ema, rest), summary
+
+
+def load_snapshot(module: nnx.Module, path: Path, wrt: nnx.filterlib.Filter = nnx.Param):
+    """``module`` with the ``wrt`` parameters of a saved snapshot (``ema_<step>.npz``)."""
+    graphdef, params, rest = nnx.split(module, wrt, ...)
+    leaves, treedef = jax.tree.flatten(params)
+    with np.load(path) as f:
+        saved = [jnp.asarray(f[f"a{i}"]) for i in range(len(leaves))]
+    if [s.shape for s in saved] != [np.shape(x) for x in leaves]:
+        raise ValueError(f"{path} holds other parameters than this module's")
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, saved), rest)
 
 
 def read_metrics(out: Path) -> list[dict]:
