@@ -111,9 +111,10 @@ def test_gap_summary_relative_gap_and_interval():
 def test_overfit_opens_the_gap_on_the_toy_base():
     """Rung 0 as a fast test: the committed toy base, 8 real CelebA photos, the image branch
     zero-initialised beside the text branch (gamma = sigma = 1, no fusion, no face loss): within
-    150 steps the own reference beats a shuffled one on the x0 error, clear of zero, and beats
-    the frozen base. (docs/EXPERIMENTS.md, rung 0: the paper's copy initialisation with the image
-    branch alone reaches about 3% here, this recipe about 10%.)"""
+    100 steps the own reference beats a shuffled one on the x0 error by more than 3% in the
+    middle band, clear of zero, and beats the frozen base. (docs/EXPERIMENTS.md, rung 0, at step
+    100: the paper's copy initialisation with the image branch alone 1.4-1.7%, this recipe
+    5.9-6.5% on the training split's photos.)"""
     from pv_jax.photoverse.factory import build_bundle
     from pv_jax.toy.overfit import OverfitConfig, overfit, rung0_config, wheel_arrays
 
@@ -124,12 +125,13 @@ def test_overfit_opens_the_gap_on_the_toy_base():
     )
     bundle = build_bundle(cfg, face_net=False)
     arrays = wheel_arrays(8)
-    r = overfit(bundle, arrays, cfg, OverfitConfig(photos=8, steps=150, eval_every=150))
+    oc = OverfitConfig(photos=8, steps=100, eval_every=100, draws=2, grad_norms=False)
+    r = overfit(bundle, arrays, cfg, oc)
     first, last = r["history"][0]["x0_gap"], r["history"][-1]["x0_gap"]
     assert abs(first["300-600"]["gap"]) < 0.01  # at the start only the random words differ
     mid = last["300-600"]
     print({k: round(v["gap"], 4) for k, v in last.items()}, mid)
-    assert mid["gap"] > 0.05 and mid["ci95"][0] > 0.0
+    assert mid["gap"] > 0.03 and mid["ci95"][0] > 0.0
     assert mid["gain_over_base"] > 0.0
 
 
