@@ -182,13 +182,167 @@ def tuning_table(tune: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+BANDS = ("0-300", "300-600", "600-1000")
+# The rung-0 runs drawn in colour (the others in grey), with their legend.
+RUNG0_NAMED = {
+    "baseline": "paper's init, image branch alone",
+    "oracle": "  + oracle tokens (VAE latents)",
+    "fusion": "paper's init, random fusion",
+    "gs11": "paper's init, both branches, no fusion",
+    "fusion_zero": "zero W_v^S, random fusion",
+    "gs02_zero": "zero W_v^S, image branch alone",
+    "gs11_zero": "zero W_v^S, both branches, no fusion",
+    "gs11_zero_seed1": "  the same, seed 1",
+}
+
+
+def ladder_table(rows: list[dict]) -> str:
+    """Rung 0 (``ladder/rung0.jsonl``): each run's x0 gap per band at its last step, with the
+    95% interval of the middle band and the own reference's gain over the frozen base."""
+    lines = [
+        "| run | setting | steps | x0 gap " + " / ".join(BANDS) + " | 95% CI (300-600) "
+        "| gain over base " + " / ".join(BANDS) + " | s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        last = r["history"][-1]
+        gap = last["x0_gap"]
+        gain = " / ".join(
+            f"{gap[b]['gain_over_base'] * 100:+.1f}%" if "gain_over_base" in gap[b] else "-"
+            for b in BANDS
+        )
+        lo, hi = gap["300-600"]["ci95"]
+        setting = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in r["overrides"].items())
+        extra = [x for x in ("fusion" if r.get("fusion") else "",) if x]
+        if r.get("repeat", 1) > 1:
+            extra.append(f"batch x{r['repeat']}")
+        if r.get("oracle"):
+            extra.append("oracle tokens")
+        setting = ", ".join(filter(None, [setting, *extra])) or "the paper's (copy init)"
+        lines.append(
+            f"| {r['name']} | {setting} | {last['step']} | "
+            + " / ".join(f"{gap[b]['gap'] * 100:+.1f}%" for b in BANDS)
+            + f" | [{lo * 100:+.1f}, {hi * 100:+.1f}] | {gain} | {r['seconds']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def gap_curve_table(rows: list[dict]) -> str:
+    """Rung 2 (``ladder/gap_curves.jsonl``): per run, split and checkpoint, the x0 gap per band
+    with the 95% interval at t >= 600, and the own reference's gain over the frozen base."""
+    lines = [
+        "| run | people | step | x0 gap " + " / ".join(BANDS) + " | 95% CI (600-1000) "
+        "| gain over base " + " / ".join(BANDS) + " |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["run"], r["split"] != "val", r["step"])):
+        gap = r["x0_gap"]
+        lo, hi = gap["600-1000"]["ci95"]
+        lines.append(
+            f"| {Path(r['run']).name} | {r['split']} ({r['photos']}) | {r['step']} | "
+            + " / ".join(f"{gap[b]['gap'] * 100:+.2f}%" for b in BANDS)
+            + f" | [{lo * 100:+.2f}, {hi * 100:+.2f}] | "
+            + " / ".join(f"{gap[b]['gain_over_base'] * 100:+.1f}%" for b in BANDS)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_ladder(out: Path) -> Path:
+    """ladder.png: rung 0's middle-band gap against steps per run; rung 2's gap on the
+    validation and training people against steps per band; the base's face rate against
+    continued-training steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = out / "ladder"
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
+    for r in _jsonl(d / "rung0.jsonl"):
+        h = r["history"]
+        named = r["name"] in RUNG0_NAMED
+        axes[0].plot(
+            [x["step"] for x in h],
+            [x["x0_gap"]["300-600"]["gap"] * 100 for x in h],
+            marker="o" if named else None,
+            color=None if named else "0.8",
+            zorder=2 if named else 1,
+            label=RUNG0_NAMED.get(r["name"]),
+        )
+    axes[0].set(
+        title="rung 0: 8 training photos, x0 gap t in [300, 600)",
+        xlabel="step",
+        ylabel="shuffled vs own x0 error (%)",
+    )
+    axes[0].legend(fontsize=7)
+    curves = d / "gap_curves.jsonl"
+    if curves.is_file():
+        rows = [r for r in _jsonl(curves) if r["run"].endswith("ladder")]
+        for split, style in (("val", "-"), ("train", "--")):
+            part = sorted((r for r in rows if r["split"] == split), key=lambda r: r["step"])
+            for b in BANDS:
+                axes[1].errorbar(
+                    [r["step"] for r in part],
+                    [r["x0_gap"][b]["gap"] * 100 for r in part],
+                    yerr=np.array(
+                        [
+                            [
+                                (r["x0_gap"][b]["gap"] - r["x0_gap"][b]["ci95"][0]) * 100,
+                                (r["x0_gap"][b]["ci95"][1] - r["x0_gap"][b]["gap"]) * 100,
+                            ]
+                            for r in part
+                        ]
+                    ).T,
+                    ls=style,
+                    marker="o",
+                    capsize=2,
+                    label=f"{split} t {b}",
+                )
+        axes[1].axhline(5, color="grey", lw=0.8, ls=":")
+        axes[1].set(
+            title="rung 2: all 709 photos (ladder recipe)",
+            xlabel="step",
+            ylabel="x0 gap (%), 95% CI",
+        )
+        axes[1].legend(fontsize=7)
+    base = d / "base_curve.jsonl"
+    if base.is_file():
+        rows = sorted(_jsonl(base), key=lambda r: r["step"])
+        axes[2].plot([r["step"] for r in rows], [r["val_face_rate_cfg3"] for r in rows], "o-")
+        axes[2].axhline(0.8, color="grey", lw=0.8, ls=":")
+        axes[2].set(
+            title="base: face rate (64 validation seeds, CFG 3)",
+            xlabel="continued-training steps (EMA)",
+            ylabel="dlib face rate",
+            ylim=(0, 1),
+        )
+    fig.tight_layout()
+    path = d / "ladder.png"
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     """Write losses.png, ablation.png and eval/toy_eval.md (identity, prompt following, the
     conditioning gain, the guidance sweep)."""
     p = argparse.ArgumentParser(prog="python -m pv_jax.toy.report")
     p.add_argument("--out", type=Path, default=Path("models/toy_faces"))
     p.add_argument("--work", type=Path, default=Path("toy_work"))
+    p.add_argument("--ladder", action="store_true", help="only ladder/ladder.png and its table")
     args = p.parse_args(argv)
+    if args.ladder:
+        print(plot_ladder(args.out))
+        print(ladder_table(_jsonl(args.out / "ladder" / "rung0.jsonl")))
+        curves = args.out / "ladder" / "gap_curves.jsonl"
+        if curves.is_file():
+            print(gap_curve_table(_jsonl(curves)))
+        return
     runs = {v: args.work / f"pv_{v}" for v in PAPER if (args.work / f"pv_{v}").is_dir()}
     print(plot_losses(args.out, runs))
     path = args.out / "eval" / "toy_eval.json"
