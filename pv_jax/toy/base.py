@@ -189,9 +189,11 @@ def train_unet(
     lat = lat.reshape(len(names), 2 * len(faces), *lat.shape[1:])
     probs = np.array([attributes.CAPTION_WEIGHTS[a] for a in names])
     schedule = NoiseSchedule()
-    unet = init or random_module(
-        lambda r: UNet2DConditionModel(TOY_UNET, rngs=r), np.random.default_rng(2)
-    )
+    if init is None:
+        init = random_module(
+            lambda r: UNet2DConditionModel(TOY_UNET, rngs=r), np.random.default_rng(2)
+        )
+    unet = init
 
     def make_batch(rng):
         b = fit_config.batch_size

@@ -113,18 +113,21 @@ def base_quality(
 
 
 def snapshot_curve(sd, run: Path, *, guidance: float = 3.0, steps: int = 25) -> list[dict]:
-    """Face rate on ``VAL_SEEDS`` of every ``ema_<step>.npz`` snapshot of a base run (the curve
-    of face rate against steps), at one guidance."""
+    """Face rate on ``VAL_SEEDS`` of ``sd``'s UNet (step 0: where the run started) and of every
+    ``ema_<step>.npz`` snapshot of a base run: the curve of face rate against steps, at one
+    guidance."""
     import dataclasses
 
     from pv_jax.toy.fit import load_snapshot
 
+    snaps = {int(p.stem.split("_")[1]): p for p in run.glob("ema_*.npz")}
     rows = []
-    paths = sorted(run.glob("ema_*.npz"), key=lambda p: int(p.stem.split("_")[1]))
-    for path in paths:
-        model = dataclasses.replace(sd, unet=load_snapshot(sd.unet, path))
+    for step in [0, *sorted(snaps)]:
+        model = (
+            sd if step == 0 else dataclasses.replace(sd, unet=load_snapshot(sd.unet, snaps[step]))
+        )
         images = sample_plain(model, PLAIN, VAL_SEEDS, guidance=guidance, steps=steps)
-        rows.append({"step": int(path.stem.split("_")[1]), "val_face_rate": face_rate(images)})
+        rows.append({"step": step, "guidance": guidance, "val_face_rate": face_rate(images)})
         print(rows[-1], flush=True)
     return rows
 
@@ -147,8 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
     sd = load_stable_diffusion(args.sd)
     if args.curve:
         rows = snapshot_curve(sd, args.curve)
-        if args.out:
-            args.out.write_text(json.dumps(rows, indent=1))
+        if args.out:  # JSON lines, as ``python -m pv_jax.toy.report --ladder`` reads them
+            args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
         return {"curve": rows}
     if args.snapshot:
         import dataclasses

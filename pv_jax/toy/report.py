@@ -313,7 +313,7 @@ def plot_ladder(out: Path) -> Path:
     base = d / "base_curve.jsonl"
     if base.is_file():
         rows = sorted(_jsonl(base), key=lambda r: r["step"])
-        axes[2].plot([r["step"] for r in rows], [r["val_face_rate_cfg3"] for r in rows], "o-")
+        axes[2].plot([r["step"] for r in rows], [r["val_face_rate"] for r in rows], "o-")
         axes[2].axhline(0.8, color="grey", lw=0.8, ls=":")
         axes[2].set(
             title="base: face rate (64 validation seeds, CFG 3)",
