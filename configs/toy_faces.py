@@ -12,6 +12,9 @@ zero-initialised, no random fusion: gamma = sigma = 1 in every step, no face los
 trained on every training photo for rung 2:
 
     python train_tpu.py --config configs/toy_faces.py:ladder --workdir toy_work/ladder
+
+``ladder_identity``: the ladder with identity tokens beside the encoder's (rung 4: the image
+branch also reads 4 tokens made from the reference's dlib descriptor).
 """
 
 import ml_collections
@@ -19,7 +22,7 @@ import ml_collections
 from pv_jax.photoverse import AdapterConfig, PhotoVerseConfig
 from pv_jax.train.config import default_config
 
-VARIANTS = ("full", "no_face", "no_image", "ladder")
+VARIANTS = ("full", "no_face", "no_image", "ladder", "ladder_identity")
 WORK = "toy_work"
 MODELS = "models/toy_faces"
 
@@ -47,10 +50,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.sigma = 0.0
         c.model.image_reg_weight = 0.0
         c.train.fusion = False
-    if variant == "ladder":
+    if variant.startswith("ladder"):
         c.model.face_weight = 0.0
         c.model.image_branch_init = "zero"
         c.train.fusion = False
+    if variant == "ladder_identity":
+        c.model.image_source = "both"
+        c.model.identity_tokens = 4
     c.base.kind = "folders"
     c.base.sd_folder = f"{MODELS}/sd"
     c.base.clip_vision_folder = f"{MODELS}/clip_vision"
@@ -68,7 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.sample_every = 200
     c.train.sample_steps = 25
     c.train.tensorboard = False
-    if variant == "ladder":  # the curve of the gap against steps, on the validation people
+    if variant.startswith("ladder"):  # the gap's curve against steps, on the validation people
         c.optim.lr = 1e-3
         c.train.steps = 5000
         c.train.checkpoint_every = 500

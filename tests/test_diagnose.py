@@ -151,6 +151,44 @@ def test_branch_outputs_per_layer(tiny_pv):
     assert all(r["image_share"] == 0.0 for r in branch_outputs(*args, refs, 500, gamma=1, sigma=0))
 
 
+def test_rollout_identity_own_vs_shuffled(tiny_pv):
+    """The identity diagnostic: one step of rollout is the single-step x0 written out (decode,
+    chip by the landmarks, the face net, cosine to the target's descriptor); one reference for
+    every photo leaves nothing to shuffle (gain 0)."""
+    from conftest import face_batch
+
+    from pv_jax.face import cosine_similarity
+    from pv_jax.photoverse.losses import face_descriptors
+    from pv_jax.toy.diagnose import rollout_identity
+
+    model, schedule, tok = tiny_pv.model, tiny_pv.schedule, tiny_pv.tokenizer
+    targets, refs = _photos(3)
+    lm = np.stack([face_batch(tok)["landmarks"][0]] * 3)
+    desc = np.random.RandomState(4).randn(3, 128).astype(np.float32)
+    arrays = dict(target=targets, reference=refs, landmarks=lm, descriptor=desc)
+    got = rollout_identity(model, schedule, tok, arrays, t=300, steps=1, seed=5)
+    noise = jax.random.normal(jax.random.key(5), (3, 16, 16, 4))
+
+    @nnx.jit
+    def direct(model):
+        latents = model.vae.scale_latents(model.vae.encode(to_unit(targets) * 2 - 1)[0])
+        t = jnp.full((3,), 300)
+        x_t = add_noise(schedule, latents, noise, t)
+        tokens = tok(["a photo of S*"] * 3, model.config.words)
+        words, image_tokens = model.encode_reference(jnp.asarray(refs))
+        text = model.encode_text(jnp.asarray(tokens.input_ids), jnp.asarray(tokens.slots), words)
+        eps = model.denoise(x_t, t, text, image_tokens, gamma=1.0, sigma=1.0)
+        abar = jnp.asarray(schedule.alphas_cumprod)[300]
+        x0 = (x_t - jnp.sqrt(1 - abar) * eps) / jnp.sqrt(abar)
+        images = jnp.clip(model.vae.decode(model.vae.unscale_latents(x0)) / 2 + 0.5, 0, 1)
+        return cosine_similarity(face_descriptors(model, images, jnp.asarray(lm)), desc)
+
+    np.testing.assert_allclose(got["own"], float(np.mean(direct(model))), atol=1e-5)
+    same = dict(arrays, reference=np.repeat(refs[:1], 3, axis=0), descriptor=desc)
+    r = rollout_identity(model, schedule, tok, dict(same, descriptor=desc), t=300, steps=2)
+    assert r["steps"] == 2 and r["photos"] == 3 and r["gain"] == 0.0
+
+
 def test_ridge_probe_r2():
     from pv_jax.toy.diagnose import ridge_r2
 

@@ -119,9 +119,40 @@ def test_face_loss_zero_for_an_image_compared_with_itself(tiny_pv):
     none = run(noise * 0.5, x_t, t, batch["landmarks"], own, jnp.zeros(2, bool))
     assert float(none) == 0.0
 
+    # A 3-step rollout whose later predictions are the true noise of whatever they are fed
+    # recovers the clean latents too; from a wrong first prediction, only with them.
+    abar = lambda tt: jnp.asarray(sched.alphas_cumprod)[tt][:, None, None, None]
 
-def test_face_gradients_reach_the_adapters(tiny_pv):
+    def oracle(x, tt, idx):
+        lat = latents if idx is None else latents[idx]
+        return (x - jnp.sqrt(abar(tt)) * lat) / jnp.sqrt(1 - abar(tt))
+
+    rolled = jax.jit(
+        lambda p, predict: face_loss(
+            model,
+            sched,
+            p,
+            x_t,
+            t,
+            batch["landmarks"],
+            own,
+            jnp.ones(2, bool),
+            image_hw=(32, 32),
+            rollout_steps=3,
+            predict=predict,
+            subset=1,
+        )[0],
+        static_argnums=1,
+    )
+    assert abs(float(rolled(noise * 0.5, oracle))) < 1e-5
+    assert float(rolled(noise * 0.5, lambda x, tt, idx: 0.5 * oracle(x, tt, idx))) > 1e-3
+
+
+@pytest.mark.parametrize("rollout", [1, 2])
+def test_face_gradients_reach_the_adapters(tiny_pv, rollout):
+    # rollout 2: x0 by a 2-step DDIM rollout, gradients through both UNet calls.
     graphdef, trainable, frozen = split_trainable(tiny_pv.model)
+    cfg = dataclasses.replace(tiny_pv.config, face_rollout_steps=rollout)
     batch = face_batch(tiny_pv.tokenizer)
     batch["timesteps"] = np.array([100, 250])
 
@@ -130,7 +161,7 @@ def test_face_gradients_reach_the_adapters(tiny_pv):
         def face_term(tr):
             m = nnx.merge(graphdef, tr, frozen)
             _, metrics = photoverse_loss(
-                m, batch, jax.random.key(0), schedule=tiny_pv.schedule, fusion=False
+                m, batch, jax.random.key(0), schedule=tiny_pv.schedule, fusion=False, config=cfg
             )
             return metrics["face"]
 
@@ -275,3 +306,5 @@ def test_face_loss_options_are_checked():
         PhotoVerseConfig(face_window=0.0)
     with pytest.raises(ValueError, match="face_batch_fraction must be in"):
         PhotoVerseConfig(face_batch_fraction=1.5)
+    with pytest.raises(ValueError, match="face_rollout_steps must be >= 1"):
+        PhotoVerseConfig(face_rollout_steps=0)

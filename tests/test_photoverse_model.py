@@ -33,6 +33,7 @@ from pv_jax.photoverse import (
     TRAINABLE,
     UNET_EXTRAS,
     AdapterConfig,
+    IdentityAdapter,
     ImageAdapter,
     PhotoVerse,
     PhotoVerseAttention,
@@ -412,7 +413,7 @@ def test_per_group_learning_rates(tiny_pv):
 
     _, trainable, _ = split_trainable(tiny_pv.model)
     groups = {trainable_group(p) for p, _ in nnx.to_flat_state(trainable)}
-    assert groups == set(TRAINABLE_GROUPS)
+    assert groups == set(TRAINABLE_GROUPS) - {"identity_adapter"}  # image_source "encoder"
     grads = jax.tree.map(jnp.ones_like, trainable)
 
     def updates(**kw):
@@ -426,3 +427,75 @@ def test_per_group_learning_rates(tiny_pv):
         np.testing.assert_allclose(scaled[path], factor * u, rtol=1e-6)
     with pytest.raises(ValueError, match=r"unknown groups \['unet'\].*image_adapter"):
         make_optimizer(1e-3, lr_multipliers={"unet": 2.0})
+
+
+def test_identity_adapter_parity_vs_torch():
+    """The identity projection vs the same layers in PyTorch (IP-Adapter-FaceID's MLPProjModel:
+    Linear, exact GELU, Linear, LayerNorm per token); fp32, 1e-5."""
+    import torch
+
+    cfg = PhotoVerseConfig(image_source="identity", identity_tokens=3, adapter=AdapterConfig(24))
+    ident = IdentityAdapter(cfg, 12, rngs=nnx.Rngs(0))
+    r = np.random.RandomState(0)
+    n = ident.norm.scale.shape
+    ident.norm.scale.set_value(jnp.asarray(1 + 0.1 * r.randn(*n).astype(np.float32)))
+    ident.norm.bias.set_value(jnp.asarray(0.1 * r.randn(*n).astype(np.float32)))
+    desc = (0.1 * r.randn(4, 128)).astype(np.float32)
+
+    def lin(layer):
+        t = torch.nn.Linear(*layer.kernel.shape)
+        t.weight.data = torch.from_numpy(np.asarray(layer.kernel.get_value()).T)
+        t.bias.data = torch.from_numpy(np.asarray(layer.bias.get_value()))
+        return t
+
+    norm = torch.nn.LayerNorm(12, eps=1e-5)
+    norm.weight.data = torch.from_numpy(np.asarray(ident.norm.scale.get_value()))
+    norm.bias.data = torch.from_numpy(np.asarray(ident.norm.bias.get_value()))
+    with torch.no_grad():
+        x = torch.from_numpy(desc)
+        x = x * np.sqrt(128) / (x.norm(dim=-1, keepdim=True) + 1e-6)
+        want = norm(lin(ident.fc2)(torch.nn.GELU()(lin(ident.fc1)(x))).reshape(4, 3, 12)).numpy()
+    got = np.asarray(ident(jnp.asarray(desc)))
+    chex.assert_shape(got, (4, 3, 12))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # Only the descriptor's direction counts (dlib compares descriptors by distance, and the
+    # norms of real ones vary little): a rescaled descriptor gives the same tokens.
+    np.testing.assert_allclose(np.asarray(ident(jnp.asarray(3 * desc))), got, atol=1e-5)
+    with pytest.raises(ValueError, match=r"descriptors of shape \(B, 128\), got \(4, 64\)"):
+        ident(jnp.asarray(desc[:, :64]))
+
+
+@pytest.mark.parametrize(("source", "count"), [("identity", 3), ("both", 17 + 3)])
+def test_identity_tokens_in_the_image_branch(source, count):
+    """image_source "identity" / "both": the image branch reads N tokens from the reference's
+    dlib descriptor (after the encoder's 17 with "both"); they follow the descriptor, the
+    trainable groups hold the new adapter (and no unused one), and a model that needs
+    descriptors says so when given none."""
+    from pv_jax.photoverse import tiny_photoverse
+    from pv_jax.photoverse.model import trainable_group
+
+    cfg = dataclasses.replace(TINY_CONFIG, image_source=source, identity_tokens=3)
+    bundle = tiny_photoverse(cfg, seed=0, with_face_net=False)
+    model = bundle.model
+    batch = face_batch(bundle.tokenizer)
+    desc = np.random.RandomState(1).randn(2, 128).astype(np.float32)
+    run = jax.jit(lambda m, ref, d: m.encode_reference(ref, descriptors=d))
+    words, f = run(model, batch["reference"], desc)
+    chex.assert_shape(words, (2, 5, 64))
+    chex.assert_shape(f, (2, count, 64))
+    _, f_other = run(model, batch["reference"], desc[::-1].copy())
+    ident = slice(count - 3, count)
+    np.testing.assert_allclose(np.asarray(f_other[0, ident]), np.asarray(f[1, ident]), atol=1e-6)
+    assert np.abs(np.asarray(f_other[0, ident] - f[0, ident])).max() > 1e-2
+    if source == "both":  # the encoder's tokens do not see the descriptor
+        np.testing.assert_array_equal(np.asarray(f_other[:, :17]), np.asarray(f[:, :17]))
+    _, trainable, _ = split_trainable(model)
+    groups = {trainable_group(p) for p, _ in nnx.to_flat_state(trainable)}
+    assert "identity_adapter" in groups
+    assert ("image_adapter" in groups) == (source == "both")
+    with pytest.raises(ValueError, match=f"image_source='{source}' reads the references' dlib"):
+        model.encode_reference(batch["reference"])
+    with pytest.raises(ValueError, match="needs identity_tokens >= 1, got 0"):
+        dataclasses.replace(cfg, identity_tokens=0)
+    with pytest.raises(ValueError, match="image_source='clip' is not one of"):
+        dataclasses.replace(cfg, image_source="clip")

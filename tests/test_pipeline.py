@@ -328,3 +328,23 @@ def test_make_demo_draws_faces_with_the_trained_toy_model(tmp_path):
         assert all(0.5 < s <= 1.0 for s in found)
         assert "trained checkpoint" in meta["weights"]
         assert meta["prompts"][-1] == "a grayscale photo of S*"
+
+
+def test_identity_tokens_read_each_reference_descriptor():
+    """A model whose image branch reads identity tokens samples from the references' dlib
+    descriptors (FaceRecord.descriptor, computed once per photo): another descriptor, another
+    image; the same one, the same image, from one compilation."""
+    cfg = dataclasses.replace(tiny_photoverse().config, image_source="both", identity_tokens=2)
+    bundle = tiny_photoverse(cfg, with_face_net=False)
+    # The identity adapter's LayerNorm output meets W_v^S: make the branch count.
+    pipe = PhotoVersePipeline(bundle)
+    assert pipe.uses_identity
+    record = load_reference(ASTRONAUT)
+    other = dataclasses.replace(record, descriptor=record.descriptor[::-1].copy())
+    kw = dict(steps=2, identity=False)
+    a = pipe([record], ["a photo of S*"], **kw).images
+    b = pipe([other], ["a photo of S*"], **kw).images
+    again = pipe([record], ["a photo of S*"], **kw).images
+    np.testing.assert_array_equal(a, again)
+    assert np.abs(a.astype(int) - b.astype(int)).max() > 0
+    assert pipe.sampler.traces == 1

@@ -316,3 +316,7 @@ def test_ladder_variant_is_the_rung0_recipe():
     assert ladder.optim.lr == 1e-3 and ladder.train.steps == 5000
     changed = {k for k in full.model if full.model[k] != ladder.model[k]}
     assert changed == {"image_branch_init", "face_weight"}
+    identity = toy_faces.get_config("ladder_identity")
+    changed = {k for k in ladder.model if ladder.model[k] != identity.model[k]}
+    assert changed == {"image_source"} and identity.model.identity_tokens == 4
+    assert identity.train == ladder.train and identity.optim == ladder.optim

@@ -168,6 +168,37 @@ def predict_x0(
     return _x0_and_eps(schedule.prediction_type, model_output, x_t, abar)[0]
 
 
+def rollout_x0(
+    schedule: NoiseSchedule,
+    predict: Callable[[jax.Array, jax.Array], jax.Array],
+    model_output: jax.Array,
+    x_t: jax.Array,
+    t: jax.Array,
+    steps: int,
+) -> jax.Array:
+    """The clean sample by a ``steps``-step deterministic DDIM rollout from x_t at per-sample
+    timesteps t (B,) to 0, differentiable (PuLID's face-loss x0).
+
+    ``model_output`` is the prediction at (x_t, t); ``predict(x, t)`` makes the later ones, at
+    t_k = floor(t (steps - k) / steps), k = 1..steps-1 (``steps - 1`` more calls, each
+    rematerialised in the backward pass). ``steps`` 1 is :func:`predict_x0`.
+    """
+    x0, eps = _x0_and_eps(schedule.prediction_type, model_output, x_t, _at(schedule, t, x_t.ndim))
+    if steps == 1:
+        return x0
+
+    @jax.checkpoint
+    def step(carry, k):
+        x0, eps = carry
+        t_k = (t * (steps - k)) // steps
+        x = add_noise(schedule, x0, eps, t_k)  # the eta-0 DDIM update to t_k
+        out = predict(x, t_k)
+        return _x0_and_eps(schedule.prediction_type, out, x, _at(schedule, t_k, x.ndim)), None
+
+    (x0, _), _ = jax.lax.scan(step, (x0, eps), jnp.arange(1, steps))
+    return x0
+
+
 def ddim_timesteps(schedule: NoiseSchedule, num_steps: int) -> np.ndarray:
     """The descending timesteps of a ``num_steps`` DDIM run (diffusers' ``set_timesteps``)."""
     n = schedule.num_train_timesteps

@@ -1,7 +1,7 @@
 """PhotoVerse itself: dual-branch concept extraction, concept injection in the UNet
 cross-attention, placeholder prompts, the model factory and the training objective."""
 
-from pv_jax.photoverse.adapters import ImageAdapter, TextAdapter
+from pv_jax.photoverse.adapters import IdentityAdapter, ImageAdapter, TextAdapter
 from pv_jax.photoverse.attention import (
     UNET_EXTRAS,
     PhotoVerseAttention,
@@ -34,6 +34,7 @@ __all__ = [
     "TRAINABLE",
     "UNET_EXTRAS",
     "AdapterConfig",
+    "IdentityAdapter",
     "ImageAdapter",
     "PhotoVerse",
     "PhotoVerseAttention",

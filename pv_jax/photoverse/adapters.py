@@ -6,6 +6,8 @@
   deepest layers.
 - :class:`ImageAdapter`: maps the tokens of one CLIP-vision hidden state to image tokens f in
   the UNet's cross-attention width.
+- :class:`IdentityAdapter` [ours]: maps the reference's dlib face descriptor to N identity
+  tokens in the same width, for the image branch (``PhotoVerseConfig.image_source``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pv_jax.models import layers
-from pv_jax.photoverse.config import AdapterConfig, PhotoVerseConfig
+from pv_jax.photoverse.config import DESCRIPTOR_DIM, AdapterConfig, PhotoVerseConfig
 
 
 class AdapterBlock(nnx.Module):
@@ -131,3 +133,45 @@ class ImageAdapter(nnx.Module):
     def __call__(self, hidden_states: tuple[jax.Array, ...]) -> jax.Array:
         """CLIP-vision ``hidden_states`` -> (B, T, context width)."""
         return self.adapter(image_token_features(hidden_states[self.layer_id], self.image_tokens))
+
+
+class IdentityAdapter(nnx.Module):
+    """A face descriptor (B, 128) -> N identity tokens (B, N, context width): Linear -> GELU ->
+    Linear to N x width, then a LayerNorm per token (IP-Adapter-FaceID's projection). The
+    descriptor is scaled to norm sqrt(128) first (unit-size entries; dlib's are about 0.1)."""
+
+    def __init__(
+        self,
+        cfg: PhotoVerseConfig,
+        context_width: int,
+        *,
+        dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        hidden = cfg.adapter.hidden
+        self.num_tokens = cfg.identity_tokens
+        self.width = context_width
+        self.fc1 = layers.linear(DESCRIPTOR_DIM, hidden, rngs=rngs, dtype=dtype)
+        self.fc2 = layers.linear(
+            hidden,
+            self.num_tokens * context_width,
+            axes=(layers.MLP, layers.EMBED),
+            rngs=rngs,
+            dtype=dtype,
+        )
+        self.norm = layers.layer_norm(
+            context_width, cfg.adapter.layer_norm_eps, rngs=rngs, dtype=dtype
+        )
+
+    def __call__(self, descriptors: jax.Array) -> jax.Array:
+        """(B, 128) dlib descriptors -> (B, N, context width) float32."""
+        d = jnp.asarray(descriptors, jnp.float32)
+        if d.ndim != 2 or d.shape[-1] != DESCRIPTOR_DIM:
+            raise ValueError(
+                f"identity tokens need dlib descriptors of shape (B, {DESCRIPTOR_DIM}), got "
+                f"{d.shape}: pass each reference's FaceRecord.descriptor"
+            )
+        d = d * jnp.sqrt(DESCRIPTOR_DIM) / (jnp.linalg.norm(d, axis=-1, keepdims=True) + 1e-6)
+        x = self.fc2(jax.nn.gelu(self.fc1(d.astype(self.fc1.kernel.dtype)), approximate=False))
+        x = x.reshape(d.shape[0], self.num_tokens, self.width)
+        return self.norm(x).astype(jnp.float32)

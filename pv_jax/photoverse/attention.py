@@ -120,6 +120,27 @@ class PhotoVerseAttention(Attention):
         """V_S = W_v^S f (B, T, inner) (also what the L_Sreg loss regularises)."""
         return self.to_v_s(image_tokens)
 
+    def branches(
+        self,
+        x: jax.Array,
+        context: jax.Array | None = None,
+        *,
+        image_tokens: jax.Array | None = None,
+        alpha: Scalar = 1.0,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """The two attention outputs before gamma / sigma and the output projection: O_T over
+        the text context and O_S over the image tokens (None without them), (B, Lq, inner).
+        Diagnostics read them per layer with ``nnx.capture(..., method_outputs=...)``."""
+        context = x if context is None else context
+        q = self._project("q", self.to_q, x, alpha)
+        k = self._project("k", self.to_k, context, alpha)
+        v = self._project("v", self.to_v, context, alpha)
+        out_t = self.attend(q, k, v)
+        if image_tokens is None:
+            return out_t, None
+        image_tokens = image_tokens.astype(self.dtype)
+        return out_t, self.attend(q, self.to_k_s(image_tokens), self.image_values(image_tokens))
+
     def __call__(
         self,
         x: jax.Array,
@@ -130,20 +151,15 @@ class PhotoVerseAttention(Attention):
         sigma: Scalar = 1.0,
         alpha: Scalar = 1.0,
     ) -> jax.Array:
-        """x (B, Lq, C), context c (B, Lc, C_ctx), image tokens f (B, T, C_ctx) or None.
+        """x (B, Lq, C), context c (B, Lc, C_ctx), image tokens f (B, T, C_ctx) or None:
+        gamma O_T + sigma O_S through the output projection (:meth:`branches`).
 
         Without image tokens the image branch is skipped (as sigma = 0).
         """
-        context = x if context is None else context
-        q = self._project("q", self.to_q, x, alpha)
-        k = self._project("k", self.to_k, context, alpha)
-        v = self._project("v", self.to_v, context, alpha)
-        out = self.attend(q, k, v)
+        out, out_s = self.branches(x, context, image_tokens=image_tokens, alpha=alpha)
         if not _is_one(gamma):
             out = _per_sample(gamma, out.ndim).astype(out.dtype) * out
-        if image_tokens is not None:
-            image_tokens = image_tokens.astype(self.dtype)
-            out_s = self.attend(q, self.to_k_s(image_tokens), self.image_values(image_tokens))
+        if out_s is not None:
             out = out + _per_sample(sigma, out.ndim).astype(out.dtype) * out_s
         return self._project("out", self.to_out[0], out, alpha)
 

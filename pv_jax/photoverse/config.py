@@ -14,6 +14,8 @@ IMAGE_TOKENS = ("all", "patches", "cls")
 LORA_TARGETS = ("q", "k", "v", "out")
 MISSING_PLACEHOLDER = ("error", "append")
 IMAGE_BRANCH_INIT = ("copy", "random", "zero")
+IMAGE_SOURCES = ("encoder", "identity", "both")
+DESCRIPTOR_DIM = 128  # dlib's face descriptor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +42,12 @@ class PhotoVerseConfig:
     image_layer: int = -2  # penultimate hidden state [ours]
     image_tokens: str = "all"  # "all" (CLS + patches), "patches" or "cls" [ours]
     adapter: AdapterConfig = AdapterConfig()
+    # What the image branch reads: "encoder" [paper] (the image adapter on the CLIP-vision
+    # tokens); "identity" [ours]: ``identity_tokens`` tokens from the reference's dlib face
+    # descriptor (IP-Adapter-FaceID's projection: MLP to N tokens + LayerNorm; dlib's weights
+    # are CC0); "both": the two token sets side by side.
+    image_source: str = "encoder"
+    identity_tokens: int = 4
     # UNet cross-attention: LoRA on the text keys/values and the image key/value branch.
     lora_rank: int = 8  # [ours]
     lora_targets: tuple[str, ...] = ("k", "v")  # [paper]; "q" and "out" optional
@@ -71,6 +79,10 @@ class PhotoVerseConfig:
     # Off by default: the window's descriptors differ from the whole decode's (cosine 0.92-0.99,
     # docs/BENCHMARKS.md) [ours].
     face_window: float = 1.0
+    # The face loss's x0: 1 is the paper's single-step estimate from x_t; K > 1 runs a K-step
+    # DDIM rollout from x_t to 0 with the model itself (the first step is the training
+    # prediction; gradients flow through every step, each rematerialised) [ours; PuLID].
+    face_rollout_steps: int = 1
     text_encoder_layer: int = -1  # UNet context: final LN of this hidden state (SD: last)
 
     def __post_init__(self):
@@ -78,6 +90,17 @@ class PhotoVerseConfig:
         _choice("image_tokens", self.image_tokens, IMAGE_TOKENS)
         _choice("missing_placeholder", self.missing_placeholder, MISSING_PLACEHOLDER)
         _choice("image_branch_init", self.image_branch_init, IMAGE_BRANCH_INIT)
+        _choice("image_source", self.image_source, IMAGE_SOURCES)
+        if self.uses_identity and self.identity_tokens < 1:
+            raise ValueError(
+                f"image_source={self.image_source!r} needs identity_tokens >= 1, "
+                f"got {self.identity_tokens}"
+            )
+        if self.face_rollout_steps < 1:
+            raise ValueError(
+                f"face_rollout_steps must be >= 1 (1: the paper's one-step x0), "
+                f"got {self.face_rollout_steps}"
+            )
         for t in self.lora_targets:
             _choice("lora_targets", t, LORA_TARGETS)
         if not self.text_layers:
@@ -104,6 +127,11 @@ class PhotoVerseConfig:
             raise ValueError(f"face_window must be in (0, 1], got {self.face_window}")
         if not 0.0 <= self.fusion_low <= self.fusion_high <= 1.0:
             raise ValueError("random fusion needs 0 <= fusion_low <= fusion_high <= 1")
+
+    @property
+    def uses_identity(self) -> bool:
+        """Whether the image branch reads the reference's face descriptor."""
+        return self.image_source != "encoder"
 
     @property
     def words(self) -> int:

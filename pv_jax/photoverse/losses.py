@@ -4,7 +4,8 @@
 
 - L_diff: MSE between the UNet's prediction and its target (noise, or v).
 - L_face: 1 - cos(F(face(x0_hat)), F(face(x))) on samples with t <= t_face_max, where x0_hat is
-  the single-step clean-latent estimate decoded by the frozen VAE, face() the dlib chip cut by
+  the single-step clean-latent estimate (``face_rollout_steps`` > 1: a short DDIM rollout's)
+  decoded by the frozen VAE, face() the dlib chip cut by
   the target's 5 landmarks (differentiable) and F the dlib face net. Only a sub-batch is
   decoded (``face_batch_fraction``: the samples of smallest t, as many as the paper's expected
   share; t is drawn stratified so that the face-range samples fit it), and, as an option, only a
@@ -19,18 +20,20 @@ A batch is a dict of arrays:
     input_ids_2 (B, L)       SDXL: the prompts' ids for text tower 2
     time_ids   (B, 6)        SDXL: optional micro-conditioning (original size, crop, target
                              size; else the target's size, uncropped)
-    descriptor (B, 128)      optional: the target's face descriptor (else computed with F)
+    descriptor (B, 128)      optional: the target's face descriptor (else computed with F); the
+                             face loss's target and, with identity tokens, their input
     timesteps  (B,)          optional: fixed diffusion timesteps (else drawn uniformly)
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-from pv_jax.diffusion import NoiseSchedule, add_noise, predict_x0, training_target
+from pv_jax.diffusion import NoiseSchedule, add_noise, rollout_x0, training_target
 from pv_jax.face import align_faces, identity_loss
 from pv_jax.face.align import chip_support, default_pyramid_levels
 from pv_jax.photoverse.attention import random_fusion
@@ -148,13 +151,20 @@ def face_loss(
     subset: int | None = None,
     window: float = 1.0,
     sub_batch_sharding: jax.sharding.Sharding | None = None,
+    rollout_steps: int = 1,
+    predict: Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """L_face on the samples selected by ``mask``, and the share of their chips in the window.
 
     ``subset``: decode only this many samples, those of smallest t (None: all). ``window``:
     decode a square latent window of this fraction of the latent side around each face (1.0:
-    the whole image). Skipped (0) when no sample is selected.
+    the whole image). ``rollout_steps`` > 1: x0 by that many DDIM steps from x_t
+    (:func:`rollout_x0`), ``predict(x, t, idx)`` making the model's later predictions for the
+    samples ``idx`` of the batch (None: all). Skipped (0) when no sample is selected.
     """
+    if rollout_steps > 1 and predict is None:
+        raise ValueError("face_loss with rollout_steps > 1 needs predict(x, t, idx)")
+    idx = None
     b, h, w, _ = x_t.shape
     factor = image_hw[0] // h
     if subset is not None and subset < b:
@@ -168,7 +178,9 @@ def face_loss(
     win = min(side, max(1, math.ceil(window * side)))
 
     def term() -> tuple[jax.Array, jax.Array]:
-        x0 = predict_x0(schedule, prediction, x_t, t)
+        x0 = rollout_x0(
+            schedule, lambda x, tt: predict(x, tt, idx), prediction, x_t, t, rollout_steps
+        )
         if window < 1.0 and win < side:
             images, lms, fits = decode_face_windows(model, x0, landmarks, win, factor)
         else:
@@ -229,7 +241,22 @@ def photoverse_loss(
     noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
     x_t = add_noise(schedule, latents, noise, t)
 
-    words, image_tokens = model.encode_reference(batch["reference"])
+    descriptors = None
+    if cfg.uses_identity or cfg.face_weight:
+        # The target's descriptor: the face loss's target and the identity tokens' input (the
+        # reference is the same photo's face).
+        descriptors = batch.get("descriptor")
+        if descriptors is None and model.face_net is None:
+            raise ValueError(
+                f"image_source={cfg.image_source!r} needs each reference's dlib descriptor: "
+                "put 'descriptor' (B, 128) in the batch, or build the model with_face_net=True"
+            )
+        if descriptors is None:
+            descriptors = face_descriptors(model, target, batch["landmarks"])
+        descriptors = jax.lax.stop_gradient(descriptors)
+    words, image_tokens = model.encode_reference(
+        batch["reference"], descriptors=descriptors if cfg.uses_identity else None
+    )
     text = model.encode_text(batch["input_ids"], batch["slots"], words, batch.get("input_ids_2"))
     if fusion:
         gamma, sigma = random_fusion(k_fuse, b, cfg)
@@ -239,6 +266,14 @@ def photoverse_loss(
         x_t, t, text, image_tokens, gamma=gamma, sigma=sigma, time_ids=batch.get("time_ids")
     )
 
+    def predict(x: jax.Array, tt: jax.Array, idx: jax.Array | None) -> jax.Array:
+        """The same conditioning's prediction for the samples ``idx`` (the face rollout's)."""
+        cond = (text, image_tokens, gamma, sigma, batch.get("time_ids"))
+        if idx is not None:
+            cond = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), cond)
+        txt, tokens, g, s, time_ids = cond
+        return model.denoise(x, tt, txt, tokens, gamma=g, sigma=s, time_ids=time_ids)
+
     terms = {
         "diffusion": diffusion_loss(prediction, training_target(schedule, latents, noise, t)),
         "text_reg": text_reg_loss(words),
@@ -247,10 +282,6 @@ def photoverse_loss(
     face_mask = t <= cfg.t_face_max
     window_fit = jnp.ones((), jnp.float32)
     if cfg.face_weight:
-        desc = batch.get("descriptor")
-        if desc is None:
-            desc = face_descriptors(model, target, batch["landmarks"])
-        desc = jax.lax.stop_gradient(desc)
         terms["face"], window_fit = face_loss(
             model,
             schedule,
@@ -258,12 +289,14 @@ def photoverse_loss(
             x_t,
             t,
             batch["landmarks"],
-            desc,
+            descriptors,
             face_mask,
             image_hw=target.shape[1:3],
             subset=subset,
             window=cfg.face_window,
             sub_batch_sharding=face_sharding,
+            rollout_steps=cfg.face_rollout_steps,
+            predict=predict,
         )
     else:
         terms["face"] = jnp.zeros((), jnp.float32)

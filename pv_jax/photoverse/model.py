@@ -29,18 +29,30 @@ from pv_jax.models.clip import (
 from pv_jax.models.sdxl import encode_sdxl_prompt
 from pv_jax.models.unet import UNet2DConditionModel
 from pv_jax.models.vae import AutoencoderKL
-from pv_jax.photoverse.adapters import ImageAdapter, TextAdapter, check_vision_layers
+from pv_jax.photoverse.adapters import (
+    IdentityAdapter,
+    ImageAdapter,
+    TextAdapter,
+    check_vision_layers,
+)
 from pv_jax.photoverse.attention import UNET_EXTRAS, cross_attentions
 from pv_jax.photoverse.config import PhotoVerseConfig
 from pv_jax.photoverse.placeholder import encode_prompts, inject_pseudo_words
 
 # What PhotoVerse trains: both adapters, the LoRA factors and the image branch (SPEC.md).
-ADAPTER_NAMES = ("text_adapter", "image_adapter")
+ADAPTER_NAMES = ("text_adapter", "image_adapter", "identity_adapter")
 TRAINABLE = nnx.Any(UNET_EXTRAS, *(nnx.PathContains(n) for n in ADAPTER_NAMES))
 FROZEN = nnx.All(nnx.Param, nnx.Not(TRAINABLE))
 # The trainable groups, named by what a parameter's path contains (per-group learning rates,
 # gradient norms per group).
-TRAINABLE_GROUPS = ("text_adapter", "image_adapter", "lora", "to_k_s", "to_v_s")
+TRAINABLE_GROUPS = (
+    "text_adapter",
+    "image_adapter",
+    "identity_adapter",
+    "lora",
+    "to_k_s",
+    "to_v_s",
+)
 
 
 def trainable_group(path: tuple) -> str:
@@ -127,8 +139,17 @@ class PhotoVerse(nnx.Module):
         self.text_adapter = TextAdapter(
             config, vision_width, sum(text_widths), dtype=dtype, rngs=rngs
         )
-        self.image_adapter = ImageAdapter(
-            config, vision_width, context_width, dtype=dtype, rngs=rngs
+        # The image branch's token sources (config.image_source); absent ones are None, so a
+        # checkpoint holds only what the run trains.
+        self.image_adapter = (
+            ImageAdapter(config, vision_width, context_width, dtype=dtype, rngs=rngs)
+            if config.image_source != "identity"
+            else None
+        )
+        self.identity_adapter = (
+            IdentityAdapter(config, context_width, dtype=dtype, rngs=rngs)
+            if config.uses_identity
+            else None
         )
 
     @property
@@ -137,13 +158,30 @@ class PhotoVerse(nnx.Module):
         return self.text_encoder_2 is not None
 
     def encode_reference(
-        self, images: jax.Array, num_words: int | None = None
+        self,
+        images: jax.Array,
+        num_words: int | None = None,
+        descriptors: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """Reference faces (B, H, W, 3), uint8 or [0, 1] -> pseudo-words (B, m, D_text) and
-        image tokens f (B, T, D_context). On SDXL D_text is both towers' widths (768 + 1280)."""
+        image tokens f (B, T, D_context). On SDXL D_text is both towers' widths (768 + 1280).
+        ``descriptors`` (B, 128): the references' dlib descriptors, needed when the image branch
+        reads identity tokens (``config.image_source`` "identity" or "both"; tokens then
+        follow the encoder's)."""
         pixels = preprocess_images(images, self.image_encoder.config.image_size)
         states = self.image_encoder(pixels).hidden_states
-        return self.text_adapter(states, num_words), self.image_adapter(states)
+        tokens = []
+        if self.image_adapter is not None:
+            tokens.append(self.image_adapter(states))
+        if self.identity_adapter is not None:
+            if descriptors is None:
+                raise ValueError(
+                    f"image_source={self.config.image_source!r} reads the references' dlib "
+                    "descriptors: pass descriptors (B, 128) (FaceRecord.descriptor; a training "
+                    "batch's 'descriptor')"
+                )
+            tokens.append(self.identity_adapter(descriptors))
+        return self.text_adapter(states, num_words), jnp.concatenate(tokens, axis=1)
 
     def encode_text(
         self,

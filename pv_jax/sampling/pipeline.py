@@ -213,6 +213,11 @@ class PhotoVersePipeline:
         return cls(bundle)
 
     @property
+    def uses_identity(self) -> bool:
+        """Whether the image branch reads the references' dlib descriptors (identity tokens)."""
+        return self.bundle.config.uses_identity
+
+    @property
     def resolution(self) -> int:
         """Output image side in pixels."""
         return self.latent * self.bundle.model.vae.config.downsample_factor
@@ -288,6 +293,7 @@ class PhotoVersePipeline:
     ) -> _Draw:
         """Image j of prompt ``jobs[j]`` from seed ``opts.seed + j``, ``batch_size`` at a time."""
         refs = np.stack([r.reference for r in records])
+        descs = np.stack([r.descriptor for r in records]) if self.uses_identity else None
         init = self.init_image(records[0]) if opts.strength < 1.0 else None
         rows = min(opts.batch_size, len(jobs))
         chunks, compile_s, t0 = [], 0.0, time.perf_counter()
@@ -296,7 +302,9 @@ class PhotoVersePipeline:
             idx = list(range(start, min(start + rows, len(jobs))))
             padded = idx + [idx[-1]] * (rows - len(idx))
             seeds = [opts.seed + j for j in padded]
-            out = self._draw_batch(refs, tokens, [jobs[j] for j in padded], seeds, init, opts)
+            out = self._draw_batch(
+                refs, descs, tokens, [jobs[j] for j in padded], seeds, init, opts
+            )
             chunks.append(out[: len(idx)])
             compile_s += self.sampler.last_compile_s
         run_s = time.perf_counter() - t0 - compile_s
@@ -311,6 +319,7 @@ class PhotoVersePipeline:
     def _draw_batch(
         self,
         refs: np.ndarray,
+        descriptors: np.ndarray | None,
         tokens: PromptTokens,
         prompt_rows: list[int],
         seeds: list[int],
@@ -335,6 +344,7 @@ class PhotoVersePipeline:
             guidance=opts.guidance,
             spec=opts.spec,
             init_images=init,
+            descriptors=descriptors,
             **self._knobs(opts),
         )
         return np.asarray(out)

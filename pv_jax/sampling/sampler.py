@@ -68,10 +68,13 @@ class SamplerSpec:
         return self.steps - min(int(self.steps * self.strength), self.steps)
 
 
-def encode_references(model: PhotoVerse, images: jax.Array, num_words: int) -> tuple:
+def encode_references(
+    model: PhotoVerse, images: jax.Array, num_words: int, descriptors: jax.Array | None = None
+) -> tuple:
     """Pseudo-words (1, m, D) and image tokens (1, T, C) of R reference photos of one person,
-    averaged over the R photos (one photo: no averaging)."""
-    words, tokens = model.encode_reference(images, num_words)
+    averaged over the R photos (one photo: no averaging); ``descriptors`` (R, 128): their dlib
+    descriptors, for identity tokens."""
+    words, tokens = model.encode_reference(images, num_words, descriptors)
     return words.mean(axis=0, keepdims=True), tokens.mean(axis=0, keepdims=True)
 
 
@@ -185,6 +188,7 @@ class Sampler:
         self,
         state,
         refs,
+        descriptors,
         input_ids,
         slots,
         empty_ids,
@@ -199,7 +203,7 @@ class Sampler:
         decode,
     ):
         model = nnx.merge(self.graphdef, state)
-        words, tokens = encode_references(model, refs, num_words)
+        words, tokens = encode_references(model, refs, num_words, descriptors)
         init_latents = None
         if init_images is not None:
             mean, _ = model.vae.encode(init_images * 2.0 - 1.0)  # the posterior mean
@@ -248,6 +252,7 @@ class Sampler:
         noise: jax.Array,
         key: jax.Array,
         *,
+        descriptors: np.ndarray | None = None,
         num_words: int,
         guidance: float = 7.5,
         gamma: float = 1.0,
@@ -266,7 +271,9 @@ class Sampler:
         ``noise`` (B, h, w, c) is the start latent; ``key`` one key (split over the rows) or (B,)
         keys, one per row (eta noise). ``init_images`` (1 or B, H, W, 3) in [0, 1] with
         ``spec.strength`` < 1: img2img. ``state``: other weights for the same model (e.g. the
-        current ones during training); the compilation is reused. SDXL: ``input_ids_2`` /
+        current ones during training); the compilation is reused. ``descriptors`` (R, 128):
+        the references' dlib descriptors, for a model whose image branch reads identity tokens.
+        SDXL: ``input_ids_2`` /
         ``empty_ids_2`` (tokenizer 2) and optional ``time_ids`` (1 or B, 6).
         """
         if init_images is None and spec.strength < 1.0:
@@ -283,6 +290,7 @@ class Sampler:
         args = (
             self.state if state is None else state,
             jnp.asarray(refs),
+            None if descriptors is None else jnp.asarray(descriptors, jnp.float32),
             jnp.asarray(input_ids),
             jnp.asarray(slots),
             jnp.asarray(empty_ids),

@@ -120,10 +120,12 @@ def x0_errors(
     sigma: float,
     alpha: float = 1.0,
     plain_ids: jax.Array | None = None,
+    descriptors: tuple[jax.Array | None, ...] | None = None,
 ) -> jax.Array:
     """Per-sample x0 MSE (rows, B) of the model's single-step estimate from
     ``x_t = add_noise(latents, noise, t)``, one row per reference batch, on the same noise; with
-    ``plain_ids`` a last row for the frozen base (no LoRA, no image branch) with that caption."""
+    ``plain_ids`` a last row for the frozen base (no LoRA, no image branch) with that caption.
+    ``descriptors``: each reference batch's dlib descriptors (identity tokens)."""
     from pv_jax.diffusion import add_noise, predict_x0
 
     x_t = add_noise(schedule, latents, noise, t)
@@ -133,8 +135,8 @@ def x0_errors(
         return jnp.mean(jnp.square(x0 - latents), axis=(1, 2, 3))
 
     rows = []
-    for ref in references:
-        words, image_tokens = model.encode_reference(ref)
+    for ref, desc in zip(references, descriptors or (None,) * len(references), strict=True):
+        words, image_tokens = model.encode_reference(ref, descriptors=desc)
         text = model.encode_text(input_ids, slots, words)
         rows.append(
             error(model.denoise(x_t, t, text, image_tokens, gamma=gamma, sigma=sigma, alpha=alpha))
@@ -197,13 +199,14 @@ def make_x0_errors(
     sigma: float,
     alpha: float = 1.0,
 ):
-    """The jitted ``errors(state, images, own, shuffled, t, key) -> (3, B)`` of :func:`x0_gap`:
-    x0 MSE with the own and the shuffled references and of the frozen base with the plain
-    caption, on the same noise (compiled once)."""
+    """The jitted ``errors(state, images, own, shuffled, t, key[, own_desc, shuffled_desc]) ->
+    (3, B)`` of :func:`x0_gap`: x0 MSE with the own and the shuffled references (and their dlib
+    descriptors, for identity tokens) and of the frozen base with the plain caption, on the same
+    noise (compiled once)."""
     from pv_jax.photoverse.losses import to_unit
 
     @jax.jit
-    def errors(state, images, own, shuffled, t, key):
+    def errors(state, images, own, shuffled, t, key, own_desc=None, shuffled_desc=None):
         model = nnx.merge(graphdef, state)
         latents = model.vae.scale_latents(model.vae.encode(to_unit(images) * 2.0 - 1.0)[0])
         noise = jax.random.normal(key, latents.shape)
@@ -222,6 +225,7 @@ def make_x0_errors(
             sigma=sigma,
             alpha=alpha,
             plain_ids=jnp.asarray(tokenizer.plain(["a photo of a person"] * b)),
+            descriptors=(own_desc, shuffled_desc),
         )
 
     return errors
@@ -257,6 +261,7 @@ def x0_gap(
     batch: int = 64,
     seed: int = 0,
     errors=None,
+    descriptors: np.ndarray | None = None,
 ) -> dict:
     """Own vs shuffled reference: the relative x0-error gap per band of timesteps.
 
@@ -265,7 +270,8 @@ def x0_gap(
     stratum) and one noise per timestep, the same for both references and the frozen base
     ("a photo of a person"). Returns, per band ``"lo-hi"``, :func:`gap_summary`'s fields.
     ``errors``: a :func:`make_x0_errors` function of this model's graph and these settings, to
-    reuse its compilation across calls."""
+    reuse its compilation across calls. ``descriptors`` (N, 128): the photos' dlib descriptors
+    (shuffled with their references), for a model with identity tokens."""
     n = len(targets)
     if n < 2:
         raise ValueError(f"x0_gap needs at least 2 photos to shuffle references, got {n}")
@@ -282,6 +288,9 @@ def x0_gap(
         )
     rng = np.random.default_rng(seed)
     shuffled_refs = np.roll(references, -1, axis=0)
+    descs = None
+    if descriptors is not None:
+        descs = (np.asarray(descriptors, np.float32), np.roll(descriptors, -1, axis=0))
     out = {}
     for bi, band in enumerate(bands):
         ts = band_timesteps(band, n, draws, rng)
@@ -297,6 +306,11 @@ def x0_gap(
                     jnp.asarray(shuffled_refs[sl]),
                     jnp.asarray(ts[d, sl]),
                     key,
+                    *(
+                        ()
+                        if descs is None
+                        else (jnp.asarray(descs[0][sl]), jnp.asarray(descs[1][sl]))
+                    ),
                 )
                 total[:, sl] += np.asarray(e)
         out[f"{band[0]}-{band[1]}"] = gap_summary(*(total / draws), seed=seed)
@@ -314,10 +328,11 @@ def branch_outputs(
     gamma: float,
     sigma: float,
     seed: int = 0,
+    descriptors: np.ndarray | None = None,
 ) -> list[dict]:
     """Per cross-attention layer (graph order): how much of its output the image branch makes,
     and how much the reference changes it, at timestep ``t`` (run eagerly: it reads every
-    layer's two branches).
+    layer's two branches; ``descriptors``: the photos' dlib descriptors, for identity tokens).
 
     ``image_share``: ||sigma O_S|| / (||gamma O_T|| + ||sigma O_S||); ``reference_effect``:
     ||O_S(own) - O_S(shuffled)|| / ||O_S(own)||, on the same x_t."""
@@ -331,32 +346,27 @@ def branch_outputs(
     x_t = add_noise(schedule, latents, noise, jnp.full((n,), t))
     tokens = tokenizer(["a photo of S*"] * n, model.config.words)
     ids, slots = jnp.asarray(tokens.input_ids), jnp.asarray(tokens.slots)
-    record: list[tuple[jax.Array, jax.Array]] = []
-    original = PhotoVerseAttention.__call__
+    # Each cross-attention layer's two branches (PhotoVerseAttention.branches), by its path.
+    paths = [p for p, m in nnx.iter_modules(model.unet) if isinstance(m, PhotoVerseAttention)]
 
-    def spy(self, x, context=None, *, image_tokens=None, gamma=1.0, sigma=1.0, alpha=1.0):
-        q = self._project("q", self.to_q, x, alpha)
-        k = self._project("k", self.to_k, context, alpha)
-        v = self._project("v", self.to_v, context, alpha)
-        out_t = self.attend(q, k, v)
-        toks = image_tokens.astype(self.dtype)
-        out_s = self.attend(q, self.to_k_s(toks), self.image_values(toks))
-        record.append((out_t, out_s))
-        return original(
-            self, x, context, image_tokens=image_tokens, gamma=gamma, sigma=sigma, alpha=alpha
-        )
+    def forward(model, ref, desc):
+        words, image_tokens = model.encode_reference(jnp.asarray(ref), descriptors=desc)
+        text = model.encode_text(ids, slots, words)
+        model.denoise(x_t, jnp.full((n,), t), text, image_tokens, gamma=gamma, sigma=sigma)
 
+    capture = nnx.capture(forward, nnx.Intermediate, method_outputs=nnx.Intermediate)
     runs = []
-    PhotoVerseAttention.__call__ = spy
-    try:
-        for ref in (references, np.roll(references, -1, axis=0)):
-            record.clear()
-            words, image_tokens = model.encode_reference(jnp.asarray(ref))
-            text = model.encode_text(ids, slots, words)
-            model.denoise(x_t, jnp.full((n,), t), text, image_tokens, gamma=gamma, sigma=sigma)
-            runs.append(list(record))
-    finally:
-        PhotoVerseAttention.__call__ = original
+    pairs = [(references, descriptors)]
+    pairs.append(
+        (
+            np.roll(references, -1, axis=0),
+            None if descriptors is None else np.roll(descriptors, -1, axis=0),
+        )
+    )
+    for ref, desc in pairs:
+        _, inter = capture(model, ref, desc)
+        outputs = dict(nnx.to_flat_state(inter))
+        runs.append([outputs[("unet", *p, "branches")].get_value()[0] for p in paths])
     rows = []
     for (out_t, out_s), (_, out_s_shuffled) in zip(*runs, strict=True):
         norm_t, norm_s = (
@@ -374,6 +384,76 @@ def branch_outputs(
             }
         )
     return rows
+
+
+def rollout_identity(
+    model,
+    schedule,
+    tokenizer,
+    arrays: dict[str, np.ndarray],
+    *,
+    t: int = 400,
+    steps: int = 10,
+    gamma: float = 1.0,
+    sigma: float = 1.0,
+    seed: int = 0,
+) -> dict:
+    """Identity kept through denoising, own vs shuffled reference: each target noised to ``t``
+    and denoised by a ``steps``-step DDIM rollout (:func:`rollout_x0`), decoded, cut by the
+    target's landmarks and compared with the target's dlib descriptor through the JAX face net
+    (cosine; dlib also drives the face loss and the identity tokens). ``arrays``: targets,
+    references, landmarks, descriptors (``split_arrays``); the model needs its face net."""
+    from pv_jax.diffusion import add_noise, rollout_x0
+    from pv_jax.face import cosine_similarity
+    from pv_jax.photoverse.losses import face_descriptors, to_unit
+
+    if model.face_net is None:
+        raise ValueError("rollout_identity needs the model's face net (build with face_net=True)")
+    n = len(arrays["target"])
+    if n < 2:
+        raise ValueError(f"rollout_identity needs at least 2 photos to shuffle, got {n}")
+    tokens = tokenizer(["a photo of S*"] * n, model.config.words)
+    ids, slots = jnp.asarray(tokens.input_ids), jnp.asarray(tokens.slots)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def similarity(state, target, ref, desc, landmarks, target_desc, key):
+        model = nnx.merge(graphdef, state)
+        x = to_unit(target)
+        latents = model.vae.scale_latents(model.vae.encode(x * 2.0 - 1.0)[0])
+        tt = jnp.full((n,), t)
+        x_t = add_noise(schedule, latents, jax.random.normal(key, latents.shape), tt)
+        words, image_tokens = model.encode_reference(ref, descriptors=desc)
+        text = model.encode_text(ids, slots, words)
+
+        def predict(z, ts):
+            return model.denoise(z, ts, text, image_tokens, gamma=gamma, sigma=sigma)
+
+        x0 = rollout_x0(schedule, predict, predict(x_t, tt), x_t, tt, steps)
+        images = jnp.clip(model.vae.decode(model.vae.unscale_latents(x0)) / 2 + 0.5, 0.0, 1.0)
+        return cosine_similarity(face_descriptors(model, images, landmarks), target_desc)
+
+    desc = jnp.asarray(arrays["descriptor"], jnp.float32)
+    args = (jnp.asarray(arrays["landmarks"]), desc, jax.random.key(seed))
+    own = similarity(state, arrays["target"], arrays["reference"], desc, *args)
+    shuffled = similarity(
+        state,
+        arrays["target"],
+        np.roll(arrays["reference"], -1, axis=0),
+        jnp.roll(desc, -1, axis=0),
+        *args,
+    )
+    own, shuffled = np.asarray(own, np.float64), np.asarray(shuffled, np.float64)
+    diff = own - shuffled
+    return {
+        "t": t,
+        "steps": steps,
+        "photos": n,
+        "own": float(own.mean()),
+        "shuffled": float(shuffled.mean()),
+        "gain": float(diff.mean()),
+        "gain_se": float(diff.std(ddof=1) / np.sqrt(n)),
+    }
 
 
 def ridge_r2(
@@ -495,6 +575,7 @@ def x0_gap_curve(
         size = model.vae.config.downsample_factor * model.unet.config.sample_size
         data = split_arrays(work, split, size)
         targets, refs = data["target"][:count], data["reference"][:count]
+        descs = data["descriptor"][:count] if cfg.uses_identity else None
         graphdef, trainable, frozen = split_trainable(model)
         errors = bundle_x0_errors(bundle)
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -513,6 +594,7 @@ def x0_gap_curve(
                 sigma=cfg.sigma,
                 draws=draws,
                 errors=errors,
+                descriptors=descs,
             )
             rows.append(
                 {"step": step, "weights": which, "split": split, "photos": len(refs), "x0_gap": gap}
@@ -546,7 +628,36 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--probe", action="store_true", help="what the run's image encoder keeps (ridge R^2)"
     )
+    p.add_argument(
+        "--identity",
+        action="store_true",
+        help="dlib identity kept by a 10-step rollout from --t, own vs shuffled reference",
+    )
+    p.add_argument("--t", type=int, default=400, help="--identity: the rollout's start")
     args = p.parse_args(argv)
+    if args.identity:
+        from pv_jax.face import load_dlib_face_net
+        from pv_jax.toy.data import split_arrays
+
+        bundle = load_trained(args.run, step=args.step)
+        bundle.model.face_net = nnx.data(load_dlib_face_net())  # None when loaded: static
+        size = bundle.model.vae.config.downsample_factor * bundle.model.unet.config.sample_size
+        data = split_arrays(args.work, args.split, size)
+        r = rollout_identity(
+            bundle.model,
+            bundle.schedule,
+            bundle.tokenizer,
+            {k: v[: args.count] for k, v in data.items()},
+            t=args.t,
+            gamma=bundle.config.gamma,
+            sigma=bundle.config.sigma,
+        )
+        r = dict(run=str(args.run), step=args.step, split=args.split, **r)
+        print(json.dumps(r))
+        if args.into:
+            with args.into.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+        return r
     if args.probe:
         r = encoder_probe(load_trained(args.run, step=args.step).model, args.work)
         print(json.dumps(r, indent=1))

@@ -63,6 +63,7 @@ def photo_batch(
         "reference": jnp.asarray(np.tile(arrays["reference"][:n], (repeat, 1, 1, 1))),
         "target": jnp.asarray(np.tile(arrays["target"][:n], (repeat, 1, 1, 1))),
         "landmarks": jnp.asarray(np.tile(arrays["landmarks"][:n], (repeat, 1, 1))),
+        "descriptor": jnp.asarray(np.tile(arrays["descriptor"][:n], (repeat, 1))),
         "input_ids": jnp.asarray(tokens.input_ids),
         "slots": jnp.asarray(tokens.slots),
     }
@@ -120,6 +121,7 @@ def overfit(bundle, arrays: dict[str, np.ndarray], cfg: Any, oc: OverfitConfig) 
             draws=oc.draws,
             seed=oc.seed,
             errors=errors,
+            descriptors=arrays["descriptor"][: oc.photos] if pv.uses_identity else None,
         )
         row = {
             "step": step,
@@ -133,14 +135,15 @@ def overfit(bundle, arrays: dict[str, np.ndarray], cfg: Any, oc: OverfitConfig) 
         return row
 
     state = TrainState.create(trainable, tx, ema=False)
-    history, losses, t0 = [measure(state, 0, [])], [], time.perf_counter()
+    history, losses, faces, t0 = [measure(state, 0, [])], [], [], time.perf_counter()
     bar = tqdm(range(1, oc.steps + 1), desc="overfit", leave=False, disable=None)
     for step in bar:
         state, metrics = step_fn(state, frozen, batch)
         losses.append(float(metrics["diffusion"]))
+        faces.append(float(metrics["face"]))
         if step % oc.eval_every == 0 or step == oc.steps:
-            history.append(measure(state, step, losses))
-            losses = []
+            history.append(dict(measure(state, step, losses), face=float(np.mean(faces))))
+            losses, faces = [], []
             bar.set_postfix(gap=_brief(history[-1]["x0_gap"]))
     seconds = time.perf_counter() - t0
     gap = _brief(history[-1]["x0_gap"])
@@ -153,9 +156,10 @@ def _brief(gap: dict) -> str:
 
 
 def wheel_arrays(count: int, size: int = 64, first: int = 0) -> dict[str, np.ndarray]:
-    """Targets (``size`` px), references and landmarks of ``count`` CelebA photos of the wheel
-    from photo ``first`` on (those dlib finds a face in), preprocessed as the toy data stage
-    does: for a plumbing run that needs no data stage (no choice is made from these photos)."""
+    """Targets (``size`` px), references, landmarks and descriptors of ``count`` CelebA photos
+    of the wheel from photo ``first`` on (those dlib finds a face in), preprocessed as the toy
+    data stage does: for a plumbing run that needs no data stage (no choice is made from these
+    photos)."""
     from pv_jax.data.preprocess import SkipError, load_image, preprocess_image
     from pv_jax.toy import wheel
     from pv_jax.toy.data import DataConfig
@@ -168,13 +172,16 @@ def wheel_arrays(count: int, size: int = 64, first: int = 0) -> dict[str, np.nda
             rec = preprocess_image(load_image(path), config, source=path.name)
         except SkipError:
             continue
-        rows.append((*resize_target(rec.target, rec.landmarks, size), rec.reference))
+        rows.append(
+            (*resize_target(rec.target, rec.landmarks, size), rec.reference, rec.descriptor)
+        )
         if len(rows) == count:
             break
     return {
         "target": np.stack([r[0] for r in rows]),
         "landmarks": np.stack([r[1] for r in rows]).astype(np.float32),
         "reference": np.stack([r[2] for r in rows]),
+        "descriptor": np.stack([r[3] for r in rows]).astype(np.float32),
     }
 
 
@@ -254,6 +261,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--branch", action="store_true", help="also each layer's image share at t=500, after"
     )
     p.add_argument("--oracle", action="store_true", help="control: reference VAE latents as tokens")
+    p.add_argument(
+        "--identity",
+        action="store_true",
+        help="also the dlib identity kept by a 10-step rollout from t=400, own vs shuffled, after",
+    )
     p.add_argument("--set", action="append", default=[], help="group.field=value (Python literal)")
     p.add_argument("--into", type=Path, default=Path("toy_work/overfit.jsonl"))
     args = p.parse_args(argv)
@@ -267,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = rung0_config(overrides)
     cfg.base.sd_folder = str(args.models / "sd")
     cfg.base.clip_vision_folder = str(args.models / "clip_vision")
-    bundle = build_bundle(cfg, face_net=False)
+    bundle = build_bundle(cfg, face_net=bool(cfg.model.face_weight) or args.identity)
     if args.oracle:
         use_oracle_tokens(bundle.model)
     arrays = split_arrays(args.work, "train", 64)
@@ -296,6 +308,20 @@ def main(argv: list[str] | None = None) -> dict:
             gamma=pv.gamma,
             sigma=pv.sigma,
         )
+    if args.identity:
+        from pv_jax.photoverse import split_trainable
+        from pv_jax.toy.diagnose import rollout_identity
+
+        graphdef, _, frozen = split_trainable(bundle.model)
+        r["rollout_identity"] = rollout_identity(
+            nnx.merge(graphdef, r["trainable"], frozen),
+            bundle.schedule,
+            bundle.tokenizer,
+            {k: v[: args.photos] for k, v in arrays.items()},
+            gamma=bundle.config.gamma,
+            sigma=bundle.config.sigma,
+        )
+        print(f"rollout identity: {r['rollout_identity']}")
     row = {
         "name": args.name,
         "overrides": overrides,

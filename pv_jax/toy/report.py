@@ -254,15 +254,15 @@ def gap_curve_table(rows: list[dict]) -> str:
 
 def plot_ladder(out: Path) -> Path:
     """ladder.png: rung 0's middle-band gap against steps per run; rung 2's gap on the
-    validation and training people against steps per band; the base's face rate against
-    continued-training steps."""
+    validation and training people against steps per band (and with identity tokens); the
+    base's face rate against continued-training steps; rung 2's gain over the frozen base."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     d = out / "ladder"
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
+    fig, axes = plt.subplots(1, 4, figsize=(22, 4.6))
     for r in _jsonl(d / "rung0.jsonl"):
         h = r["history"]
         named = r["name"] in RUNG0_NAMED
@@ -303,6 +303,32 @@ def plot_ladder(out: Path) -> Path:
                     capsize=2,
                     label=f"{split} t {b}",
                 )
+        ident = sorted(
+            (r for r in _jsonl(curves) if r["run"].endswith("ladder_identity")),
+            key=lambda r: r["step"],
+        )
+        if ident:
+            axes[1].plot(
+                [r["step"] for r in ident],
+                [r["x0_gap"]["600-1000"]["gap"] * 100 for r in ident],
+                "k^-",
+                label="+ identity tokens: val t 600-1000",
+            )
+        val = sorted((r for r in rows if r["split"] == "val"), key=lambda r: r["step"])
+        for b in BANDS:
+            axes[3].plot(
+                [r["step"] for r in val],
+                [r["x0_gap"][b]["gain_over_base"] * 100 for r in val],
+                marker="o",
+                label=f"val t {b}",
+            )
+        axes[3].axhline(0, color="grey", lw=0.8, ls=":")
+        axes[3].set(
+            title="rung 2: own reference vs the frozen base",
+            xlabel="step",
+            ylabel="x0 error gain over the base (%)",
+        )
+        axes[3].legend(fontsize=7)
         axes[1].axhline(5, color="grey", lw=0.8, ls=":")
         axes[1].set(
             title="rung 2: all 709 photos (ladder recipe)",

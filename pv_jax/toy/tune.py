@@ -15,6 +15,8 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 GUIDANCES = (1.0, 1.5, 2.0, 3.0, 5.0)
 MIN_FACE_SHARE = 0.75
 TUNING = "tuning.json"
@@ -50,6 +52,45 @@ def val_references(work: Path, count: int | None = None) -> tuple[list[Path], di
     return [folder / n for n in names], {n: str(people[n]) for n in names}
 
 
+def sweep_guidance(
+    pipe,
+    work: Path,
+    thresholds: dict[str, float],
+    *,
+    guidances=GUIDANCES,
+    num_images: int = 1,
+    num_references: int | None = None,
+    steps: int = 25,
+) -> tuple[list[Path], dict[str, dict], dict[str, np.ndarray]]:
+    """Sample every validation reference with each guidance through the project's evaluation:
+    the references and, per guidance (as str), the identity metrics of all images (dlib
+    scores them) with prompt following, and the images (reference-major, then prompt)."""
+    from pv_jax.toy.evaluate import sample_and_score
+
+    photos, people = val_references(work, num_references)
+    rows, images = {}, {}
+    for g in guidances:
+        r = sample_and_score(
+            pipe,
+            photos,
+            people,
+            thresholds,
+            num_images=num_images,
+            steps=steps,
+            guidance=g,
+        )
+        rows[str(g)] = dict(r["identification"]["all"], prompt_following=r["prompt_following"])
+        images[str(g)] = r["arrays"]["images"]
+        m = rows[str(g)]
+        print(
+            f"guidance {g}: face rate {m['face_rate']:.2f}, identification "
+            f"{m.get('identification', 0):.3f} (chance {m['chance']:.3f}), own "
+            f"{m.get('own_mean', float('nan')):.3f} vs other people "
+            f"{m.get('other_people_mean', float('nan')):.3f}"
+        )
+    return photos, rows, images
+
+
 def tune_guidance(
     work: Path,
     out: Path,
@@ -63,31 +104,18 @@ def tune_guidance(
     """Sweep the guidance of ``run`` (a train_tpu.py workdir) on the validation people, write
     ``<out>/tuning.json`` and return it."""
     from pv_jax.sampling.pipeline import PhotoVersePipeline
-    from pv_jax.toy.evaluate import sample_and_score
 
     t0 = time.perf_counter()
-    photos, people = val_references(work, num_references)
     thresholds = json.loads((out / "base_report.json").read_text())["thresholds"]
-    pipe = PhotoVersePipeline.from_checkpoint(run)
-    rows = {}
-    for g in guidances:
-        r = sample_and_score(
-            pipe,
-            photos,
-            people,
-            thresholds,
-            num_images=num_images,
-            steps=steps,
-            guidance=g,
-        )
-        rows[str(g)] = dict(r["identification"]["all"], prompt_following=r["prompt_following"])
-        m = rows[str(g)]
-        print(
-            f"tune: guidance {g}: face rate {m['face_rate']:.2f}, identification "
-            f"{m.get('identification', 0):.3f} (chance {m['chance']:.3f}), own "
-            f"{m.get('own_mean', float('nan')):.3f} vs other people "
-            f"{m.get('other_people_mean', float('nan')):.3f}"
-        )
+    photos, rows, _ = sweep_guidance(
+        PhotoVersePipeline.from_checkpoint(run),
+        work,
+        thresholds,
+        guidances=guidances,
+        num_images=num_images,
+        num_references=num_references,
+        steps=steps,
+    )
     report = {
         "split": "val",
         "references": [p.name for p in photos],
@@ -104,3 +132,76 @@ def tune_guidance(
         f"in {report['seconds']:.0f}s"
     )
     return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``python -m pv_jax.toy.tune --run DIR [--step N] --guidance 1 3``: validation
+    identification and face rate of one checkpoint per guidance (the gate of the ladder); adds
+    a JSON line to ``--into``. Chooses nothing: the tune stage does that."""
+    import argparse
+
+    from pv_jax.sampling.pipeline import PhotoVersePipeline
+
+    p = argparse.ArgumentParser(prog="python -m pv_jax.toy.tune")
+    p.add_argument("--run", type=Path, required=True, help="a train_tpu.py workdir")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--guidance", type=float, nargs="+", default=list(GUIDANCES))
+    p.add_argument("--references", type=int, help="the first N validation photos (default: all)")
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    p.add_argument("--work", type=Path, default=Path("toy_work"))
+    p.add_argument("--models", type=Path, default=Path("models/toy_faces"))
+    p.add_argument("--into", type=Path, help="a JSON-lines file collecting the results")
+    p.add_argument(
+        "--grid", type=Path, help="a PNG of the best guidance: 8 people x (crop, each prompt)"
+    )
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    thresholds = json.loads((args.models / "base_report.json").read_text())["thresholds"]
+    if args.step is None:
+        from pv_jax.run_checkpoint import Checkpointer
+
+        ckpt = Checkpointer(args.run, every=1, keep=1_000_000)
+        args.step = ckpt.latest_step()
+        ckpt.close()
+    pipe = PhotoVersePipeline.from_checkpoint(args.run, step=args.step)
+    photos, rows, images = sweep_guidance(
+        pipe,
+        args.work,
+        thresholds,
+        guidances=args.guidance,
+        num_references=args.references,
+        steps=args.steps,
+    )
+    row = {
+        "run": str(args.run),
+        "step": args.step,
+        "split": "val",
+        "references": len(photos),
+        "sweep": rows,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    if args.into:
+        with args.into.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    best_g = max(rows, key=lambda g: rows[g].get("identification", 0.0))
+    best = rows[best_g]
+    if args.grid:
+        from pv_jax.toy.data import save_grid, split_arrays
+        from pv_jax.toy.evaluate import PROMPTS
+
+        val = split_arrays(args.work, "val", images[best_g].shape[1])
+        sources = list(val["source"])
+        tiles = []
+        for i, photo in enumerate(photos[:8]):
+            tiles.append(val["target"][sources.index(photo.name)])
+            tiles.extend(images[best_g][i * len(PROMPTS) : (i + 1) * len(PROMPTS)])
+        save_grid(np.stack(tiles), args.grid, cols=1 + len(PROMPTS))
+    print(
+        f"val identification: best {best.get('identification', 0):.3f} (chance "
+        f"{best['chance']:.3f}) over guidances {args.guidance}, {row['seconds']:.0f}s"
+    )
+    return row
+
+
+if __name__ == "__main__":
+    main()
