@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--guidance", type=float, nargs="+", default=list(GUIDANCES))
     p.add_argument("--references", type=int, help="the first N validation photos (default: all)")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    p.add_argument(
+        "--sigma", type=float, help="image-branch weight at sampling (default: the run's config)"
+    )
     p.add_argument("--work", type=Path, default=Path("toy_work"))
     p.add_argument("--models", type=Path, default=Path("models/toy_faces"))
     p.add_argument("--into", type=Path, help="a JSON-lines file collecting the results")
@@ -163,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
         ckpt = Checkpointer(args.run, every=1, keep=1_000_000)
         args.step = ckpt.latest_step()
         ckpt.close()
-    pipe = PhotoVersePipeline.from_checkpoint(args.run, step=args.step)
+    overrides = None if args.sigma is None else {"sigma": args.sigma}
+    pipe = PhotoVersePipeline.from_checkpoint(args.run, step=args.step, model_overrides=overrides)
     photos, rows, images = sweep_guidance(
         pipe,
         args.work,
@@ -175,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     row = {
         "run": str(args.run),
         "step": args.step,
+        "sigma": pipe.bundle.config.sigma,
         "split": "val",
         "references": len(photos),
         "sweep": rows,
