@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -166,6 +167,18 @@ def test_photoverse_stage_and_evaluation_on_the_toy_base(toy_run):
     tune = json.loads((out / "tuning.json").read_text())
     assert tune["split"] == "val" and set(tune["sweep"]) == {"1.0", "2.0"}
     assert reports["eval"]["guidance"] == tune["guidance"] in (1.0, 2.0)
+    # The ladder's gate from the command line: more images per prompt, each its own seed.
+    from pv_jax.toy import tune as tune_cli
+    from pv_jax.toy.evaluate import PROMPTS
+
+    into = work / "val_identification.jsonl"
+    cli = [f"--run={out / 'photoverse'}", f"--work={work}", f"--models={out}", "--guidance=2"]
+    more = ["--references=2", "--images=2", "--own-seeds", "--eta=1", f"--into={into}"]
+    row = tune_cli.main([*cli, *more])
+    assert row["references"] == 2 and row["images_per_prompt"] == 2 and row["own_seeds"]
+    assert row["eta"] == 1.0
+    assert row["sweep"]["2.0"]["images"] == 2 * 2 * len(PROMPTS)
+    assert json.loads(into.read_text())["step"] == 2
     gain = reports["eval"]["runs"]["full"]["conditioning_gain"]["mse"]
     assert set(gain) >= {"own reference", "shuffled reference", "base, plain caption"}
     assert all(np.isfinite(v).all() for v in map(lambda d: list(d.values()), gain.values()))
@@ -267,6 +280,12 @@ def test_fit_keeps_an_ema_snapshots_and_resumes_it(tmp_path):
     ]
     snap = load_snapshot(_Line(), tmp_path / "a" / "ema_20.npz")
     np.testing.assert_array_equal(np.asarray(snap.w.get_value()), w_ema)
+    # A snapshot kept in half precision (to commit it small) loads in the module's fp32.
+    with np.load(tmp_path / "a" / "ema_20.npz") as f:
+        np.savez(tmp_path / "half.npz", **{k: f[k].astype(np.float16) for k in f.files})
+    half = load_snapshot(_Line(), tmp_path / "half.npz").w.get_value()
+    assert half.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(half), w_ema, rtol=1e-3)
     # Killed during step 16 (after the step-10 save): the resumed EMA continues exactly.
     with pytest.raises(KeyboardInterrupt):
         fit("line", _Line(), _line_loss, _crashing_after(15), cfg, tmp_path / "b")
@@ -320,3 +339,63 @@ def test_ladder_variant_is_the_rung0_recipe():
     changed = {k for k in ladder.model if ladder.model[k] != identity.model[k]}
     assert changed == {"image_source"} and identity.model.identity_tokens == 4
     assert identity.train == ladder.train and identity.optim == ladder.optim
+
+
+def test_base_eval_samples_per_seed_with_eta_and_finds_near_copies():
+    from conftest import tiny_stable_diffusion
+
+    from pv_jax.toy.base_eval import choose_guidance, near_copies, sample_plain
+
+    assert choose_guidance({1.0: 0.8125, 2.0: 0.79, 3.0: 0.8125, 5.0: 0.77}) == 3.0
+    assert choose_guidance({1.0: 0.5, 3.0: 0.4}) == 1.0
+
+    sd = tiny_stable_diffusion(0)
+    kw = dict(guidance=2.0, steps=2)
+    ddim = sample_plain(sd, "a photo of a person", [6], **kw)
+    chex.assert_shape(ddim, (1, 32, 32, 3))
+    assert ddim.dtype == np.uint8
+    # Image i depends on its own seed only (its noise and eta's), not on the batch it was in.
+    ancestral = sample_plain(sd, "a photo of a person", [5, 6, 7], batch=3, eta=1.0, **kw)
+    chex.assert_shape(ancestral, (3, 32, 32, 3))
+    again = sample_plain(sd, "a photo of a person", [7], eta=1.0, **kw)
+    np.testing.assert_array_equal(again[0], ancestral[2])
+    assert np.abs(ancestral[1].astype(int) - ddim[0].astype(int)).max() > 0  # eta is used
+    # A sample equal to a training photo (or its mirror) is a near-copy; a distinct one is not.
+    r = np.random.RandomState(0)
+    train = r.randint(0, 256, (6, 8, 8, 3)).astype(np.uint8)
+    samples = np.stack([train[2], train[4][:, ::-1], r.randint(0, 256, (8, 8, 3))]).astype(np.uint8)
+    np.testing.assert_array_equal(near_copies(samples, train), [True, True, False])
+
+
+def test_appearance_identification_finds_own_target_by_thumbnail():
+    from pv_jax.toy.tune import appearance_identification
+
+    r = np.random.RandomState(0)
+    targets = r.randint(0, 256, (5, 16, 16, 3)).astype(np.uint8)
+    # Two images per reference: its target with pixel noise (coarse appearance kept).
+    noisy = np.repeat(targets, 2, 0).astype(int) + r.randint(-40, 41, (10, 16, 16, 3))
+    m = appearance_identification(np.clip(noisy, 0, 255).astype(np.uint8), targets, size=4)
+    assert m["identification"] == 1.0 and m["chance"] == 0.2 and m["own_closer"] == 1.0
+    assert m["own_distance"] < m["other_distance"]
+    # Images that ignore their reference (one image for every row) find it only by chance.
+    same = np.repeat(targets[:1], 10, 0)
+    m = appearance_identification(same, targets, size=4)
+    assert m["identification"] == 0.2
+
+    # own_closer, written out: thumbnails are 4x4 box means; count the pairs one by one.
+    def thumb(x):
+        return x.astype(np.float64).reshape(4, 4, 4, 4, 3).mean((1, 3)).ravel() / 255.0
+
+    wins = [
+        np.linalg.norm(thumb(same[i]) - thumb(targets[i // 2]))
+        < np.linalg.norm(thumb(same[i]) - thumb(targets[j]))
+        for i in range(10)
+        for j in range(5)
+        if j != i // 2
+    ]
+    assert m["own_closer"] == pytest.approx(np.mean(wins))
+    lo, hi = m["own_closer_ci95"]
+    assert lo < m["own_closer"] < hi  # rows differ (1.0 for rows 0-1), so the interval is open
+    assert 0.2 <= m["own_closer"] <= 0.8  # rows 0-1 win all 4 pairs, rows 2-9 lose to target 0
+    with pytest.raises(ValueError, match="do not split evenly"):
+        appearance_identification(same[:9], targets)

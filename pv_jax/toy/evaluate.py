@@ -55,11 +55,21 @@ def prompt_following(images: np.ndarray, prompts: list[str], thresholds: dict[st
 
 
 def sample_and_score(
-    pipe, photos, people, thresholds, *, num_images, steps, guidance, own_seeds: bool = False
+    pipe,
+    photos,
+    people,
+    thresholds,
+    *,
+    num_images,
+    steps,
+    guidance,
+    own_seeds: bool = False,
+    eta: float = 0.0,
 ) -> dict:
     """Every prompt of ``PROMPTS`` for every photo through ``pv_jax.evaluation.evaluate``:
     its report plus ``prompt_following``; every photo must be usable. ``own_seeds``: every
-    image its own seed (as the base baseline's); False: each photo the same seeds (paired)."""
+    image its own seed (as the base baseline's); False: each photo the same seeds (paired).
+    ``eta``: DDIM's eta (0 deterministic, 1 DDPM's variance)."""
     from pv_jax.evaluation.run import evaluate
 
     r = evaluate(
@@ -71,6 +81,7 @@ def sample_and_score(
         keep_images=True,
         steps=steps,
         guidance=guidance,
+        eta=eta,
         batch_size=len(PROMPTS) * num_images,
         seed_stride=len(PROMPTS) * num_images if own_seeds else 0,
     )

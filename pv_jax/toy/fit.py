@@ -148,11 +148,12 @@ def fit(
 
 
 def load_snapshot(module: nnx.Module, path: Path, wrt: nnx.filterlib.Filter = nnx.Param):
-    """``module`` with the ``wrt`` parameters of a saved snapshot (``ema_<step>.npz``)."""
+    """``module`` with the ``wrt`` parameters of a saved snapshot (``ema_<step>.npz``; a
+    snapshot stored in half precision is cast to the module's dtypes)."""
     graphdef, params, rest = nnx.split(module, wrt, ...)
     leaves, treedef = jax.tree.flatten(params)
     with np.load(path) as f:
-        saved = [jnp.asarray(f[f"a{i}"]) for i in range(len(leaves))]
+        saved = [jnp.asarray(f[f"a{i}"], x.dtype) for i, x in enumerate(leaves)]
     if [s.shape for s in saved] != [np.shape(x) for x in leaves]:
         raise ValueError(f"{path} holds other parameters than this module's")
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, saved), rest)

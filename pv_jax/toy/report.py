@@ -252,6 +252,15 @@ def gap_curve_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _panel(ax, title: str, xlabel: str, ylabel: str, *, ref: float | None = None, **kw) -> None:
+    """Title, axis labels, a dotted reference line at ``ref`` and a small legend."""
+    if ref is not None:
+        ax.axhline(ref, color="grey", lw=0.8, ls=":")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel, **kw)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+
 def plot_ladder(out: Path) -> Path:
     """ladder.png: rung 0's middle-band gap against steps per run; rung 2's gap on the
     validation and training people against steps per band (and with identity tokens); the
@@ -274,12 +283,12 @@ def plot_ladder(out: Path) -> Path:
             zorder=2 if named else 1,
             label=RUNG0_NAMED.get(r["name"]),
         )
-    axes[0].set(
-        title="rung 0: 8 training photos, x0 gap t in [300, 600)",
-        xlabel="step",
-        ylabel="shuffled vs own x0 error (%)",
+    _panel(
+        axes[0],
+        "rung 0: 8 training photos, x0 gap t in [300, 600)",
+        "step",
+        "shuffled vs own x0 error (%)",
     )
-    axes[0].legend(fontsize=7)
     curves = d / "gap_curves.jsonl"
     if curves.is_file():
         rows = [r for r in _jsonl(curves) if r["run"].endswith("ladder")]
@@ -304,7 +313,11 @@ def plot_ladder(out: Path) -> Path:
                     label=f"{split} t {b}",
                 )
         ident = sorted(
-            (r for r in _jsonl(curves) if r["run"].endswith("ladder_identity")),
+            (
+                r
+                for r in _jsonl(curves)
+                if r["run"].endswith("ladder_identity") and r["split"] == "val"
+            ),
             key=lambda r: r["step"],
         )
         if ident:
@@ -322,31 +335,37 @@ def plot_ladder(out: Path) -> Path:
                 marker="o",
                 label=f"val t {b}",
             )
-        axes[3].axhline(0, color="grey", lw=0.8, ls=":")
-        axes[3].set(
-            title="rung 2: own reference vs the frozen base",
-            xlabel="step",
-            ylabel="x0 error gain over the base (%)",
+        _panel(
+            axes[3],
+            "rung 2: own reference vs the frozen base",
+            "step",
+            "x0 error gain over the base (%)",
+            ref=0,
         )
-        axes[3].legend(fontsize=7)
-        axes[1].axhline(5, color="grey", lw=0.8, ls=":")
-        axes[1].set(
-            title="rung 2: all 709 photos (ladder recipe)",
-            xlabel="step",
-            ylabel="x0 gap (%), 95% CI",
+        _panel(
+            axes[1],
+            "rung 2: all 709 photos (ladder recipe, identity tokens)",
+            "step",
+            "x0 gap (%), 95% CI",
+            ref=5,
         )
-        axes[1].legend(fontsize=7)
-    base = d / "base_curve.jsonl"
-    if base.is_file():
-        rows = sorted(_jsonl(base), key=lambda r: r["step"])
-        axes[2].plot([r["step"] for r in rows], [r["val_face_rate"] for r in rows], "o-")
-        axes[2].axhline(0.8, color="grey", lw=0.8, ls=":")
-        axes[2].set(
-            title="base: face rate (64 validation seeds, CFG 3)",
-            xlabel="continued-training steps (EMA)",
-            ylabel="dlib face rate",
-            ylim=(0, 1),
-        )
+    for name in ("base_curve.jsonl", "base_curve_eta1.jsonl"):  # DDIM eta 0, then eta 1
+        if (d / name).is_file():
+            rows = sorted(_jsonl(d / name), key=lambda r: r["step"])
+            axes[2].plot(
+                [r["step"] for r in rows],
+                [r["val_face_rate"] for r in rows],
+                "o-",
+                label=f"DDIM eta {rows[0].get('eta', 0.0):g}",
+            )
+    _panel(
+        axes[2],
+        "base: face rate (64 validation seeds, CFG 3)",
+        "continued-training steps (EMA)",
+        "dlib face rate",
+        ref=0.8,
+        ylim=(0, 1),
+    )
     fig.tight_layout()
     path = d / "ladder.png"
     fig.savefig(path, dpi=80)

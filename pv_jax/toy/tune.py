@@ -52,6 +52,42 @@ def val_references(work: Path, count: int | None = None) -> tuple[list[Path], di
     return [folder / n for n in names], {n: str(people[n]) for n in names}
 
 
+def appearance_identification(
+    images: np.ndarray, targets: np.ndarray, size: int = 8
+) -> dict[str, float]:
+    """Coarse appearance, a measure dlib takes no part in: image i was drawn from reference
+    ``i // (len(images) // len(targets))``; is its nearest target photo, by the L2 distance of
+    ``size`` x ``size`` RGB thumbnails (hair, skin, background, layout), its own? The rate and
+    its chance; ``own_closer``, the share of (image, other target) pairs where the image is
+    nearer its own target than that other one (chance 0.5; less noisy than the rate), with a
+    95% bootstrap interval over images; and the mean distance to its own target against the
+    others'."""
+    from PIL import Image
+
+    def thumbs(x):
+        small = [Image.fromarray(a).resize((size, size), Image.BOX) for a in x]
+        return np.stack([np.asarray(t, np.float32).ravel() / 255.0 for t in small])
+
+    per = len(images) // len(targets)
+    if per * len(targets) != len(images):
+        raise ValueError(f"{len(images)} images do not split evenly over {len(targets)} targets")
+    d = np.linalg.norm(thumbs(images)[:, None] - thumbs(targets)[None], axis=-1)
+    own = np.repeat(np.arange(len(targets)), per)
+    rows = np.arange(len(images))
+    others = np.ones_like(d, bool)
+    others[rows, own] = False
+    closer = ((d[rows, own][:, None] < d) & others).sum(1) / (len(targets) - 1)  # per image
+    boots = closer[np.random.default_rng(0).integers(0, len(closer), (1000, len(closer)))]
+    return {
+        "identification": float((d.argmin(1) == own).mean()),
+        "chance": 1.0 / len(targets),
+        "own_closer": float(closer.mean()),
+        "own_closer_ci95": [float(x) for x in np.percentile(boots.mean(1), [2.5, 97.5])],
+        "own_distance": float(d[rows, own].mean()),
+        "other_distance": float(d[others].mean()),
+    }
+
+
 def sweep_guidance(
     pipe,
     work: Path,
@@ -61,10 +97,14 @@ def sweep_guidance(
     num_images: int = 1,
     num_references: int | None = None,
     steps: int = 25,
+    own_seeds: bool = False,
+    eta: float = 0.0,
 ) -> tuple[list[Path], dict[str, dict], dict[str, np.ndarray]]:
     """Sample every validation reference with each guidance through the project's evaluation:
     the references and, per guidance (as str), the identity metrics of all images (dlib
-    scores them) with prompt following, and the images (reference-major, then prompt)."""
+    scores them) with prompt following, and the images (reference-major, then prompt, then
+    image). ``own_seeds``: every image its own seed; False: every reference the same seeds.
+    ``eta``: DDIM's eta at sampling."""
     from pv_jax.toy.evaluate import sample_and_score
 
     photos, people = val_references(work, num_references)
@@ -78,6 +118,8 @@ def sweep_guidance(
             num_images=num_images,
             steps=steps,
             guidance=g,
+            own_seeds=own_seeds,
+            eta=eta,
         )
         rows[str(g)] = dict(r["identification"]["all"], prompt_following=r["prompt_following"])
         images[str(g)] = r["arrays"]["images"]
@@ -135,9 +177,10 @@ def tune_guidance(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """``python -m pv_jax.toy.tune --run DIR [--step N] --guidance 1 3``: validation
-    identification and face rate of one checkpoint per guidance (the gate of the ladder); adds
-    a JSON line to ``--into``. Chooses nothing: the tune stage does that."""
+    """``python -m pv_jax.toy.tune --run DIR [--step N] --guidance 1 3 [--eta 1]``: validation
+    identification and face rate of one checkpoint per guidance (the gate of the ladder), and
+    the plain prompt's appearance match (``appearance_identification``); adds a JSON line to
+    ``--into``. Chooses nothing: the tune stage does that."""
     import argparse
 
     from pv_jax.sampling.pipeline import PhotoVersePipeline
@@ -148,6 +191,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--guidance", type=float, nargs="+", default=list(GUIDANCES))
     p.add_argument("--references", type=int, help="the first N validation photos (default: all)")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    p.add_argument("--images", type=int, default=1, help="images per reference and prompt")
+    p.add_argument(
+        "--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM's variance"
+    )
+    p.add_argument(
+        "--own-seeds",
+        action="store_true",
+        help="every image its own seed (default: every reference the same seeds 0..)",
+    )
     p.add_argument(
         "--sigma", type=float, help="image-branch weight at sampling (default: the run's config)"
     )
@@ -160,6 +212,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     thresholds = json.loads((args.models / "base_report.json").read_text())["thresholds"]
+    from pv_jax.toy.data import save_grid, split_arrays
+    from pv_jax.toy.evaluate import PROMPTS
+
     if args.step is None:
         from pv_jax.run_checkpoint import Checkpointer
 
@@ -175,13 +230,36 @@ def main(argv: list[str] | None = None) -> dict:
         guidances=args.guidance,
         num_references=args.references,
         steps=args.steps,
+        num_images=args.images,
+        own_seeds=args.own_seeds,
+        eta=args.eta,
     )
+    size = next(iter(images.values())).shape[1]
+    val = split_arrays(args.work, "val", size)
+    sources = list(val["source"])
+    targets = val["target"][[sources.index(photo.name) for photo in photos]]
+    per_ref = len(PROMPTS) * args.images
+    for g, m in rows.items():  # the plain prompt's images: the attribute words recolour the rest
+        plain = np.concatenate(
+            [images[g][i * per_ref :][: args.images] for i in range(len(photos))]
+        )
+        a = m["appearance"] = appearance_identification(plain, targets)
+        print(
+            f"guidance {g}: appearance identification {a['identification']:.3f} (chance "
+            f"{a['chance']:.3f}), own target nearer than another {a['own_closer']:.3f} "
+            f"{np.round(a['own_closer_ci95'], 3).tolist()} (chance 0.5), thumbnail distance own "
+            f"{a['own_distance']:.3f} vs others "
+            f"{a['other_distance']:.3f}"
+        )
     row = {
         "run": str(args.run),
         "step": args.step,
         "sigma": pipe.bundle.config.sigma,
         "split": "val",
         "references": len(photos),
+        "images_per_prompt": args.images,
+        "own_seeds": args.own_seeds,
+        "eta": args.eta,
         "sweep": rows,
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -191,15 +269,10 @@ def main(argv: list[str] | None = None) -> dict:
     best_g = max(rows, key=lambda g: rows[g].get("identification", 0.0))
     best = rows[best_g]
     if args.grid:
-        from pv_jax.toy.data import save_grid, split_arrays
-        from pv_jax.toy.evaluate import PROMPTS
-
-        val = split_arrays(args.work, "val", images[best_g].shape[1])
-        sources = list(val["source"])
         tiles = []
-        for i, photo in enumerate(photos[:8]):
-            tiles.append(val["target"][sources.index(photo.name)])
-            tiles.extend(images[best_g][i * len(PROMPTS) : (i + 1) * len(PROMPTS)])
+        for i in range(min(8, len(photos))):  # the first image of each prompt
+            tiles.append(targets[i])
+            tiles.extend(images[best_g][i * per_ref : (i + 1) * per_ref : args.images])
         save_grid(np.stack(tiles), args.grid, cols=1 + len(PROMPTS))
     print(
         f"val identification: best {best.get('identification', 0):.3f} (chance "
