@@ -22,7 +22,7 @@ import ml_collections
 from pv_jax.photoverse import AdapterConfig, PhotoVerseConfig
 from pv_jax.train.config import default_config
 
-VARIANTS = ("full", "no_face", "no_image", "ladder", "ladder_identity")
+VARIANTS = ("full", "no_face", "no_image", "ladder", "ladder_identity", "ladder_identity_aug")
 WORK = "toy_work"
 MODELS = "models/toy_faces"
 
@@ -54,9 +54,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.face_weight = 0.0
         c.model.image_branch_init = "zero"
         c.train.fusion = False
-    if variant == "ladder_identity":
+    if variant.startswith("ladder_identity"):
         c.model.image_source = "both"
         c.model.identity_tokens = 4
+    if variant == "ladder_identity_aug":
+        c.data.reference_augment = 1.0
+        c.data.descriptor_noise = 0.025  # a descriptor moves about 0.28; people are > 0.45 apart
     c.base.kind = "folders"
     c.base.sd_folder = f"{MODELS}/sd"
     c.base.clip_vision_folder = f"{MODELS}/clip_vision"

@@ -415,6 +415,72 @@ def test_training_batches_from_records(built):
         RecordBatches("/nonexistent", tok, prompts, local_batch=2, resolution=32, num_words=3)
 
 
+def test_augment_reference_moves_mirrors_recolours_and_keeps_black_background():
+    """train.data.augment_reference: strength 0 is the identity; otherwise a new uint8 image of
+    the same shape, mirrored about half the time (a left-bright image comes out right-bright),
+    zoomed no more than 10% (the bright area), the masked black background kept black."""
+    from pv_jax.train.data import augment_reference
+
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[16:48, 8:32] = 220  # a bright patch left of centre, black elsewhere (the mask)
+    r = np.random.default_rng(0)
+    assert augment_reference(image, r, 0.0) is image
+    outs = [augment_reference(image, r, 1.0) for _ in range(64)]
+    chex.assert_shape(outs, image.shape)
+    chex.assert_type(outs, np.uint8)
+    assert not any(np.array_equal(o, image) for o in outs)
+    mirrored = [o[:, 32:].sum() > o[:, :32].sum() for o in outs]
+    assert 0.3 < np.mean(mirrored) < 0.7
+    lit = np.array([(o.max(axis=-1) > 40).mean() for o in outs]) / (image[..., 0] > 40).mean()
+    assert lit.min() > 0.9**2 * 0.8 and lit.max() < 1.1**2 * 1.2  # the area scales by zoom^2
+    black = np.zeros_like(image)
+    assert not augment_reference(black, r, 1.0).any()  # no colour change lights the background
+    gentle = np.mean(
+        [np.abs(augment_reference(image, r, 0.1).astype(int) - image).mean() for _ in range(16)]
+    )
+    full = np.mean([np.abs(o.astype(int) - image).mean() for o in outs])
+    assert gentle < full  # strength scales the change
+
+
+def test_training_batches_augment_references_and_descriptors(built):
+    """RecordBatches(reference_augment, descriptor_noise): references and descriptors change
+    (descriptors by about sqrt(128) * std), targets and prompts do not, and a resume is exact."""
+    from pv_jax.train.data import RecordBatches
+
+    tok = _tokenizer()
+
+    def batches(**kw):
+        return RecordBatches(
+            built["out"],
+            tok,
+            ["a photo of S*"],
+            local_batch=2,
+            resolution=32,
+            num_words=3,
+            seed=5,
+            **kw,
+        )
+
+    plain = [next(it) for it in [batches()] for _ in range(3)]
+    it = batches(reference_augment=1.0, descriptor_noise=0.05)
+    aug = [next(it) for _ in range(3)]
+    for p, a in zip(plain, aug, strict=True):
+        for k in ("target", "landmarks", "input_ids", "slots"):
+            np.testing.assert_array_equal(a[k], p[k], err_msg=k)
+        chex.assert_equal_shape([a["reference"], p["reference"]])
+        chex.assert_type([a["reference"], a["descriptor"]], [np.uint8, p["descriptor"].dtype])
+        assert not np.array_equal(a["reference"], p["reference"])
+        moved = np.linalg.norm(a["descriptor"] - p["descriptor"], axis=-1)
+        np.testing.assert_allclose(moved, 0.05 * np.sqrt(128), rtol=0.3)
+    state = it.get_state()
+    want = next(it)
+    resumed = batches(reference_augment=1.0, descriptor_noise=0.05)
+    resumed.set_state(state)
+    got = next(resumed)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
 # --- SDXL micro-conditioning: the photo's size and the target square, and the time ids ----------
 
 

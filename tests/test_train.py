@@ -351,6 +351,15 @@ def test_config_errors_before_compiling(tmp_path):
         match="data.data_dir='gs://bucket/faces' is in a bucket.*copy it to local disk.*gcsfuse",
     ):
         trainer.check_config(cfg, sharding.make_mesh(1, 1))
+    for field, value, match in (
+        ("reference_augment", 1.5, r"data.reference_augment=1.5 is outside \[0, 1\]"),
+        ("descriptor_noise", -0.1, "data.descriptor_noise=-0.1 is negative"),
+        ("reference_augment", 0.5, "apply to photos: set --config.data.source=records"),
+    ):
+        cfg = _tiny_cfg()  # synthetic data
+        cfg.data[field] = value
+        with pytest.raises(trainer.ConfigError, match=match):
+            trainer.check_config(cfg, sharding.make_mesh(1, 1))
     with pytest.raises(ValueError, match="mesh data=3 x fsdp=1 = 3 devices, but 1 are present"):
         sharding.make_mesh(3, 1)
     with pytest.raises(ValueError, match="mesh.dcn_data=2 does not divide mesh data=1"):

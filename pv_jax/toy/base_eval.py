@@ -133,6 +133,8 @@ def base_quality(
         "face_rate": face_rate(plain),
         "near_copy_rate": float(near_copies(plain, train).mean()),
         "prompt_following": prompt_following(images, thresholds),
+        # Each caption's first attribute_samples report seeds (its words may cost faces).
+        "face_rate_by_caption": {a: face_rate(x) for a, x in images.items()},
         "seconds": round(time.perf_counter() - t0, 1),
         "_images": images,
     }

@@ -121,7 +121,11 @@ def sweep_guidance(
             own_seeds=own_seeds,
             eta=eta,
         )
-        rows[str(g)] = dict(r["identification"]["all"], prompt_following=r["prompt_following"])
+        rows[str(g)] = dict(
+            r["identification"]["all"],
+            prompt_following=r["prompt_following"],
+            face_rate_by_prompt=r["face_rate_by_prompt"],
+        )
         images[str(g)] = r["arrays"]["images"]
         m = rows[str(g)]
         print(

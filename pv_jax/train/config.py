@@ -45,6 +45,11 @@ def default_config() -> ml_collections.ConfigDict:
         prompts=DEFAULT_PROMPTS,
         worker_count=0,  # grain worker processes per host
         seed=0,
+        # [ours] records only: move/mirror/recolour each reference (0..1 strength) and add
+        # noise of this std to each stored dlib descriptor, so the image branch cannot key on
+        # the target's own photo (pv_jax.train.data.RecordBatches).
+        reference_augment=0.0,
+        descriptor_noise=0.0,
     )
     # data=-1: all remaining devices; dcn_data: slices the data axis spans (multi-slice).
     c.mesh = dict(data=-1, fsdp=1, dcn_data=1)

@@ -166,12 +166,53 @@ def resize_target(image: np.ndarray, landmarks: np.ndarray, size: int):
     return out, (landmarks + 0.5) * (size / h) - 0.5
 
 
+def augment_reference(image: np.ndarray, r: np.random.Generator, strength: float) -> np.ndarray:
+    """[ours] A randomly moved, mirrored and recoloured copy of a masked reference (H, W, 3)
+    uint8, so that the image branch cannot key on the target's own pixels.
+
+    ``strength`` in [0, 1] scales every range: a mirror with probability 0.5 (any strength > 0);
+    rotation up to 10 degrees, zoom 1 +- 0.1, shift up to 6% of the side; brightness, contrast
+    and saturation factors 1 +- 0.2. Pixels moved in from outside are black, as the mask's
+    background. Strength 0 returns the image unchanged."""
+    if strength <= 0:
+        return image
+    h, w = image.shape[:2]
+    angle = np.deg2rad(r.uniform(-10, 10) * strength)
+    zoom = 1.0 + r.uniform(-0.1, 0.1) * strength
+    shift = r.uniform(-0.06, 0.06, 2) * strength * np.array([w, h])
+    mirror = r.random() < 0.5
+    gains = 1.0 + r.uniform(-0.2, 0.2, 3) * strength  # brightness, contrast, saturation
+    # Output pixel p samples input c + A^-1 (p - c - shift), about the centre c.
+    cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom
+    inv = np.array([[cos, sin], [-sin, cos]])
+    if mirror:
+        inv = inv @ np.diag([-1.0, 1.0])
+    c = np.array([(w - 1) / 2, (h - 1) / 2])
+    offset = c - inv @ (c + shift)
+    coeffs = (inv[0, 0], inv[0, 1], offset[0], inv[1, 0], inv[1, 1], offset[1])
+    moved = Image.fromarray(image).transform(
+        (w, h), Image.AFFINE, coeffs, resample=Image.BILINEAR, fillcolor=(0, 0, 0)
+    )
+    x = np.asarray(moved, np.float32) * gains[0]
+    grey = x.mean(axis=-1, keepdims=True)
+    x = grey + (x - grey) * gains[2]  # saturation about each pixel's grey
+    inside = np.asarray(moved).any(axis=-1, keepdims=True)  # keep the black background black
+    x = np.where(inside, (x - x.mean()) * gains[1] + x.mean(), 0.0)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
 class RecordBatches(Iterator[dict[str, np.ndarray]]):
     """The preprocessed face dataset through grain, endlessly, in this process's shard.
 
     ``micro_conditioning``: batches also hold ``time_ids`` (B, 6) float32 from each record's
     stored target square (:func:`micro_conditioning_ids`); a dataset built before version 1.1.0
-    has none, and gets :func:`default_time_ids` with a warning at construction."""
+    has none, and gets :func:`default_time_ids` with a warning at construction.
+
+    [ours] ``reference_augment`` > 0: each reference is an :func:`augment_reference` copy;
+    ``descriptor_noise`` > 0: Gaussian noise of that standard deviation per dimension on each
+    stored dlib descriptor (what the identity tokens read; the expected distance from the clean
+    descriptor is about sqrt(128) = 11.3 times it). Both drawn from (seed, batch counter), so a
+    resumed run sees the same draws."""
 
     def __init__(
         self,
@@ -186,6 +227,8 @@ class RecordBatches(Iterator[dict[str, np.ndarray]]):
         worker_count: int = 0,
         split: str = "train",
         micro_conditioning: bool = False,
+        reference_augment: float = 0.0,
+        descriptor_noise: float = 0.0,
     ):
         from pv_jax.data.dataset import GEOMETRY_KEYS, load_source, make_loader
 
@@ -202,6 +245,7 @@ class RecordBatches(Iterator[dict[str, np.ndarray]]):
         self.tokenizer, self.prompts = tokenizer, list(prompts)
         self.resolution, self.num_words, self.seed = resolution, num_words, seed
         self.micro_conditioning = micro_conditioning
+        self.reference_augment, self.descriptor_noise = reference_augment, descriptor_noise
         if micro_conditioning and not all(k in source[0] for k in GEOMETRY_KEYS):
             warnings.warn(
                 f"the dataset in {data_dir!r} predates version 1.1.0 and stores no photo size "
@@ -231,13 +275,20 @@ class RecordBatches(Iterator[dict[str, np.ndarray]]):
             strict=True,
         )
         r = np.random.default_rng((self.seed, self.count))
+        aug = np.random.default_rng((self.seed, self.count, 1))  # apart: prompts stay as before
         self.count += 1
         picks = r.integers(len(self.prompts), size=len(targets))
+        refs, descriptors = ex["reference"], ex["descriptor"]
+        if self.reference_augment > 0:
+            refs = np.stack([augment_reference(x, aug, self.reference_augment) for x in refs])
+        if self.descriptor_noise > 0:
+            noise = aug.normal(0.0, self.descriptor_noise, descriptors.shape)
+            descriptors = (descriptors + noise).astype(descriptors.dtype)
         batch = {
-            "reference": ex["reference"],
+            "reference": refs,
             "target": np.stack(targets),
             "landmarks": np.stack(lms).astype(np.float32),
-            "descriptor": ex["descriptor"],
+            "descriptor": descriptors,
             **_tokens(self.tokenizer, self.prompts, picks, self.num_words),
         }
         if self.micro_conditioning:

@@ -80,6 +80,22 @@ def check_config(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Non
         )
     if cfg.data.source == "records":
         _local_only(cfg.data.data_dir, "data.data_dir")  # grain's ArrayRecord reader
+    if not 0.0 <= cfg.data.reference_augment <= 1.0:
+        raise ConfigError(
+            f"data.reference_augment={cfg.data.reference_augment} is outside [0, 1]: 0 turns it "
+            "off, 1 is the full range (pv_jax.train.data.augment_reference)"
+        )
+    if cfg.data.descriptor_noise < 0:
+        raise ConfigError(
+            f"data.descriptor_noise={cfg.data.descriptor_noise} is negative: pass a standard "
+            "deviation >= 0 (0 turns it off; 0.025 moves a descriptor about 0.28)"
+        )
+    augmenting = cfg.data.reference_augment > 0 or cfg.data.descriptor_noise > 0
+    if augmenting and cfg.data.source != "records":
+        raise ConfigError(
+            "data.reference_augment / data.descriptor_noise apply to photos: set "
+            "--config.data.source=records, or set both to 0 for synthetic data"
+        )
     PhotoVerseConfig.from_dict(cfg.model.to_dict())  # raises on a bad method setting
 
 
@@ -112,6 +128,8 @@ def make_data(cfg: ml_collections.ConfigDict, bundle: PhotoVerseBundle):
         cfg.data.prompts,
         worker_count=cfg.data.worker_count,
         split=cfg.data.split,
+        reference_augment=cfg.data.reference_augment,
+        descriptor_noise=cfg.data.descriptor_noise,
         **common,
     )
 
