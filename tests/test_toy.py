@@ -174,8 +174,9 @@ def test_photoverse_stage_and_evaluation_on_the_toy_base(toy_run):
     into = work / "val_identification.jsonl"
     cli = [f"--run={out / 'photoverse'}", f"--work={work}", f"--models={out}", "--guidance=2"]
     more = ["--references=2", "--images=2", "--own-seeds", "--eta=1", f"--into={into}"]
-    row = tune_cli.main([*cli, *more])
+    row = tune_cli.main([*cli, *more, "--alpha=0.5"])
     assert row["references"] == 2 and row["images_per_prompt"] == 2 and row["own_seeds"]
+    assert (row["gamma"], row["sigma"], row["alpha"]) == (1.0, 1.0, 0.5)  # alpha overridden
     assert row["eta"] == 1.0
     swept = row["sweep"]["2.0"]
     assert swept["images"] == 2 * 2 * len(PROMPTS)

@@ -312,21 +312,22 @@ def plot_ladder(out: Path) -> Path:
                     capsize=2,
                     label=f"{split} t {b}",
                 )
-        ident = sorted(
-            (
-                r
-                for r in _jsonl(curves)
-                if r["run"].endswith("ladder_identity") and r["split"] == "val"
-            ),
-            key=lambda r: r["step"],
-        )
-        if ident:
-            axes[1].plot(
-                [r["step"] for r in ident],
-                [r["x0_gap"]["600-1000"]["gap"] * 100 for r in ident],
-                "k^-",
-                label="+ identity tokens: val t 600-1000",
+        for run, split, style, label in (
+            ("ladder_identity", "val", "k^-", "+ identity tokens: val t 600-1000"),
+            ("ladder_aug", "val", "ms-", "+ identity, augmented refs (sd_v2): val t 600-1000"),
+            ("ladder_aug", "train", "ms--", "+ identity, augmented refs (sd_v2): train t 600-1000"),
+        ):
+            part = sorted(
+                (r for r in _jsonl(curves) if r["run"].endswith(run) and r["split"] == split),
+                key=lambda r: r["step"],
             )
+            if part:
+                axes[1].plot(
+                    [r["step"] for r in part],
+                    [r["x0_gap"]["600-1000"]["gap"] * 100 for r in part],
+                    style,
+                    label=label,
+                )
         val = sorted((r for r in rows if r["split"] == "val"), key=lambda r: r["step"])
         for b in BANDS:
             axes[3].plot(

@@ -204,9 +204,10 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="every image its own seed (default: every reference the same seeds 0..)",
     )
-    p.add_argument(
-        "--sigma", type=float, help="image-branch weight at sampling (default: the run's config)"
-    )
+    for name, what in (("gamma", "text-branch"), ("sigma", "image-branch"), ("alpha", "LoRA")):
+        p.add_argument(
+            f"--{name}", type=float, help=f"{what} weight at sampling (default: the run's config)"
+        )
     p.add_argument("--work", type=Path, default=Path("toy_work"))
     p.add_argument("--models", type=Path, default=Path("models/toy_faces"))
     p.add_argument("--into", type=Path, help="a JSON-lines file collecting the results")
@@ -225,7 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
         ckpt = Checkpointer(args.run, every=1, keep=1_000_000)
         args.step = ckpt.latest_step()
         ckpt.close()
-    overrides = None if args.sigma is None else {"sigma": args.sigma}
+    weights = {k: getattr(args, k) for k in ("gamma", "sigma", "alpha")}
+    overrides = {k: v for k, v in weights.items() if v is not None} or None
     pipe = PhotoVersePipeline.from_checkpoint(args.run, step=args.step, model_overrides=overrides)
     photos, rows, images = sweep_guidance(
         pipe,
@@ -258,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     row = {
         "run": str(args.run),
         "step": args.step,
-        "sigma": pipe.bundle.config.sigma,
+        **{k: getattr(pipe.bundle.config, k) for k in weights},
         "split": "val",
         "references": len(photos),
         "images_per_prompt": args.images,
