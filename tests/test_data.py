@@ -445,21 +445,9 @@ def test_augment_reference_moves_mirrors_recolours_and_keeps_black_background():
 def test_training_batches_augment_references_and_descriptors(built):
     """RecordBatches(reference_augment, descriptor_noise): references and descriptors change
     (descriptors by about sqrt(128) * std), targets and prompts do not, and a resume is exact."""
-    from pv_jax.train.data import RecordBatches
-
-    tok = _tokenizer()
 
     def batches(**kw):
-        return RecordBatches(
-            built["out"],
-            tok,
-            ["a photo of S*"],
-            local_batch=2,
-            resolution=32,
-            num_words=3,
-            seed=5,
-            **kw,
-        )
+        return _one_prompt_batches(built["out"], **kw)
 
     plain = [next(it) for it in [batches()] for _ in range(3)]
     it = batches(reference_augment=1.0, descriptor_noise=0.05)
@@ -489,6 +477,22 @@ def _tokenizer(second: bool = False):
     from pv_jax.weights.hf_folders import load_tokenizer
 
     return PlaceholderTokenizer(load_tokenizer(), tokenizer_2=load_tokenizer() if second else None)
+
+
+def _one_prompt_batches(data_dir: str, **kw):
+    """RecordBatches of a built dataset: "a photo of S*", 2 rows of 32 px, seed 5."""
+    from pv_jax.train.data import RecordBatches
+
+    return RecordBatches(
+        data_dir,
+        _tokenizer(),
+        ["a photo of S*"],
+        local_batch=2,
+        resolution=32,
+        num_words=3,
+        seed=5,
+        **kw,
+    )
 
 
 def test_target_geometry_and_time_ids_by_hand():
@@ -526,7 +530,7 @@ def test_dataset_geometry_to_record_time_ids(built):
     """Each record stores its photo's upright (H, W) and target square; RecordBatches'
     time_ids are micro_conditioning_ids of them (astronaut and hopper.jpg by hand); without
     the flag the batch has no time_ids."""
-    from pv_jax.train.data import RecordBatches, micro_conditioning_ids
+    from pv_jax.train.data import micro_conditioning_ids
 
     decoded = (ds.decode_example(r) for r in ds.load_source(built["out"]))
     rows = {d["source"]: d for d in decoded}
@@ -537,19 +541,8 @@ def test_dataset_geometry_to_record_time_ids(built):
     np.testing.assert_array_equal(rows["astronaut.png"]["target_box"], [-5, 91, 264])
     np.testing.assert_array_equal(rows["hopper.jpg"]["target_box"], [-79, -55, 648])
 
-    tok = _tokenizer()
-
     def batches(**kw):
-        return RecordBatches(
-            built["out"],
-            tok,
-            ["a photo of S*"],
-            local_batch=2,
-            resolution=32,
-            num_words=3,
-            seed=5,
-            **kw,
-        )
+        return _one_prompt_batches(built["out"], **kw)
 
     it = batches(micro_conditioning=True)
     got = np.concatenate([next(it)["time_ids"] for _ in range(3)])  # one epoch: 6 records

@@ -182,6 +182,7 @@ def test_photoverse_stage_and_evaluation_on_the_toy_base(toy_run):
     assert swept["images"] == 2 * 2 * len(PROMPTS)
     assert set(swept["face_rate_by_prompt"]) == set(PROMPTS)  # equal counts: mean = overall
     assert np.mean(list(swept["face_rate_by_prompt"].values())) == pytest.approx(swept["face_rate"])
+    assert set(swept["identification_by_prompt"]) == set(PROMPTS)
     assert json.loads(into.read_text())["step"] == 2
     gain = reports["eval"]["runs"]["full"]["conditioning_gain"]["mse"]
     assert set(gain) >= {"own reference", "shuffled reference", "base, plain caption"}
@@ -202,18 +203,6 @@ def test_photoverse_stage_and_evaluation_on_the_toy_base(toy_run):
     assert no_image.model.face_weight == toy_faces.get_config("full").model.face_weight
     with pytest.raises(ValueError, match="choose one of"):
         toy_faces.get_config("bogus")
-
-
-def test_face_rate_by_prompt_counts_images_with_a_face():
-    from pv_jax.toy.evaluate import face_rate_by_prompt
-
-    rows = [
-        {"prompt": "a", "identity": 0.9},
-        {"prompt": "a", "identity": None},
-        {"prompt": "b", "identity": None},
-        {"prompt": "a", "identity": 0.0},  # a face, however unlike
-    ]
-    assert face_rate_by_prompt(rows) == {"a": pytest.approx(2 / 3), "b": 0.0}
 
 
 def test_guidance_rule_prefers_identification_among_faces():

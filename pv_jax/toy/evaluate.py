@@ -90,17 +90,7 @@ def sample_and_score(
         raise RuntimeError(f"{len(photos) - len(used)} of {len(photos)} references were skipped")
     prompts = [row["prompt"] for row in r["results"]]
     r["prompt_following"] = prompt_following(r["arrays"]["images"], prompts, thresholds)
-    r["face_rate_by_prompt"] = face_rate_by_prompt(r["results"])
     return r
-
-
-def face_rate_by_prompt(rows: list[dict]) -> dict[str, float]:
-    """The fraction of each prompt's images in which dlib found a face (an evaluation's
-    ``results`` rows: ``identity`` is None where it found none), keyed by the prompt."""
-    found: dict[str, list[bool]] = {}
-    for row in rows:
-        found.setdefault(row["prompt"], []).append(row["identity"] is not None)
-    return {p: float(np.mean(f)) for p, f in found.items()}
 
 
 def evaluate_runs(

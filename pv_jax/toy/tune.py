@@ -121,10 +121,13 @@ def sweep_guidance(
             own_seeds=own_seeds,
             eta=eta,
         )
+        per_prompt = {p: m for p, m in r["identification"].items() if p != "all"}
         rows[str(g)] = dict(
             r["identification"]["all"],
             prompt_following=r["prompt_following"],
-            face_rate_by_prompt=r["face_rate_by_prompt"],
+            # The trained prompt's faces apart: attribute words can cost the toy its faces.
+            face_rate_by_prompt={p: m["face_rate"] for p, m in per_prompt.items()},
+            identification_by_prompt={p: m.get("identification") for p, m in per_prompt.items()},
         )
         images[str(g)] = r["arrays"]["images"]
         m = rows[str(g)]
