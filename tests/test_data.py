@@ -495,6 +495,25 @@ def _one_prompt_batches(data_dir: str, **kw):
     )
 
 
+def test_a_run_on_part_of_the_training_set_is_measured_on_that_part(built):
+    """A tfds slice as data.split (``train[:3]``: a run on fewer people) feeds only those
+    records to training, and the toy diagnostics measure such a run's training photos on the
+    same records, in name order; other splits are read whole."""
+    from pv_jax.toy.data import read_records
+    from pv_jax.toy.diagnose import trained_records
+
+    every = read_records(built["out"], ("source", "reference"))
+    part = read_records(built["out"], ("source", "reference"), "train[:3]")
+    assert len(part["source"]) == 3 < len(every["source"])
+    assert part["source"] == sorted(part["source"]) and set(part["source"]) < set(every["source"])
+    batches = _one_prompt_batches(built["out"], split="train[:3]")
+    seen = {bytes(r) for _ in range(6) for r in next(batches)["reference"]}
+    assert seen == {bytes(r) for r in part["reference"]}  # 12 draws cover all 3, none else
+    saved = {"data": {"split": "train[:3]"}}
+    assert trained_records(saved, "train") == "train[:3]"
+    assert trained_records(saved, "val") == "train"  # a split's own dataset, whole
+
+
 def test_target_geometry_and_time_ids_by_hand():
     """source_size is the photo's (H, W); target_box is the square that was cut; the time ids
     follow [ours] rule (the square is the original image), checked by hand inside the photo

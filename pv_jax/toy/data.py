@@ -54,22 +54,31 @@ def _link(photos: list[Path], folder: Path) -> None:
             link.symlink_to(p)
 
 
-def read_records(data_dir: str | os.PathLike, keys: tuple[str, ...]) -> dict[str, list]:
-    """Some fields of every record of a built dataset, in source-name order."""
+def read_records(
+    data_dir: str | os.PathLike, keys: tuple[str, ...], records: str = "train"
+) -> dict[str, list]:
+    """Some fields of the records of a built dataset, in source-name order; ``records`` is a
+    tfds split, sliced as a run's ``data.split`` may be (``"train[:177]"``)."""
     from pv_jax.data.dataset import decode_example
 
-    source = load_source(data_dir)
+    source = load_source(data_dir, records)
     rows = [decode_example(source[i]) for i in range(len(source))]
     rows.sort(key=lambda r: r["source"])
     return {k: [r[k] for r in rows] for k in keys}
 
 
-def split_arrays(work: Path, split: str, size: int) -> dict[str, np.ndarray]:
-    """A split's targets resized to ``size`` (uint8), references, landmarks, descriptors."""
+def split_arrays(
+    work: Path, split: str, size: int, records: str = "train"
+) -> dict[str, np.ndarray]:
+    """A split's targets resized to ``size`` (uint8), references, landmarks, descriptors;
+    ``records``: the part of the split's dataset (a tfds split such as ``"train[:177]"``, the
+    photos a run with that ``data.split`` trained on)."""
     from pv_jax.train.data import resize_target
 
     rec = read_records(
-        work / f"faces_{split}", ("target", "reference", "landmarks", "descriptor", "source")
+        work / f"faces_{split}",
+        ("target", "reference", "landmarks", "descriptor", "source"),
+        records,
     )
     pairs = [
         resize_target(t, lm, size) for t, lm in zip(rec["target"], rec["landmarks"], strict=True)
