@@ -48,7 +48,7 @@ test-browser: $(BROWSER_STAMP)
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
 	$(PY) -m pytest -q -n 0 -m browser tests/test_browser.py
 
-# The web app on the embedded default (the toy model, its tuned guidance): upload a photo, type a
+# The web app on the embedded default (the toy model, its tuned settings): upload a photo, type a
 # prompt with S*, see the results at http://127.0.0.1:7860. SERVE_ARGS: --port, --ckpt, --host...
 SERVE_ARGS ?=
 serve: $(STAMP)
@@ -56,12 +56,12 @@ serve: $(STAMP)
 
 # The embedded default: the toy model trained here (docs/EXPERIMENTS.md, models/toy_faces) on
 # two real faces it never saw: scikit-image's astronaut and a held-out CelebA photo of the wheel.
-# A plain and an attribute prompt; the guidance is the one chosen on the validation people.
+# A plain and an attribute prompt; the sampling settings are the run's tuned ones
+# (models/toy_faces/tuning.json: the guidance chosen on the validation people).
 ASTRONAUT = $(shell $(PY) -c "import os, skimage.data as d; print(os.path.join(os.path.dirname(d.__file__), 'astronaut.png'))")
 CELEBA = $(shell $(PY) -c "from pv_jax.toy.wheel import celeba_photo; print(celeba_photo('000020.jpg'))")
 DEMO_ARGS = --ckpt models/toy_faces/photoverse --prompt "a photo of S*" \
-	--prompt "a grayscale photo of S*" --num-images 4 --steps 25 --guidance $(DEMO_GUIDANCE)
-DEMO_GUIDANCE = $(shell $(PY) -c "import json; print(json.load(open('models/toy_faces/tuning.json'))['guidance'])")
+	--prompt "a grayscale photo of S*" --num-images 4
 
 demo: $(STAMP)
 	$(PY) sample.py $(DEMO_ARGS) --ref $(ASTRONAUT) --out outputs/astronaut

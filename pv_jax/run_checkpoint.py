@@ -13,6 +13,8 @@ config (:meth:`Checkpointer.restore_weights`), so this module depends on neither
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from typing import Any
 
@@ -21,6 +23,22 @@ import jax
 import orbax.checkpoint as ocp
 
 from pv_jax.paths import refresh, run_path
+
+
+@contextlib.contextmanager
+def _quiet_read_only_notice():
+    """Drop Orbax's log line that a manager we opened read-only is read-only (sampling opens one
+    per load; the user asked for nothing to be written and needs no warning about it)."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Given directory is read only")
+
+    log = logging.getLogger("absl")
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
 
 
 class Checkpointer:
@@ -74,11 +92,19 @@ class Checkpointer:
         them, else ``trainable``), shaped like ``like`` and placed with ``shardings``; the
         optimizer state is never read, so it need not match the optimizer config of today.
         Returns the weights and the name of the item read ("ema" or "trainable")."""
-        weights = ocp.CheckpointManager(
-            self.directory,
-            item_handlers={"state": ocp.PyTreeCheckpointHandler()},
-            options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-        )
+        with _quiet_read_only_notice():
+            weights = ocp.CheckpointManager(
+                self.directory,
+                # Every saved item has a handler (only "state" is read): Orbax warns of the others.
+                item_handlers={
+                    "state": ocp.PyTreeCheckpointHandler(),
+                    "data": grain.checkpoint.CheckpointHandler(),
+                    "config": ocp.JsonCheckpointHandler(),
+                },
+                options=ocp.CheckpointManagerOptions(
+                    read_only=True, create=False, save_interval_steps=0
+                ),
+            )
         try:
             saved = weights.item_metadata(step)["state"]
             name = "ema" if ema and saved.get("ema") is not None else "trainable"

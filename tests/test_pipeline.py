@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import sys
@@ -171,8 +172,10 @@ def test_options_reach_the_pipeline_and_the_metadata(tiny_pv, two_faces):
     assert set(meta) == {
         *("prompts", "seeds", "references", "num_words", "steps", "eta", "strength"),
         *("guidance", "uncond", "gamma", "sigma", "alpha", "batch_size", "resolution"),
-        *("identity_similarity", "timings", "face_index", "faces_found"),
+        *("identity_similarity", "timings", "face_index", "faces_found", "tuned_from"),
+        "image_source",
     }
+    assert meta["tuned_from"] is None and meta["image_source"] == "encoder"
     assert meta["face_index"] == [1] and meta["faces_found"] == [2] and meta["seeds"] == [0, 1]
     np.testing.assert_array_equal(pipe.sampler.refs[0], result.references[0].reference)
     # "an astronaut, a photo of S*": each row holds the m pseudo-word slots.
@@ -278,16 +281,78 @@ def _assert_weights(bundle, want) -> None:
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_trained_weights_from_checkpoint_and_mismatch(tmp_path):
+def test_trained_weights_from_checkpoint_and_mismatch(tmp_path, caplog):
     cfg = tiny.get_config()
     bundle = tiny_photoverse()
     want = _save_checkpoint(tmp_path, cfg, bundle, shift=0.25)
-    _assert_weights(load_trained(tmp_path), want["trainable"])
+    with caplog.at_level(logging.INFO):
+        _assert_weights(load_trained(tmp_path), want["trainable"])
+    # A load says nothing on the console (Orbax's notices about the items it does not read).
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     # A base model of another shape (here: LoRA rank 8, not the tiny config's 4).
     with pytest.raises(CheckpointMismatchError, match="does not fit the base model"):
         load_trained(tmp_path, model_overrides={"lora_rank": 8})
     with pytest.raises(FileNotFoundError, match="has no checkpoints/"):
         load_trained(tmp_path / "nothing")
+
+
+def test_a_runs_tuned_settings_are_its_defaults_everywhere(tmp_path):
+    """tuning.json (the run's own, else its folder's) sets the sampling defaults of
+    from_checkpoint, the command lines' unset flags and the evaluation; a flag or keyword wins,
+    the metadata names the file, and a bad file fails naming itself, before any load."""
+    import argparse
+
+    from pv_jax.evaluation.run import evaluate
+    from pv_jax.sampling.options import add_sampling_args, options_from_args
+    from pv_jax.sampling.tuned import TUNED_FILE, write_tuned
+
+    run = tmp_path / "run"
+    _save_checkpoint(run, tiny.get_config(), tiny_photoverse(), shift=0.0)
+    assert PhotoVersePipeline.from_checkpoint(run).defaults == SamplingOptions()
+
+    def flags(*argv: str) -> SamplingOptions:
+        p = argparse.ArgumentParser()
+        p.add_argument("--ckpt")
+        add_sampling_args(p)
+        return options_from_args(p.parse_args(["--ckpt", str(run), *argv]))
+
+    assert flags().guidance == 7.5 and flags().eta == 0.0  # nothing tuned: the library's
+    write_tuned(tmp_path, guidance=3.0, steps=2)  # a model folder's file serves its runs
+    assert flags() == SamplingOptions(guidance=3.0, steps=2, missing_placeholder="error")
+    write_tuned(run, guidance=2.0, eta=1.0)  # the run's own file wins, whole
+    assert flags().guidance == 2.0 and flags().eta == 1.0 and flags().steps == 25
+    assert flags("--guidance", "5", "--steps", "3") == SamplingOptions(
+        guidance=5.0, eta=1.0, steps=3, missing_placeholder="error"
+    )
+    p = argparse.ArgumentParser()
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--ckpt")
+    add_sampling_args(p)
+    tiny_args = p.parse_args(["--tiny"])
+    assert options_from_args(tiny_args).guidance == 7.5  # --tiny has no run to read
+
+    pipe = PhotoVersePipeline.from_checkpoint(run)
+    assert pipe.defaults == SamplingOptions(guidance=2.0, eta=1.0)
+    assert pipe.tuned_from == str(run / TUNED_FILE)
+    # The evaluation samples through the pipeline and copies its metadata's settings.
+    settings = evaluate(pipe, [ASTRONAUT], ["a photo of S*"], num_images=1, steps=2)["settings"]
+    assert (settings["guidance"], settings["eta"], settings["steps"]) == (2.0, 1.0, 2)
+    assert settings["tuned_from"] == str(run / TUNED_FILE)
+
+    (run / TUNED_FILE).write_text('{"guidance": 2.0, "eta": 3}')
+    with pytest.raises(InputError, match=r"run/tuning.json: eta must be in \[0, 1\].*fix or"):
+        PhotoVersePipeline.from_checkpoint(run)
+    with pytest.raises(InputError, match="tuning.json: eta must be"):
+        flags()
+    (run / TUNED_FILE).write_text("[3.0]")
+    with pytest.raises(InputError, match="holds a list, not a JSON object"):
+        flags()
+    before = (tmp_path / TUNED_FILE).read_text()
+    with pytest.raises(InputError, match="uncond must be one of"):
+        write_tuned(tmp_path, uncond="nope")
+    with pytest.raises(InputError, match=r"not tunable sampling settings: \['seed'\]"):
+        write_tuned(tmp_path, seed=3)
+    assert (tmp_path / TUNED_FILE).read_text() == before  # a refused write loses nothing
 
 
 def test_trained_weights_load_whatever_the_optimizer_was(tmp_path):

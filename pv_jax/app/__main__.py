@@ -2,9 +2,10 @@
 
 The model is loaded once at start-up; requests queue and run ``--concurrency`` at a time (1
 suits a CPU). The sampling flags (``--num-images``, ``--steps``, ``--guidance``, ...) set what
-the page starts from; ``--guidance`` defaults to the checkpoint's tuned one (``tuning.json`` in
-the run folder or the folder above it), else 7.5. Bad flags and a missing checkpoint are one
-line on stderr and exit status 2, before the model loads.
+the page starts from; unset, the tunable ones (``--guidance``, ``--eta``, ``--steps``, ...) take
+the checkpoint's tuned values (``pv_jax.sampling.tuned``: ``tuning.json`` in the run folder or
+the folder above it), else the library's defaults (guidance 7.5). Bad flags and a missing
+checkpoint are one line on stderr and exit status 2, before the model loads.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 import time
 from pathlib import Path
 
-from pv_jax.app.handler import Limits, PhotoVerseApp, default_guidance
+from pv_jax.app.handler import Limits, PhotoVerseApp
 from pv_jax.errors import InputError, run_command
 from pv_jax.sampling.options import add_sampling_args, options_from_args
 from pv_jax.sampling.pipeline import check_model_args, pipeline_from_args
@@ -48,13 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-photos", type=int, default=Limits.max_photos)
     p.add_argument("--max-images", type=int, default=Limits.max_images, help="per request")
     p.add_argument("--max-steps", type=int, default=Limits.max_steps)
-    add_sampling_args(p, num_images=4, guidance=None)
+    add_sampling_args(p, num_images=4)
     args = p.parse_args(argv)
     if args.ckpt is None:
         local = Path(DEFAULT_CKPT)
         args.ckpt = str(local if local.exists() else _REPO / DEFAULT_CKPT)
-    if args.guidance is None:
-        args.guidance = default_guidance(args.ckpt) or 7.5
     args.tiny = False
     return args
 

@@ -60,6 +60,8 @@ _SETTINGS = (
     "gamma",
     "sigma",
     "alpha",
+    "tuned_from",
+    "image_source",
 )
 
 
@@ -240,7 +242,8 @@ def evaluate(
 ) -> dict:
     """Generate for every photo and prompt and score the images; returns the report dict.
 
-    ``options`` (default: SamplingOptions with ``EVAL_DEFAULTS``) with ``overrides`` of its
+    ``options`` (default: the pipeline's defaults, a run's tuned settings, with
+    ``EVAL_DEFAULTS``) with ``overrides`` of its
     fields (``num_images=2, steps=10``) set the sampling. With more than one usable photo the
     report also has ``identification`` (see :func:`identity_metrics`); ``people`` maps photo
     file names to a person, so that photos of one person count as the same identity and give
@@ -248,7 +251,7 @@ def evaluate(
     without a face) under ``"arrays"`` (not JSON: the command leaves them out).
     ``seed_stride``: photo i samples from seed ``seed + i * seed_stride`` (0: every photo gets
     the same seeds, a paired design)."""
-    opts = (options or SamplingOptions(**EVAL_DEFAULTS)).replace(**overrides)
+    opts = (options or pipe.defaults.replace(**EVAL_DEFAULTS)).replace(**overrides)
     rows, skipped, used, images, descriptors = [], [], [], [], []
     timings = {"compile_s": 0.0, "run_s": 0.0}
     for index, photo in enumerate(tqdm(photos, desc="evaluating", unit="photo")):

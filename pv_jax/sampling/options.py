@@ -16,6 +16,7 @@ from pv_jax.errors import InputError, PromptError
 from pv_jax.photoverse.config import MISSING_PLACEHOLDER, PhotoVerseConfig
 from pv_jax.photoverse.placeholder import has_placeholder, missing_placeholder_error
 from pv_jax.sampling.sampler import UNCOND_MODES, SamplerSpec
+from pv_jax.sampling.tuned import TUNABLE, TUNED_FILE, tuned_settings
 
 # What a command line's prompt error tells the user to do.
 APPEND_FLAG = "pass --missing-placeholder append"
@@ -93,7 +94,8 @@ _PLACEHOLDER, _APPEND_TEXT = PhotoVerseConfig.placeholder, PhotoVerseConfig.appe
 
 def add_sampling_args(parser: argparse.ArgumentParser, **defaults) -> None:
     """Add a flag per :class:`SamplingOptions` field (``--num-images``, ...) to ``parser``;
-    ``defaults`` overrides the dataclass defaults (e.g. ``num_images=4``)."""
+    ``defaults`` overrides the dataclass defaults (e.g. ``num_images=4``). The :data:`TUNABLE`
+    flags default to the run's tuned value (:func:`options_from_args`)."""
     group = parser.add_argument_group("sampling")
     # A command line asks for the error by default, so that it can check prompts before loading.
     defaults = {"missing_placeholder": "error", **defaults}
@@ -102,7 +104,14 @@ def add_sampling_args(parser: argparse.ArgumentParser, **defaults) -> None:
         default = defaults.get(field.name, field.default)
         hint = hints[field.name]  # int, float, str or one of them | None
         kind = next(t for t in typing.get_args(hint) or [hint] if t is not type(None))
-        help_text = _HELP[field.name] + ("" if default is None else " (default: %(default)s)")
+        help_text = _HELP[field.name]
+        if field.name in TUNABLE:  # unset: the run's tuning.json, then the default
+            help_text += f" (default: the run's {TUNED_FILE}, else " + (
+                "the model config's)" if default is None else f"{default})"
+            )
+            default = None
+        elif default is not None:
+            help_text += " (default: %(default)s)"
         group.add_argument(
             "--" + field.name.replace("_", "-"),
             type=kind,
@@ -113,10 +122,13 @@ def add_sampling_args(parser: argparse.ArgumentParser, **defaults) -> None:
 
 
 def options_from_args(args: argparse.Namespace) -> SamplingOptions:
-    """The options of parsed :func:`add_sampling_args` flags (checked: InputError)."""
-    return SamplingOptions(
-        **{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingOptions)}
-    )
+    """The options of parsed :func:`add_sampling_args` flags (checked: InputError); a flag left
+    unset takes the ``--ckpt`` run's tuned value (:func:`~pv_jax.sampling.tuned.tuned_settings`),
+    then the dataclass default."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingOptions)}
+    ckpt = None if getattr(args, "tiny", False) else getattr(args, "ckpt", None)
+    tuned = tuned_settings(ckpt) if ckpt else {}
+    return SamplingOptions(**{**tuned, **{k: v for k, v in given.items() if v is not None}})
 
 
 def check_prompts(

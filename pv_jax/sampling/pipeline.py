@@ -53,6 +53,7 @@ from pv_jax.photoverse.placeholder import PromptTokens
 from pv_jax.run_checkpoint import Checkpointer, ShapeMismatchError
 from pv_jax.sampling.options import SamplingOptions
 from pv_jax.sampling.sampler import Sampler, empty_prompt_ids
+from pv_jax.sampling.tuned import tuned_path, tuned_settings
 
 # ReferencePhotoError and CheckpointMismatchError live in pv_jax.errors (with InputError, what
 # a command line reports as one line); importing them from here keeps working.
@@ -188,6 +189,9 @@ class PhotoVersePipeline:
         self.latent = (resolution // vae.downsample_factor) if resolution else unet.sample_size
         self.latent_channels = unet.in_channels
         self.empty = empty_prompt_ids(bundle.tokenizer)
+        # What a call without options samples with: a run's tuned settings (from_checkpoint).
+        self.defaults = SamplingOptions()
+        self.tuned_from: str | None = None
 
     @classmethod
     def from_checkpoint(
@@ -201,7 +205,9 @@ class PhotoVersePipeline:
         model_overrides: dict | None = None,
     ) -> PhotoVersePipeline:
         """The trained weights of a ``train_tpu.py`` run (its ``--workdir``) on the base model
-        named in its config (or the folders given here)."""
+        named in its config (or the folders given here); the run's tuned sampling settings
+        (:mod:`pv_jax.sampling.tuned`) become :attr:`defaults`."""
+        defaults = SamplingOptions(**tuned_settings(workdir))  # a bad file fails before the load
         bundle = load_trained(
             workdir,
             step=step,
@@ -210,7 +216,9 @@ class PhotoVersePipeline:
             use_ema=use_ema,
             model_overrides=model_overrides,
         )
-        return cls(bundle)
+        pipe = cls(bundle)
+        pipe.defaults, pipe.tuned_from = defaults, tuned_path(workdir)
+        return pipe
 
     @property
     def uses_identity(self) -> bool:
@@ -241,7 +249,8 @@ class PhotoVersePipeline:
         """``num_images`` images per prompt of the person in ``references`` (paths, RGB arrays
         or records from :func:`load_reference`).
 
-        ``options`` (default: :class:`SamplingOptions`'s) with ``overrides`` of its fields, e.g.
+        ``options`` (default: :attr:`defaults`, a run's tuned settings) with ``overrides`` of
+        its fields, e.g.
         ``pipe(refs, prompts, seed=3, steps=10)``. Image j (prompt-major order) uses seed
         ``seed + j`` whatever the batch it is drawn in; ``batch_size`` images go through the
         sampler at once (the last batch is padded, so one compilation serves every batch).
@@ -249,7 +258,7 @@ class PhotoVersePipeline:
         the last ``int(steps * strength)`` steps. ``identity``: score every image's face against
         the references (dlib).
         """
-        opts = (options or SamplingOptions()).replace(**overrides)
+        opts = (options or self.defaults).replace(**overrides)
         records, tokens = self._prepare(references, prompts, opts)
         jobs = [p for p in range(len(prompts)) for _ in range(opts.num_images)]
         draw = self._draw(records, tokens, jobs, opts)
@@ -379,6 +388,8 @@ class PhotoVersePipeline:
             "strength": opts.strength,
             "guidance": opts.guidance,
             "uncond": opts.uncond,
+            "tuned_from": self.tuned_from,  # the tuning.json that set the run's defaults
+            "image_source": self.bundle.config.image_source,  # what the image branch reads
             **self._knobs(opts),
             "batch_size": draw.batch_size,
             "resolution": int(draw.images.shape[1]),
