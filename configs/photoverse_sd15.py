@@ -4,17 +4,28 @@
 #   --config.data.data_dir=/data/pv_faces --distributed
 """PhotoVerse on Stable Diffusion 1.5 with the paper's settings: AdamW, lr 1e-4, batch 64,
 60k steps, 512 px, m = 5 pseudo-words, loss weights 0.01 / 0.01 / 0.001 (SPEC.md defaults).
-bf16 compute with fp32 master weights, remat and FSDP over all devices are our choices.
-``get_config("fsdp=N")`` sets the FSDP axis size (default: 1, pure data parallelism)."""
+bf16 compute with fp32 master weights, remat and FSDP are our choices. The mesh is
+(data = devices / fsdp, fsdp): ``fsdp=N`` shards weights and optimizer state over N devices
+(default 1: pure data parallelism, every device holds all of SD1.5's 1.4B weights).
+
+The argument after the colon combines (``configs/photoverse_sd15.py:fsdp=2,image_source=both``):
+``fsdp=N``; ``image_source=identity|both`` [ours] feeds the image branch ``identity_tokens=N``
+(default 4) tokens made from the reference's dlib descriptor, instead of or beside the image
+encoder's (CC0 face-ID conditioning; docs/EXPERIMENTS.md, rung 4)."""
 
 import ml_collections
 
+from configs.common import parse_arg
 from pv_jax.train.config import default_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """The paper's training run; ``arg`` may be ``"fsdp=N"``."""
+    """The paper's training run; ``arg``: ``fsdp=N``, ``image_source=...``,
+    ``identity_tokens=N``, comma-separated."""
+    a = parse_arg(arg, fsdp=1, image_source="encoder", identity_tokens=4)
     c = default_config()
+    c.model.image_source = a.image_source
+    c.model.identity_tokens = a.identity_tokens
     c.base.kind = "folders"
     c.base.dtype = "bfloat16"
     c.base.remat = True
@@ -25,6 +36,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.lr = 1e-4
     c.optim.warmup_steps = 1000
     c.train.sample_every = 2000
-    if arg and arg.startswith("fsdp="):
-        c.mesh.fsdp = int(arg.split("=", 1)[1])
+    c.mesh.fsdp = a.fsdp
     return c

@@ -14,10 +14,14 @@ size (``pv_jax.train.data.micro_conditioning_ids``). One example per chip at 102
 59 GiB (docs/BENCHMARKS.md), two most likely not: batch 64 wants 64 chips (a v5p-128). The
 dataset must be built at 1024 px (``--target-size 1024``) so that targets are not upsampled.
 ``get_config("tiny")``: the same run on tiny random SDXL-shaped networks and synthetic faces.
+The argument combines (``tiny,image_source=both``): ``fsdp=N``, ``tiny``,
+``image_source=identity|both`` [ours] with ``identity_tokens=N`` (default 4): the image branch
+reads tokens made from the reference's dlib descriptor, instead of or beside the encoder's.
 """
 
 import ml_collections
 
+from configs.common import parse_arg
 from pv_jax.photoverse import TINY_CONFIG, PhotoVerseConfig
 from pv_jax.train.config import default_config
 
@@ -26,7 +30,9 @@ SDXL_TEXT_LAYERS = (32, 5, 11, 16, 21)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """The SDXL training run; ``arg`` may be ``"fsdp=N"`` or ``"tiny"``."""
+    """The SDXL training run; ``arg``: ``fsdp=N``, ``tiny``, ``image_source=...``,
+    ``identity_tokens=N``, comma-separated."""
+    a = parse_arg(arg, fsdp=None, tiny=False, image_source="encoder", identity_tokens=4)
     c = default_config()
     c.model = PhotoVerseConfig(text_layers=SDXL_TEXT_LAYERS).to_dict()
     c.base.kind = "folders"
@@ -40,9 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 1000
     c.train.sample_every = 2000
     c.mesh.fsdp = 4  # one v5p host: 4 chips of 95 GB
-    if arg and arg.startswith("fsdp="):
-        c.mesh.fsdp = int(arg.split("=", 1)[1])
-    elif arg == "tiny":
+    if a.tiny:
         c.model = TINY_CONFIG.to_dict()
         c.base.kind = "tiny_sdxl"
         c.base.dtype = "float32"
@@ -58,4 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.train.checkpoint_every = 2
         c.train.sample_every = 2
         c.train.sample_steps = 3
+    if a.fsdp is not None:
+        c.mesh.fsdp = a.fsdp
+    c.model.image_source = a.image_source
+    c.model.identity_tokens = a.identity_tokens
     return c

@@ -64,11 +64,27 @@ def test_photo_checks_come_before_decoding(tmp_path):
         check_photo_file(tmp_path / "notes.jpg", Limits())
 
 
-def _offline_app(**limits) -> PhotoVerseApp:
+def _offline_app(config: dict | None = None, **limits) -> PhotoVerseApp:
     """The handler over a stand-in pipeline that must never be called: every request below is
     refused before sampling."""
-    pipe = types.SimpleNamespace(bundle=types.SimpleNamespace(config=PhotoVerseConfig()))
+    pipe = types.SimpleNamespace(
+        bundle=types.SimpleNamespace(config=PhotoVerseConfig(**(config or {}))),
+        defaults=SamplingOptions(guidance=3.0),  # a run's tuned settings
+        resolution=64,
+    )
     return PhotoVerseApp(pipe, limits=Limits(**limits), model="none")
+
+
+def test_the_page_starts_from_the_runs_tuned_settings_and_names_the_image_source():
+    from pv_jax.app.ui import _header
+
+    app = _offline_app()
+    assert app.defaults.guidance == 3.0 and app.defaults.num_images == 4
+    assert "image branch reads the image encoder's tokens of the face crop (the paper's)" in (
+        _header(app, 1, None)
+    )
+    both = _header(_offline_app(config={"image_source": "both", "identity_tokens": 2}), 1, None)
+    assert "encoder's tokens of the face crop and 2 identity tokens from the face's dlib" in both
 
 
 @pytest.mark.parametrize(

@@ -99,8 +99,14 @@ def _adapter_params(d_in: int, d_out: int, hidden: int, blocks: int) -> int:
     return per_block + hidden * d_out + d_out
 
 
-def test_trainable_parameter_count_sd15():
-    cfg = PhotoVerseConfig()
+@pytest.mark.parametrize("image_source", ["encoder", "identity", "both"])
+def test_trainable_parameter_count_sd15(image_source):
+    """configs/photoverse_sd15.py's trainable part, counted from shapes, equals the sum of its
+    pieces; identity tokens [ours] add their projection (and drop the image adapter alone)."""
+    from configs import photoverse_sd15
+
+    arg = f"image_source={image_source}"
+    cfg = PhotoVerseConfig.from_dict(photoverse_sd15.get_config(arg).model.to_dict())
     unet_cfg, vision_cfg = SD15_UNET, SD15_VISION  # SD1.5 and CLIP ViT-L/14
     # Only the text width matters to the trainable part: one layer keeps the build quick.
     text_cfg = dataclasses.replace(SD15_TEXT, num_hidden_layers=1)
@@ -127,12 +133,19 @@ def test_trainable_parameter_count_sd15():
     assert sorted(a._dims[1][1][1] for a in cross_attentions(model.unet)) == sorted(inner)
     lora = sum(2 * (ctx * r + r * d) for d in inner)  # on k and v
     image_branch = sum(2 * ctx * d for d in inner)  # W_k^S, W_v^S (no bias)
-    adapters = 5 * _adapter_params(1024, 768, h, 2) + _adapter_params(1024, 768, h, 2)
+    adapters = 5 * _adapter_params(1024, 768, h, 2)  # the text adapter's 5 words
+    if image_source != "identity":
+        adapters += _adapter_params(1024, 768, h, 2)  # the image adapter
+    if image_source != "encoder":  # Linear 128 -> h, GELU, Linear h -> N x 768, LayerNorm
+        n_tok = cfg.identity_tokens
+        adapters += 128 * h + h + h * n_tok * ctx + n_tok * ctx + 2 * ctx
     print(
-        f"SD1.5 PhotoVerse trainable: {n:,} = adapters {adapters:,} + LoRA {lora:,} + "
-        f"image K/V {image_branch:,}"
+        f"SD1.5 PhotoVerse ({image_source}) trainable: {n:,} = adapters {adapters:,} + LoRA "
+        f"{lora:,} + image K/V {image_branch:,}"
     )
-    assert n == adapters + lora + image_branch == 36_908_544
+    assert n == adapters + lora + image_branch
+    if image_source == "encoder":
+        assert n == 36_908_544  # the README's number
     assert count_params(nnx.state(model.unet, FROZEN)) == 859_520_964  # the SD1.5 UNet
 
 

@@ -184,11 +184,13 @@ def _adapter_params(in_dim: int, out_dim: int, hidden: int, blocks: int) -> int:
     return per_block + hidden * out_dim + out_dim
 
 
-def test_trainable_parameter_count_sdxl():
+@pytest.mark.parametrize("image_source", ["encoder", "both"])
+def test_trainable_parameter_count_sdxl(image_source):
     spec = importlib.util.spec_from_file_location("sdxl_cfg", ROOT / "configs/photoverse_sdxl.py")
     config_module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(config_module)
-    cfg = PhotoVerseConfig.from_dict(config_module.get_config().model.to_dict())
+    arg = f"image_source={image_source}"
+    cfg = PhotoVerseConfig.from_dict(config_module.get_config(arg).model.to_dict())
     # Only the text widths matter to the trainable part: one layer per tower keeps it quick.
     text = dataclasses.replace(SDXL_TEXT, num_hidden_layers=1)
     text_2 = dataclasses.replace(SDXL_TEXT_2, num_hidden_layers=1)
@@ -218,9 +220,12 @@ def test_trainable_parameter_count_sdxl():
     image_branch = sum(2 * ctx * d for d in inner)  # W_k^S, W_v^S (no bias)
     # ViT-H/14 is 1280 wide; the words have both towers' widths 768 + 1280 = the context's.
     adapters = 5 * _adapter_params(1280, 768 + 1280, h, 2) + _adapter_params(1280, ctx, h, 2)
+    if image_source == "both":  # identity tokens [ours]: Linear 128 -> h, Linear -> N x ctx, LN
+        n_tok = cfg.identity_tokens
+        adapters += 128 * h + h + h * n_tok * ctx + n_tok * ctx + 2 * ctx
     print(
-        f"SDXL PhotoVerse trainable: {n:,} = adapters {adapters:,} + LoRA {lora:,} + "
-        f"image K/V {image_branch:,}"
+        f"SDXL PhotoVerse ({image_source}) trainable: {n:,} = adapters {adapters:,} + LoRA "
+        f"{lora:,} + image K/V {image_branch:,}"
     )
     assert n == adapters + lora + image_branch
     assert count_params(nnx.state(model.unet, FROZEN)) == 2_567_463_684  # the SDXL UNet
@@ -253,8 +258,9 @@ def test_model_rejects_mixed_bases(xl):
 
 @pytest.mark.slow
 def test_train_sample_and_evaluate_an_sdxl_run(tmp_path):
-    """train_tpu.py on the SDXL config's tiny variant (micro-conditioned synthetic batches), then
-    sample.py and the evaluation command on its checkpoint, unchanged."""
+    """train_tpu.py on the SDXL config's tiny variant (micro-conditioned synthetic batches) with
+    identity tokens beside the encoder's, then sample.py and the evaluation command on its
+    checkpoint, unchanged: the checkpoint carries the image source to both."""
     import json
     import os
     import subprocess
@@ -270,7 +276,7 @@ def test_train_sample_and_evaluate_an_sdxl_run(tmp_path):
             sys.executable,
             str(ROOT / "train_tpu.py"),
             "--config",
-            f"{ROOT / 'configs/photoverse_sdxl.py'}:tiny",
+            f"{ROOT / 'configs/photoverse_sdxl.py'}:tiny,image_source=both",
             "--workdir",
             str(run),
         ],
@@ -296,6 +302,7 @@ def test_train_sample_and_evaluate_an_sdxl_run(tmp_path):
     assert sample.returncode == 0, sample.stderr[-3000:]
     meta = json.loads((out / "samples.json").read_text())
     assert len(meta["images"]) == 2 and meta["timings"]["compile_s"] > 0
+    assert meta["image_source"] == "both" and meta["tuned_from"] is None
 
     evaluation = subprocess.run(
         [sys.executable, "-m", "pv_jax.evaluation", "--ckpt", str(run), "--refs", astronaut]
@@ -307,7 +314,10 @@ def test_train_sample_and_evaluate_an_sdxl_run(tmp_path):
         cwd=ROOT,
     )
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
-    assert (tmp_path / "eval" / "eval.json").is_file()
+    assert (
+        json.loads((tmp_path / "eval" / "eval.json").read_text())["settings"]["image_source"]
+        == "both"
+    )
 
 
 def test_build_photoverse_from_an_sdxl_folder(xl, tmp_path):

@@ -13,6 +13,7 @@ import time
 import types
 from pathlib import Path
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -364,3 +365,40 @@ def test_config_errors_before_compiling(tmp_path):
         sharding.make_mesh(3, 1)
     with pytest.raises(ValueError, match="mesh.dcn_data=2 does not divide mesh data=1"):
         sharding.make_mesh(1, 1, dcn_data=2)
+
+
+def test_sample_grid_feeds_identity_tokens_their_descriptors(tiny_pv):
+    """A run whose image branch reads identity tokens draws its sample grid with each
+    reference's descriptor: the batch's, else (synthetic batches) the face net's of the targets,
+    as the loss computes them; the grid refuses to start without them."""
+    import dataclasses
+
+    from pv_jax.photoverse import TINY_CONFIG, split_trainable, tiny_photoverse
+    from pv_jax.photoverse.losses import face_descriptors
+    from pv_jax.sampling import SampleGrid
+    from pv_jax.train.data import SyntheticBatches
+
+    cfg = dataclasses.replace(TINY_CONFIG, image_source="both", identity_tokens=2)
+    bundle = tiny_photoverse(cfg, with_face_net=False)  # the grid samples without one
+    batch = next(
+        SyntheticBatches(
+            bundle.tokenizer, ["a photo of S*"], local_batch=3, resolution=32, num_words=2
+        )
+    )
+    # The training model's face net (the shared tiny model's: building one takes 9 s).
+    model = types.SimpleNamespace(config=cfg, face_net=tiny_pv.model.face_net)
+    got = trainer._grid_descriptors(model, batch, count=2)
+    want = face_descriptors(model, batch["target"][:2] / 255.0, batch["landmarks"][:2])
+    np.testing.assert_allclose(got, np.asarray(want), atol=1e-6)
+    chex.assert_shape(got, (2, 128))
+    stored = np.arange(3 * 128, dtype=np.float32).reshape(3, 128)
+    np.testing.assert_array_equal(
+        trainer._grid_descriptors(model, {**batch, "descriptor": stored}, 2), stored[:2]
+    )
+    assert trainer._grid_descriptors(tiny_pv.model, batch) is None  # encoder tokens only
+    graphdef, trainable, frozen = split_trainable(bundle.model)
+    grid_args = (bundle, graphdef, frozen, batch["reference"], "a photo of S*")
+    with pytest.raises(ValueError, match="needs the references' dlib descriptors"):
+        SampleGrid(*grid_args, steps=2, resolution=32, count=2)
+    grid = SampleGrid(*grid_args, steps=2, resolution=32, count=2, descriptors=got)
+    assert grid(trainable).shape == (32, 4 * 32, 3)

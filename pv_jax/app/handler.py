@@ -19,12 +19,10 @@ request compiled a program.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pv_jax.data.preprocess import FaceRecord, PreprocessConfig
 from pv_jax.errors import InputError, PromptError, ReferencePhotoError
+from pv_jax.photoverse.config import PhotoVerseConfig
 from pv_jax.photoverse.placeholder import has_placeholder
 from pv_jax.sampling.options import SamplingOptions
 from pv_jax.sampling.pipeline import (
@@ -81,15 +80,14 @@ class Response:
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def default_guidance(ckpt: str | os.PathLike) -> float | None:
-    """The guidance tuned for a checkpoint: ``tuning.json`` (``pv_jax.toy``'s tune stage) in the
-    run folder or the folder above it (``models/toy_faces/tuning.json`` for the toy model);
-    None when there is none."""
-    for folder in (Path(ckpt), Path(ckpt).parent):
-        path = folder / "tuning.json"
-        if path.is_file():
-            return float(json.loads(path.read_text())["guidance"])
-    return None
+def image_branch_text(cfg: PhotoVerseConfig) -> str:
+    """What a model's image branch reads, in the page's words."""
+    ids = f"{cfg.identity_tokens} identity tokens from the face's dlib descriptor [ours]"
+    return {
+        "encoder": "the image encoder's tokens of the face crop (the paper's)",
+        "identity": ids,
+        "both": f"the image encoder's tokens of the face crop and {ids}",
+    }[cfg.image_source]
 
 
 def _name(path: str | os.PathLike) -> str:
@@ -154,7 +152,7 @@ class PhotoVerseApp:
         self.config = pipe.bundle.config
         # The knobs the page starts from: the model config's gamma, sigma, alpha and m.
         knobs = {k: getattr(self.config, k) for k in ("gamma", "sigma", "alpha")}
-        base = defaults or SamplingOptions(num_images=4)
+        base = defaults or pipe.defaults.replace(num_images=4)  # a run's tuned settings
         self.defaults = base.replace(
             **{k: v for k, v in knobs.items() if getattr(base, k) is None},
             num_words=base.num_words or self.config.words,
@@ -305,7 +303,7 @@ class PhotoVerseApp:
             "prompt": prompt,
             "faces": [caption for _, caption in faces],
             **{k: meta[k] for k in ("steps", "guidance", "strength", "num_words")},
-            **{k: meta[k] for k in ("gamma", "sigma", "alpha", "resolution")},
+            **{k: meta[k] for k in ("gamma", "sigma", "alpha", "resolution", "image_source")},
             "timings": timings,
         }
         captions = [

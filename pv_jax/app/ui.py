@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pv_jax.app.handler import EXAMPLE_PROMPTS, PhotoVerseApp  # noqa: E402
+from pv_jax.app.handler import EXAMPLE_PROMPTS, PhotoVerseApp, image_branch_text  # noqa: E402
 from pv_jax.errors import InputError  # noqa: E402
 
 log = logging.getLogger("pv_jax.app")
@@ -55,7 +55,8 @@ def _header(app: PhotoVerseApp, concurrency: int, queue_size: int | None) -> str
         "# PhotoVerse: you, from one photo\n"
         f"Upload 1 to {limits.max_photos} photos of one person, type a prompt with "
         f"**S\\*** where the person goes, and generate. Model: `{app.model}` "
-        f"({app.pipe.resolution} px, loaded once in {app.load_s:.1f} s). Requests run "
+        f"({app.pipe.resolution} px, loaded once in {app.load_s:.1f} s); its image branch "
+        f"reads {image_branch_text(app.config)}. Requests run "
         f"{concurrency} at a time, {queue} waiting in the queue; a photo may have at most "
         f"{limits.max_upload_mb:g} MB and {limits.max_megapixels:g} megapixels. The first "
         "request of each shape (number of photos and images, steps, m, img2img) compiles the "

@@ -17,7 +17,8 @@ from pv_jax.sampling.sampler import Sampler, SamplerSpec, empty_prompt_ids
 
 class SampleGrid:
     """(reference, sample) pairs with the current weights: the first ``count`` ``references``,
-    one ``prompt``, a fixed seed."""
+    one ``prompt``, a fixed seed; ``descriptors`` (the batch's dlib descriptors) feed a model
+    whose image branch reads identity tokens."""
 
     def __init__(
         self,
@@ -30,10 +31,21 @@ class SampleGrid:
         steps: int,
         resolution: int,
         count: int = 4,
+        descriptors: np.ndarray | None = None,
     ):
         self.graphdef, self.frozen = graphdef, frozen
+        if bundle.config.uses_identity and descriptors is None:
+            raise ValueError(
+                f"image_source={bundle.config.image_source!r}: the sample grid needs the "
+                "references' dlib descriptors (a training batch's 'descriptor')"
+            )
         # Process 0's references on every process: the sampler's inputs must agree.
         self.refs = multihost_utils.broadcast_one_to_all(references[:count])
+        self.descriptors = (
+            multihost_utils.broadcast_one_to_all(descriptors[:count])
+            if bundle.config.uses_identity
+            else [None] * len(self.refs)
+        )
         self.tokens = bundle.tokenizer([prompt], bundle.config.words)
         self.empty = empty_prompt_ids(bundle.tokenizer)
         self.sampler = Sampler(bundle.model, bundle.schedule)
@@ -47,7 +59,7 @@ class SampleGrid:
         """(size, 2 * count * size, 3) uint8: reference, sample, reference, sample, ..."""
         _, state = nnx.split(nnx.merge(self.graphdef, trainable, self.frozen))
         tiles = []
-        for ref in self.refs:
+        for ref, descriptor in zip(self.refs, self.descriptors, strict=True):
             image = self.sampler(
                 np.asarray(ref)[None],
                 self.tokens.input_ids,
@@ -59,6 +71,7 @@ class SampleGrid:
                 num_words=self.tokens.num_words,
                 spec=self.spec,
                 state=state,
+                descriptors=None if descriptor is None else np.asarray(descriptor)[None],
             )
             ref = np.asarray(ref, np.uint8)
             ref_tile = np.asarray(Image.fromarray(ref).resize((self.size, self.size)))

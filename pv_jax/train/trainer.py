@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -295,6 +296,19 @@ def _mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:
         raise ConfigError(f"mesh {dict(cfg.mesh)} on {jax.device_count()} devices: {e}") from e
 
 
+def _grid_descriptors(model, batch: dict[str, np.ndarray], count: int = 4) -> np.ndarray | None:
+    """The sample grid's identity-token input: the batch's dlib descriptors, else (synthetic
+    batches carry none) the face net's of its targets, as the loss computes them."""
+    if not model.config.uses_identity:
+        return None
+    if "descriptor" in batch:
+        return batch["descriptor"][:count]
+    from pv_jax.photoverse.losses import face_descriptors, to_unit
+
+    target = to_unit(jnp.asarray(batch["target"][:count]))
+    return np.asarray(face_descriptors(model, target, jnp.asarray(batch["landmarks"][:count])))
+
+
 class _Loop:
     """What the Python loop does around the compiled step: log, sample and save when due.
 
@@ -329,6 +343,7 @@ class _Loop:
                 cfg.data.prompts[0],
                 steps=t.sample_steps,
                 resolution=cfg.data.resolution,
+                descriptors=_grid_descriptors(run.bundle.model, first_batch),
             )
             if t.sample_every
             else None

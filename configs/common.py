@@ -1,0 +1,33 @@
+"""What the configs share: the argument after the config file's colon, parsed big_vision's way.
+
+python train_tpu.py --config configs/photoverse_sdxl.py:tiny,image_source=both
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
+    """``"tiny,fsdp=2,image_source=both"`` over the defaults ``spec``: a bare name sets True, a
+    value takes its default's type (a default of None keeps the text's int or str); a name not
+    in ``spec`` is a ValueError that lists the known ones."""
+    out = ml_collections.ConfigDict(spec)
+    for part in filter(None, (p.strip() for p in (arg or "").split(","))):
+        name, eq, text = part.partition("=")
+        if name not in spec:
+            raise ValueError(
+                f"config argument {part!r}: unknown name {name!r}; known: {', '.join(spec)}"
+            )
+        default = spec[name]
+        if not eq:
+            value = True
+        elif isinstance(default, bool):
+            value = text.lower() in ("1", "true", "yes")
+        elif default is None:
+            value = int(text) if text.lstrip("-").isdigit() else text
+        else:
+            value = type(default)(text)
+        with out.ignore_type():
+            out[name] = value
+    return out
