@@ -402,3 +402,25 @@ def test_sample_grid_feeds_identity_tokens_their_descriptors(tiny_pv):
         SampleGrid(*grid_args, steps=2, resolution=32, count=2)
     grid = SampleGrid(*grid_args, steps=2, resolution=32, count=2, descriptors=got)
     assert grid(trainable).shape == (32, 4 * 32, 3)
+
+
+def test_config_arguments_combine_and_unknown_names_fail():
+    """The text after a config file's colon: bare names are True, values take their default's
+    type, the parts combine, and a misspelt name fails listing the known ones."""
+    from configs import photoverse_sd15, photoverse_sdxl
+    from configs.common import parse_arg
+
+    a = parse_arg("tiny,fsdp=2,image_source=both", tiny=False, fsdp=None, image_source="x")
+    assert (a.tiny, a.fsdp, a.image_source) == (True, 2, "both")
+    assert parse_arg(None, fsdp=1).fsdp == 1 and parse_arg("fsdp=4", fsdp=1).fsdp == 4
+    c = photoverse_sd15.get_config("fsdp=2,image_source=identity,identity_tokens=8")
+    assert (c.mesh.fsdp, c.model.image_source, c.model.identity_tokens) == (2, "identity", 8)
+    assert photoverse_sd15.get_config().model.image_source == "encoder"  # the paper's
+    xl = photoverse_sdxl.get_config("tiny,image_source=both")
+    assert (xl.mesh.fsdp, xl.base.kind, xl.model.image_source) == (1, "tiny_sdxl", "both")
+    assert (
+        photoverse_sdxl.get_config().mesh.fsdp == 4
+        and photoverse_sdxl.get_config("fsdp=8").mesh.fsdp == 8
+    )
+    with pytest.raises(ValueError, match="unknown name 'tinyy'; known: fsdp, tiny"):
+        photoverse_sdxl.get_config("tinyy")
