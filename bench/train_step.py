@@ -104,6 +104,7 @@ def make_config(
     face_window: float | None,
     face_fraction: float | None,
     attention: str | None,
+    face_rollout: int | None = None,
 ):
     """The run config of a setting (synthetic data, random networks of the preset)."""
     sys.path.insert(0, str(ROOT))
@@ -137,6 +138,8 @@ def make_config(
         cfg.model.face_window = face_window
     if face_fraction is not None:
         cfg.model.face_batch_fraction = face_fraction
+    if face_rollout is not None:
+        cfg.model.face_rollout_steps = face_rollout
     return cfg
 
 
@@ -297,6 +300,7 @@ def run_one(
     abstract: bool = False,
     attention: str | None = None,
     fast_compile: bool = True,
+    face_rollout: int | None = None,
 ):
     """Build, compile and time the step (or only compile it); returns the JSON record."""
     abstract = abstract or config in COMPILE_ONLY
@@ -308,7 +312,16 @@ def run_one(
     from pv_jax.train.metrics import compiled_flops
 
     cfg = make_config(
-        config, resolution, batch, face, remat, fsdp, face_window, face_fraction, attention
+        config,
+        resolution,
+        batch,
+        face,
+        remat,
+        fsdp,
+        face_window,
+        face_fraction,
+        attention,
+        face_rollout,
     )
     t0 = time.perf_counter()
     mesh = sharding.make_mesh(-1, fsdp)
@@ -340,6 +353,7 @@ def run_one(
         "attention": cfg.base.attention,
         "face_window": cfg.model.face_window,
         "face_fraction": cfg.model.face_batch_fraction,
+        "face_rollout_steps": cfg.model.get("face_rollout_steps", 1),
         "step_gflop": round(flops / 1e9, 2),
         "gflop_per_example": round(flops * fsdp / batch / 1e9, 2),
         **memory,
@@ -402,6 +416,12 @@ def main() -> None:
         default=1,
         help="compile-only settings: 1 (default) LLVM opt level 0 (same memory and FLOPs)",
     )
+    p.add_argument(
+        "--face-rollout",
+        type=int,
+        default=None,
+        help="model.face_rollout_steps: the face loss on a K-step DDIM rollout (default: 1)",
+    )
     p.add_argument("--only", choices=CONFIGS, help="run the matrix rows of one config")
     args = p.parse_args()
     if args.config:
@@ -418,6 +438,7 @@ def main() -> None:
             bool(args.abstract),
             args.attention,
             bool(args.fast_compile),
+            args.face_rollout,
         )
         print(json.dumps(record), flush=True)
         return
