@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +68,8 @@ class PhotoVerseBundle:
     tokenizer: PlaceholderTokenizer
     schedule: NoiseSchedule
     config: PhotoVerseConfig
+    # Where trained weights came from (``load_trained``): workdir, step, "ema" or "trainable".
+    source: dict[str, Any] | None = None
 
 
 def _init_extras(unet: UNet2DConditionModel, config: PhotoVerseConfig, rngs: nnx.Rngs) -> None:

@@ -481,7 +481,7 @@ def load_trained(
         graphdef, trainable, frozen = split_trainable(bundle.model)
         one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # the sampler's device
         shardings = jax.tree.map(lambda _: one_device, trainable)
-        weights, _ = ckpt.restore_weights(step, trainable, shardings, ema=use_ema)
+        weights, which = ckpt.restore_weights(step, trainable, shardings, ema=use_ema)
     except ShapeMismatchError as e:
         raise CheckpointMismatchError(
             f"checkpoint {workdir} step {step} does not fit the base model built from its "
@@ -491,4 +491,5 @@ def load_trained(
     finally:
         ckpt.close()
     bundle.model = nnx.merge(graphdef, weights, frozen)
+    bundle.source = {"workdir": str(workdir), "step": step, "weights": which}
     return bundle
