@@ -1,0 +1,25 @@
+"""PhotoVerse in PyTorch: serve a model that pv_jax trained, from its ``python -m pv_jax.export``
+file, with diffusers / transformers components. Depends on torch, diffusers, transformers and
+safetensors only, never on JAX."""
+
+from photoverse_torch.model import (
+    Export,
+    PhotoVerseAdapters,
+    PhotoVerseAttnProcessor,
+    inject_words,
+    install,
+    knobs,
+    preprocess_reference,
+    read_export,
+)
+
+__all__ = [
+    "Export",
+    "PhotoVerseAdapters",
+    "PhotoVerseAttnProcessor",
+    "inject_words",
+    "install",
+    "knobs",
+    "preprocess_reference",
+    "read_export",
+]

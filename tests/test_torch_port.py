@@ -1,0 +1,114 @@
+"""photoverse_torch against pv_jax on the committed toy run, through its export, fp32: the
+adapters' pseudo-words and image tokens, the text conditioning with the words injected, and the
+UNet with the dual-branch processors and the LoRA (PEFT) at several gamma / sigma / alpha."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import skimage.data
+
+from pv_jax.export import export_photoverse
+from pv_jax.sampling.pipeline import load_reference, load_trained
+
+torch = pytest.importorskip("torch")
+
+ROOT = Path(__file__).resolve().parent.parent
+TOY = ROOT / "models/toy_faces/photoverse"
+SD = ROOT / "models/toy_faces/sd"
+ASTRONAUT = os.path.join(os.path.dirname(skimage.data.__file__), "astronaut.png")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(our bundle, the export read by photoverse_torch, the astronaut's face record)."""
+    from photoverse_torch import read_export
+
+    out = tmp_path_factory.mktemp("torch") / "toy.safetensors"
+    export_photoverse(TOY, out)
+    return load_trained(TOY), read_export(str(out)), load_reference(ASTRONAUT)
+
+
+def test_adapters_match_ours(pair):
+    from transformers import CLIPVisionModel
+
+    from photoverse_torch import PhotoVerseAdapters, preprocess_reference
+
+    bundle, export, record = pair
+    words, tokens = bundle.model.encode_reference(record.reference[None])
+    vision = CLIPVisionModel.from_pretrained(
+        str(ROOT / "models/toy_faces/clip_vision"),
+        dtype=torch.float32,  # stored in fp16
+    ).eval()
+    adapters = PhotoVerseAdapters.from_export(export)
+    with torch.no_grad():
+        pixels = preprocess_reference(torch.from_numpy(record.reference[None]), 64)
+        states = vision(pixels, output_hidden_states=True).hidden_states
+        got_words, got_tokens = adapters(states)
+    np.testing.assert_allclose(got_words.numpy(), np.asarray(words), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got_tokens.numpy(), np.asarray(tokens), atol=1e-5, rtol=0)
+
+
+def test_text_conditioning_with_injected_words_matches_ours(pair):
+    from transformers import CLIPTextModel
+
+    from photoverse_torch import inject_words
+
+    bundle, _, record = pair
+    words, _ = bundle.model.encode_reference(record.reference[None])
+    prompt = bundle.tokenizer(["a photo of S* in red light"], bundle.config.words)
+    want = bundle.model.encode_text(prompt.input_ids, prompt.slots, words).context
+    text = CLIPTextModel.from_pretrained(str(SD / "text_encoder"), dtype=torch.float32).eval()
+    slots = torch.from_numpy(prompt.slots.astype(np.int64))
+    with torch.no_grad(), inject_words(text, slots, torch.from_numpy(np.array(words))):
+        got = text(torch.from_numpy(prompt.input_ids.astype(np.int64))).last_hidden_state
+        plain = text(torch.from_numpy(prompt.input_ids.astype(np.int64))).last_hidden_state
+    np.testing.assert_allclose(got.numpy(), np.asarray(want), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(plain.numpy(), got.numpy())  # the hook holds while open
+    with torch.no_grad():  # ... and only then
+        after = text(torch.from_numpy(prompt.input_ids.astype(np.int64))).last_hidden_state
+    assert np.abs(after.numpy() - got.numpy()).max() > 1e-3
+
+
+@pytest.mark.parametrize("gamma, sigma, alpha", [(1.0, 1.0, 1.0), (0.5, 2.0, 0.5)])
+def test_unet_with_the_dual_branch_matches_ours(pair, gamma, sigma, alpha):
+    from diffusers import UNet2DConditionModel
+
+    from photoverse_torch import install, knobs
+
+    bundle, export, record = pair
+    _, tokens = bundle.model.encode_reference(record.reference[None])
+    unet = UNet2DConditionModel.from_pretrained(str(SD / "unet"), torch_dtype=torch.float32).eval()
+    install(unet, export)
+    r = np.random.RandomState(0)
+    x = r.randn(1, 8, 8, unet.config.in_channels).astype(np.float32)
+    ctx = r.randn(1, 77, unet.config.cross_attention_dim).astype(np.float32)
+    t = np.array([600])
+    kwargs = dict(image_tokens=tokens, gamma=gamma, sigma=sigma, alpha=alpha)
+    want = bundle.model.unet(
+        jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx), cross_attention_kwargs=kwargs
+    )
+    with torch.no_grad():
+        got = unet(
+            torch.from_numpy(x.transpose(0, 3, 1, 2)),
+            torch.from_numpy(t),
+            torch.from_numpy(ctx),
+            cross_attention_kwargs=knobs(torch.from_numpy(np.array(tokens)), gamma, sigma, alpha),
+        ).sample
+    np.testing.assert_allclose(got.numpy().transpose(0, 2, 3, 1), np.asarray(want), atol=1e-4)
+    # Self-attention layers take the knobs silently (diffusers logs kwargs a processor lacks).
+    for processor in unet.attn_processors.values():
+        assert "image_tokens" in inspect.signature(processor.__call__).parameters
+
+
+def test_the_package_imports_no_jax():
+    import subprocess
+    import sys
+
+    code = "import sys, photoverse_torch; sys.exit('jax' in sys.modules or 'flax' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
