@@ -12,11 +12,14 @@ from photoverse_torch.model import (
     preprocess_reference,
     read_export,
 )
+from photoverse_torch.pipeline import PhotoVerseTorchPipeline, TorchSample
 
 __all__ = [
     "Export",
     "PhotoVerseAdapters",
     "PhotoVerseAttnProcessor",
+    "PhotoVerseTorchPipeline",
+    "TorchSample",
     "inject_words",
     "install",
     "knobs",

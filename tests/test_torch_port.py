@@ -26,12 +26,13 @@ ASTRONAUT = os.path.join(os.path.dirname(skimage.data.__file__), "astronaut.png"
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    """(our bundle, the export read by photoverse_torch, the astronaut's face record)."""
+    """(our bundle, the export read by photoverse_torch, the astronaut's face record, the
+    export's path)."""
     from photoverse_torch import read_export
 
     out = tmp_path_factory.mktemp("torch") / "toy.safetensors"
     export_photoverse(TOY, out)
-    return load_trained(TOY), read_export(str(out)), load_reference(ASTRONAUT)
+    return load_trained(TOY), read_export(str(out)), load_reference(ASTRONAUT), out
 
 
 def test_adapters_match_ours(pair):
@@ -39,7 +40,7 @@ def test_adapters_match_ours(pair):
 
     from photoverse_torch import PhotoVerseAdapters, preprocess_reference
 
-    bundle, export, record = pair
+    bundle, export, record, _ = pair
     words, tokens = bundle.model.encode_reference(record.reference[None])
     vision = CLIPVisionModel.from_pretrained(
         str(ROOT / "models/toy_faces/clip_vision"),
@@ -59,7 +60,7 @@ def test_text_conditioning_with_injected_words_matches_ours(pair):
 
     from photoverse_torch import inject_words
 
-    bundle, _, record = pair
+    bundle, _, record, _ = pair
     words, _ = bundle.model.encode_reference(record.reference[None])
     prompt = bundle.tokenizer(["a photo of S* in red light"], bundle.config.words)
     want = bundle.model.encode_text(prompt.input_ids, prompt.slots, words).context
@@ -81,7 +82,7 @@ def test_unet_with_the_dual_branch_matches_ours(pair, gamma, sigma, alpha):
 
     from photoverse_torch import install, knobs
 
-    bundle, export, record = pair
+    bundle, export, record, _ = pair
     _, tokens = bundle.model.encode_reference(record.reference[None])
     unet = UNet2DConditionModel.from_pretrained(str(SD / "unet"), torch_dtype=torch.float32).eval()
     install(unet, export)
@@ -112,3 +113,43 @@ def test_the_package_imports_no_jax():
 
     code = "import sys, photoverse_torch; sys.exit('jax' in sys.modules or 'flax' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+@pytest.mark.slow  # two samplers compiled and run per case: make test-all (CI)
+@pytest.mark.parametrize("uncond", ["base", "lora"])
+def test_pipeline_latents_equal_our_samplers_on_the_same_noise(pair, uncond):
+    """DDIM + CFG (guidance 3, our unconditional rule) from the same start noise, 5 steps,
+    two images: the latents within 1e-4, and the decoded images too."""
+    import jax
+
+    from photoverse_torch import PhotoVerseTorchPipeline
+    from pv_jax.sampling.pipeline import PhotoVersePipeline
+    from pv_jax.sampling.sampler import SamplerSpec
+
+    bundle, _, record, path = pair
+    ours = PhotoVersePipeline(bundle)
+    m = bundle.config.words
+    prompt = bundle.tokenizer(["a photo of S*"] * 2, m)
+    noise = jax.random.normal(jax.random.key(3), (2, 8, 8, 4))
+    common = dict(num_words=m, guidance=3.0, gamma=1.0, sigma=1.0, alpha=1.0)
+    spec = SamplerSpec(steps=5, uncond=uncond)
+    args = (record.reference[None], prompt.input_ids, prompt.slots, ours.empty["empty_ids"])
+    want = ours.sampler(*args, noise, jax.random.key(0), spec=spec, decode=False, **common)
+    images = ours.sampler(*args, noise, jax.random.key(0), spec=spec, **common)
+    pipe = PhotoVerseTorchPipeline.from_export(
+        path,
+        sd_folder=SD,
+        clip_vision_folder=ROOT / "models/toy_faces/clip_vision",
+    )
+    got = pipe(
+        record.reference[None],
+        "a photo of S*",
+        noise=torch.from_numpy(np.array(noise).transpose(0, 3, 1, 2)),
+        steps=5,
+        guidance=3.0,
+        uncond=uncond,
+    )
+    np.testing.assert_allclose(
+        got.latents.numpy().transpose(0, 2, 3, 1), np.asarray(want), atol=1e-4, rtol=0
+    )
+    np.testing.assert_allclose(got.images, np.asarray(images), atol=1e-4, rtol=0)
