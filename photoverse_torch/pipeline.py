@@ -7,8 +7,9 @@ The references are pv_jax's face crops (``FaceRecord.reference``: 224 px, backgr
 uint8) and, for identity tokens, their dlib descriptors. DDIM is diffusers' ``DDIMScheduler``
 (what pv_jax's sampler equals), classifier-free guidance uses our unconditional rule: the empty
 prompt through the frozen base (``uncond="base"``: no LoRA, no image branch) or through the
-trained LoRA at text weight gamma + sigma (``"lora"``). The start noise is an argument (pass
-``sample.py``'s to get its images); with ``eta`` > 0 the variance noise comes from ``generator``.
+trained LoRA at text weight gamma + sigma (``"lora"``). The start noise is pv_jax's for the
+given seeds (:mod:`photoverse_torch.jax_noise`), or an argument; with ``eta`` > 0 the variance
+noise comes from ``generator`` (it does not reproduce ours).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from photoverse_torch.jax_noise import start_noise
 from photoverse_torch.model import (
     Export,
     PhotoVerseAdapters,
@@ -137,7 +139,8 @@ class PhotoVerseTorchPipeline:
         references: np.ndarray,
         prompt: str,
         *,
-        noise: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        seeds: Sequence[int] | None = None,
         steps: int = 25,
         guidance: float = 7.5,
         gamma: float | None = None,
@@ -150,7 +153,13 @@ class PhotoVerseTorchPipeline:
         generator: torch.Generator | None = None,
     ) -> TorchSample:
         """Images of the person in ``references`` (R, 224, 224, 3) uint8 crops, averaged after
-        the adapters as ours; one image per row of ``noise`` (B, C, h, w)."""
+        the adapters as ours; one image per row of ``noise`` (B, C, h, w), or per seed of
+        ``seeds`` (pv_jax's noise for that seed: ``sample.py --seed S`` draws seeds S, S+1...)."""
+        if (noise is None) == (seeds is None):
+            raise ValueError("pass the start noise (noise=) or the seeds (seeds=), not both")
+        if noise is None:
+            latent = self.unet.config.sample_size
+            noise = start_noise(list(seeds), latent, self.unet.config.in_channels)
         cfg = self.config
         gamma = cfg["gamma"] if gamma is None else gamma
         sigma = cfg["sigma"] if sigma is None else sigma

@@ -153,3 +153,42 @@ def test_pipeline_latents_equal_our_samplers_on_the_same_noise(pair, uncond):
         got.latents.numpy().transpose(0, 2, 3, 1), np.asarray(want), atol=1e-4, rtol=0
     )
     np.testing.assert_allclose(got.images, np.asarray(images), atol=1e-4, rtol=0)
+
+
+def test_jax_noise_without_jax_equals_jaxs():
+    """photoverse_torch's numpy threefry gives jax.random's bits exactly and its normals to the
+    inverse error function's last bits."""
+    import jax
+
+    from photoverse_torch.jax_noise import normal, random_bits, seed_key, start_noise
+
+    for seed in (0, 7, 123456):
+        key = jax.random.key(seed)
+        np.testing.assert_array_equal(
+            random_bits(seed_key(seed), (8, 8, 4)), np.asarray(jax.random.bits(key, (8, 8, 4)))
+        )
+        want = np.asarray(jax.random.normal(key, (8, 8, 4)))
+        np.testing.assert_allclose(normal(seed, (8, 8, 4)).numpy(), want, atol=1e-5, rtol=0)
+    pair = start_noise([3, 4], 8, 4)
+    assert pair.shape == (2, 4, 8, 8)
+    want = np.asarray(jax.random.normal(jax.random.key(4), (8, 8, 4))).transpose(2, 0, 1)
+    np.testing.assert_allclose(pair[1].numpy(), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_the_make_demo_images_from_the_export_with_the_same_seeds(pair):
+    """The toy run's export in the PyTorch pipeline, on the astronaut with sample.py's seeds,
+    draws sample.py's images (uint8: within one grey level)."""
+    from photoverse_torch import PhotoVerseTorchPipeline
+    from pv_jax.sampling.pipeline import PhotoVersePipeline
+
+    bundle, _, record, path = pair
+    ours = PhotoVersePipeline(bundle)(
+        [record], ["a photo of S*"], num_images=2, seed=5, steps=5, guidance=3.0, identity=False
+    )
+    pipe = PhotoVerseTorchPipeline.from_export(
+        path, sd_folder=SD, clip_vision_folder=ROOT / "models/toy_faces/clip_vision"
+    )
+    got = pipe(record.reference[None], "a photo of S*", seeds=[5, 6], steps=5, guidance=3.0)
+    got = (got.images * 255).round().astype(np.int16)
+    assert np.abs(got - ours.images.astype(np.int16)).max() <= 1
