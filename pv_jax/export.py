@@ -89,6 +89,39 @@ def _lora_metadata(config) -> dict[str, Any]:
     return {"unet.r": r, "unet.lora_alpha": r, "unet.target_modules": targets}
 
 
+def write_export(bundle, out: str | os.PathLike) -> dict[str, Any]:
+    """Write a loaded run's trained weights (``load_trained``'s bundle) to ``out``; returns a
+    summary (tensors, parameters, bytes, step, which weights, the metadata)."""
+    from pv_jax.sampling.tuned import tuned_settings
+    from pv_jax.weights.hf_folders import write_safetensors
+
+    if bundle.source is None:
+        raise ValueError("export a bundle that load_trained returned (it knows its run)")
+    src = bundle.source
+    _, trainable, _ = _split(bundle.model)
+    tensors = export_tensors(trainable)
+    metadata = {
+        "format": "pt",
+        "pv_jax_format": FORMAT,
+        "photoverse_config": json.dumps(bundle.config.to_dict()),
+        "photoverse_base": json.dumps(src["base"] | {"is_xl": bundle.model.is_xl}),
+        "photoverse_run": json.dumps({k: src[k] for k in ("workdir", "step", "weights")}),
+        "photoverse_sampling": json.dumps(tuned_settings(src["workdir"])),
+        PEFT_METADATA: json.dumps(_lora_metadata(bundle.config)),
+    }
+    out = Path(out)
+    write_safetensors(out, tensors, metadata)
+    return {
+        "out": str(out),
+        "tensors": len(tensors),
+        "parameters": int(sum(t.size for t in tensors.values())),
+        "bytes": out.stat().st_size,
+        "step": src["step"],
+        "weights": src["weights"],
+        "metadata": metadata,
+    }
+
+
 def export_photoverse(
     ckpt: str | os.PathLike,
     out: str | os.PathLike,
@@ -97,59 +130,31 @@ def export_photoverse(
     use_ema: bool = True,
 ) -> dict[str, Any]:
     """Write the run ``ckpt``'s trained weights (its latest step, or ``step``) to ``out``;
-    returns a summary (tensors, bytes, the metadata)."""
+    returns :func:`write_export`'s summary."""
     from pv_jax.run_checkpoint import Checkpointer
     from pv_jax.sampling.pipeline import load_trained
-    from pv_jax.sampling.tuned import tuned_settings
-    from pv_jax.weights.hf_folders import write_safetensors
 
     out = Path(out)
     if out.suffix != ".safetensors":
         raise InputError(f"--out {out}: name the file *.safetensors")
     if not out.parent.is_dir():
         raise MissingPathError(f"--out {out}: the folder {out.parent} does not exist")
-    ckpt_dir = Path(ckpt)
-    if not (ckpt_dir / "checkpoints").is_dir():
+    if not (Path(ckpt) / "checkpoints").is_dir():
         raise MissingPathError(
             f"--ckpt {ckpt} has no checkpoints/: pass the --workdir of a train_tpu.py run"
         )
     manager = Checkpointer(ckpt, every=1, keep=1_000_000)
     try:
         kept = sorted(manager.manager.all_steps())
-        step = kept[-1] if step is None and kept else step
-        if step is None or step not in kept:
-            raise MissingPathError(
-                f"--ckpt {ckpt} has no checkpoint at step {step}: it has {kept or 'none'}; "
-                "pass one of them as --step (or none for the latest)"
-            )
-        saved = manager.saved_config(step)
     finally:
         manager.close()
-    bundle = load_trained(ckpt, step=step, use_ema=use_ema)
-    _, trainable, _ = _split(bundle.model)
-    tensors = export_tensors(trainable)
-    base = {k: saved["base"].get(k) for k in ("kind", "sd_folder", "clip_vision_folder")}
-    metadata = {
-        "format": "pt",
-        "pv_jax_format": FORMAT,
-        "photoverse_config": json.dumps(bundle.config.to_dict()),
-        "photoverse_base": json.dumps(base | {"is_xl": bundle.model.is_xl}),
-        "photoverse_run": json.dumps(
-            {"workdir": str(ckpt), "step": step, "weights": bundle.source["weights"]}
-        ),
-        "photoverse_sampling": json.dumps(tuned_settings(ckpt)),
-        PEFT_METADATA: json.dumps(_lora_metadata(bundle.config)),
-    }
-    write_safetensors(out, tensors, metadata)
-    return {
-        "out": str(out),
-        "tensors": len(tensors),
-        "parameters": int(sum(t.size for t in tensors.values())),
-        "bytes": out.stat().st_size,
-        "step": step,
-        "weights": bundle.source["weights"],
-        "metadata": metadata,
-    }
+    step = kept[-1] if step is None and kept else step
+    if step is None or step not in kept:
+        raise MissingPathError(
+            f"--ckpt {ckpt} has no checkpoint at step {step}: it has {kept or 'none'}; "
+            "pass one of them as --step (or none for the latest)"
+        )
+    return write_export(load_trained(ckpt, step=step, use_ema=use_ema), out)
 
 
 def _split(model):

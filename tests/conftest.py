@@ -120,6 +120,19 @@ def tiny_pv():
     return tiny_photoverse(seed=0)
 
 
+@pytest.fixture(scope="session")
+def toy_export(tmp_path_factory):
+    """The committed toy run (models/toy_faces/photoverse) loaded, and its export written once:
+    (bundle, path)."""
+    from pv_jax.export import write_export
+    from pv_jax.sampling.pipeline import load_trained
+
+    path = tmp_path_factory.mktemp("toy_export") / "toy.safetensors"
+    bundle = load_trained(Path(__file__).resolve().parent.parent / "models/toy_faces/photoverse")
+    write_export(bundle, path)
+    return bundle, path
+
+
 def face_batch(tokenizer, prompts=("a photo of S* as an astronaut", "S* in a garden"), m=5):
     """A tiny PhotoVerse batch: random reference/target images, landmarks of a centred face."""
     r = np.random.RandomState(0)
@@ -202,18 +215,23 @@ def pytest_sessionfinish(session, exitstatus):
 # each stays on one worker, so the fixture is built once; every other test is scheduled on its
 # own. (xdist's xdist_group marker does not take effect with pytest 9.2: the nodeid suffix that
 # its loadgroup scheduling relies on is not applied.)
-SHARED_FIXTURE_MODULES = ("tests/test_toy.py", "tests/test_app.py")
+# test_export and test_torch_port share the toy run's export (a session fixture): one group.
+SHARED_FIXTURE_GROUPS = {
+    "tests/test_toy.py": "toy",
+    "tests/test_app.py": "app",
+    "tests/test_export.py": "toy_export",
+    "tests/test_torch_port.py": "toy_export",
+}
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """``--dist load``, except that the tests of SHARED_FIXTURE_MODULES stay together."""
+    """``--dist load``, except that the tests of each SHARED_FIXTURE_GROUPS group stay together."""
     if config.getvalue("dist") != "load":
         return None  # another --dist asked for: xdist's own scheduler
     from xdist.scheduler import LoadScopeScheduling
 
     class Scheduler(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
-            return module if module in SHARED_FIXTURE_MODULES else nodeid
+            return SHARED_FIXTURE_GROUPS.get(nodeid.split("::", 1)[0], nodeid)
 
     return Scheduler(config, log)

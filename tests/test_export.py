@@ -21,23 +21,22 @@ from pv_jax.export import (
     read_export,
 )
 from pv_jax.photoverse import split_trainable
-from pv_jax.sampling.pipeline import load_trained
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ROOT / "models/toy_faces/photoverse"  # the committed toy run (LoRA rank 4 on k, v)
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "toy.safetensors"
-    summary = export_photoverse(TOY, out)
-    return out, summary, load_trained(TOY)
+def exported(toy_export):
+    """(path, the metadata's run part, our bundle) of the shared toy export."""
+    bundle, out = toy_export
+    return out, json.loads(read_export(out)[1]["photoverse_run"]), bundle
 
 
 def test_export_round_trips_exactly_with_its_config(exported):
-    out, summary, bundle = exported
+    out, run, bundle = exported
     tensors, metadata = read_export(out)
-    assert summary["tensors"] == len(tensors) and summary["step"] == 400
+    assert run["step"] == 400 and run["workdir"].endswith("models/toy_faces/photoverse")
     assert json.loads(metadata["photoverse_config"]) == bundle.config.to_dict()
     assert json.loads(metadata["photoverse_run"])["weights"] == bundle.source["weights"]
     assert json.loads(metadata["photoverse_sampling"])["guidance"] == 3.0  # the run's tuning
@@ -55,12 +54,12 @@ def test_export_round_trips_exactly_with_its_config(exported):
         tensors[f"{layer}.to_v.lora_B.weight"], np.asarray(attn.lora_v.lora_b.get_value()).T
     )
     # Into a model whose trainable weights are something else: the file's, exactly.
-    fresh = load_trained(TOY)
-    _, before, _ = split_trainable(fresh.model)
-    nnx.update(fresh.model, jax.tree.map(lambda x: x + 1.0, before))
-    import_photoverse(fresh.model, out)
+    fresh = nnx.clone(bundle.model)
+    _, before, _ = split_trainable(fresh)
+    nnx.update(fresh, jax.tree.map(lambda x: x + 1.0, before))
+    import_photoverse(fresh, out)
     _, want, _ = split_trainable(bundle.model)
-    _, got, _ = split_trainable(fresh.model)
+    _, got, _ = split_trainable(fresh)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -126,7 +125,7 @@ def test_bad_input_is_one_line_naming_the_fix(exported, tmp_path, capsys):
     write_safetensors(
         extra, {**tensors, "photoverse.mystery.weight": np.zeros(3, np.float32)}, metadata
     )
-    model = load_trained(TOY).model
+    model = nnx.clone(exported[2].model)
     _, before, _ = split_trainable(model)
     before = jax.tree.map(np.asarray, before)
     with pytest.raises(ExportFileError, match=r"unknown keys \['photoverse.mystery.weight'\]"):
@@ -142,4 +141,6 @@ def test_bad_input_is_one_line_naming_the_fix(exported, tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no checkpoints/" in err[0]
-    assert main(["--ckpt", str(TOY), "--out", str(tmp_path / "z.safetensors")])["step"] == 400
+    summary = main(["--ckpt", str(TOY), "--out", str(tmp_path / "z.safetensors")])
+    assert summary["step"] == 400 and summary["tensors"] == len(tensors)
+    assert read_export(tmp_path / "z.safetensors")[0].keys() == tensors.keys()

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from pv_jax.export import export_photoverse
-from pv_jax.sampling.pipeline import load_reference, load_trained
+from pv_jax.sampling.pipeline import load_reference
 
 torch = pytest.importorskip("torch")
 
@@ -25,14 +24,13 @@ ASTRONAUT = os.path.join(os.path.dirname(skimage.data.__file__), "astronaut.png"
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
+def pair(toy_export):
     """(our bundle, the export read by photoverse_torch, the astronaut's face record, the
     export's path)."""
     from photoverse_torch import read_export
 
-    out = tmp_path_factory.mktemp("torch") / "toy.safetensors"
-    export_photoverse(TOY, out)
-    return load_trained(TOY), read_export(str(out)), load_reference(ASTRONAUT), out
+    bundle, out = toy_export
+    return bundle, read_export(str(out)), load_reference(ASTRONAUT), out
 
 
 def test_adapters_match_ours(pair):

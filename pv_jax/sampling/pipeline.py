@@ -469,6 +469,7 @@ def load_trained(
                 "save (train.checkpoint_every) or pass another --ckpt"
             )
         cfg = ml_collections.ConfigDict(ckpt.saved_config(step))
+        base = {k: cfg.base.get(k) for k in ("kind", "sd_folder", "clip_vision_folder")}
         if sd_folder:
             cfg.base.sd_folder = sd_folder
         if clip_vision_folder:
@@ -491,5 +492,5 @@ def load_trained(
     finally:
         ckpt.close()
     bundle.model = nnx.merge(graphdef, weights, frozen)
-    bundle.source = {"workdir": str(workdir), "step": step, "weights": which}
+    bundle.source = {"workdir": str(workdir), "step": step, "weights": which, "base": base}
     return bundle
