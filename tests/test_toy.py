@@ -404,3 +404,23 @@ def test_appearance_identification_finds_own_target_by_thumbnail():
     assert 0.2 <= m["own_closer"] <= 0.8  # rows 0-1 win all 4 pairs, rows 2-9 lose to target 0
     with pytest.raises(ValueError, match="do not split evenly"):
         appearance_identification(same[:9], targets)
+
+
+def test_people_rows_pick_each_runs_row_at_the_step():
+    """The people ladder's plot reads, per split and number of people, its run's row at one
+    step, whatever the run path's folder (toy_work/people_177, .../ladder_identity_v2)."""
+    from pv_jax.toy.report import people_rows
+
+    def row(run, step, split):
+        return {"run": run, "step": step, "split": split, "x0_gap": {}}
+
+    rows = [
+        row("toy_work/people_177", 5000, "val"),
+        row("toy_work/people_177", 2500, "val"),
+        row("toy_work/people_354/", 5000, "train"),
+        row("toy_work/ladder_identity_v2", 5000, "val"),
+        row("toy_work/ladder_identity", 5000, "val"),  # the old base's run: not a rung
+    ]
+    got = people_rows(rows, 5000)
+    assert sorted(got) == [("train", 354), ("val", 177), ("val", 709)]
+    assert got[("val", 177)] is rows[0] and people_rows(rows, 2500) == {("val", 177): rows[1]}

@@ -374,6 +374,63 @@ def plot_ladder(out: Path) -> Path:
     return path
 
 
+# The people ladder (fifth session): the identity recipe on sd_v2 trained on the first N
+# training people (data.split="train[:N]"); the 709-people run is ladder_identity_v2.
+PEOPLE_RUNS = {"people_177": 177, "people_354": 354, "ladder_identity_v2": 709}
+
+
+def people_rows(rows: list[dict], step: int) -> dict[tuple[str, int], dict]:
+    """(split, people) -> the gap_curves row of the PEOPLE_RUNS run at ``step``."""
+    out = {}
+    for r in rows:
+        name = r["run"].rstrip("/").split("/")[-1]
+        if name in PEOPLE_RUNS and r["step"] == step:
+            out[(r["split"], PEOPLE_RUNS[name])] = r
+    return out
+
+
+def plot_people(out: Path, step: int = 5000) -> Path:
+    """ladder/people.png: the x0 gap per band on the validation people and on the run's own
+    training photos against the number of training people, at ``step``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = people_rows(_jsonl(out / "ladder" / "gap_curves.jsonl"), step)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
+    for ax, band in zip(axes, BANDS, strict=True):
+        for split, style in (("val", "o-"), ("train", "s--")):
+            people = sorted(n for (sp, n) in rows if sp == split)
+            if not people:
+                continue
+            gaps = [rows[(split, n)]["x0_gap"][band] for n in people]
+            ax.errorbar(
+                people,
+                [g["gap"] * 100 for g in gaps],
+                yerr=np.array(
+                    [
+                        [(g["gap"] - g["ci95"][0]) * 100, (g["ci95"][1] - g["gap"]) * 100]
+                        for g in gaps
+                    ]
+                ).T,
+                fmt=style,
+                capsize=3,
+                label=f"{split} ({'37 validation people' if split == 'val' else 'its own photos'})",
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([177, 354, 709], ["177", "354", "709"])
+        _panel(
+            ax, f"t in [{band.replace('-', ', ')})", "training people", "x0 gap (%), 95% CI", ref=0
+        )
+    fig.suptitle(f"identity recipe on sd_v2, step {step}: the gap against the number of people")
+    fig.tight_layout()
+    path = out / "ladder" / "people.png"
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     """Write losses.png, ablation.png and eval/toy_eval.md (identity, prompt following, the
     conditioning gain, the guidance sweep)."""
@@ -384,6 +441,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.ladder:
         print(plot_ladder(args.out))
+        print(plot_people(args.out))
         print(ladder_table(_jsonl(args.out / "ladder" / "rung0.jsonl")))
         curves = args.out / "ladder" / "gap_curves.jsonl"
         if curves.is_file():
