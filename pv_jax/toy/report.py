@@ -398,8 +398,8 @@ def plot_people(out: Path, step: int = 5000) -> Path:
     import matplotlib.pyplot as plt
 
     rows = people_rows(_jsonl(out / "ladder" / "gap_curves.jsonl"), step)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
-    for ax, band in zip(axes, BANDS, strict=True):
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    for ax, band in zip(axes[:3], BANDS, strict=True):
         for split, style in (("val", "o-"), ("train", "s--")):
             people = sorted(n for (sp, n) in rows if sp == split)
             if not people:
@@ -423,6 +423,23 @@ def plot_people(out: Path, step: int = 5000) -> Path:
         _panel(
             ax, f"t in [{band.replace('-', ', ')})", "training people", "x0 gap (%), 95% CI", ref=0
         )
+    val = sorted(n for (sp, n) in rows if sp == "val")
+    for band in BANDS:
+        axes[3].plot(
+            val,
+            [rows[("val", n)]["x0_gap"][band]["gain_over_base"] * 100 for n in val],
+            "o-",
+            label=f"t {band}",
+        )
+    axes[3].set_xscale("log", base=2)
+    axes[3].set_xticks([177, 354, 709], ["177", "354", "709"])
+    _panel(
+        axes[3],
+        "validation: own reference vs the frozen base",
+        "training people",
+        "x0 error gain over the base (%)",
+        ref=0,
+    )
     fig.suptitle(f"identity recipe on sd_v2, step {step}: the gap against the number of people")
     fig.tight_layout()
     path = out / "ladder" / "people.png"
