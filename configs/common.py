@@ -9,9 +9,10 @@ import ml_collections
 
 
 def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
-    """``"tiny,fsdp=2,image_source=both"`` over the defaults ``spec``: a bare name sets True, a
-    value takes its default's type (a default of None keeps the text's int or str); a name not
-    in ``spec`` is a ValueError that lists the known ones."""
+    """``"tiny,fsdp=2,image_source=both"`` over the defaults ``spec``: a bare name sets a bool
+    option True, a value takes its default's type (a default of None keeps the text's int or
+    str); an unknown name, a bare non-bool name or a bool that is not true/false is a
+    ValueError naming it."""
     out = ml_collections.ConfigDict(spec)
     for part in filter(None, (p.strip() for p in (arg or "").split(","))):
         name, eq, text = part.partition("=")
@@ -21,8 +22,12 @@ def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
             )
         default = spec[name]
         if not eq:
+            if not isinstance(default, bool):
+                raise ValueError(f"config argument {part!r}: give {name} a value ({name}=...)")
             value = True
         elif isinstance(default, bool):
+            if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                raise ValueError(f"config argument {part!r}: {name} is true or false")
             value = text.lower() in ("1", "true", "yes")
         elif default is None:
             value = int(text) if text.lstrip("-").isdigit() else text

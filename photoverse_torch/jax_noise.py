@@ -34,9 +34,12 @@ def threefry2x32(key: tuple[int, int], x0: np.ndarray, x1: np.ndarray):
 
 
 def seed_key(seed: int) -> tuple[int, int]:
-    """``jax.random.key(seed)``'s threefry key: the seed as two 32-bit words (high, low)."""
+    """``jax.random.key(seed)``'s threefry key as JAX builds it without x64 (pv_jax's setting):
+    the seed is an int32, so the high word is 0 and the low word its 32 bits."""
     seed = int(seed)
-    return (seed >> 32) & 0xFFFFFFFF, seed & 0xFFFFFFFF
+    if not -(2**31) <= seed < 2**31:
+        raise ValueError(f"seed {seed} is not a 32-bit integer, as JAX's seeds are")
+    return 0, seed & 0xFFFFFFFF
 
 
 def random_bits(key: tuple[int, int], shape: tuple[int, ...]) -> np.ndarray:

@@ -112,8 +112,14 @@ class PhotoVerseTorchPipeline:
         export = read_export(str(path))
         if export.base.get("is_xl"):
             raise NotImplementedError("SDXL exports: not in photoverse_torch yet (issue 28)")
-        sd = Path(sd_folder or export.base["sd_folder"])
-        vision = Path(clip_vision_folder or export.base["clip_vision_folder"])
+        sd = Path(sd_folder or export.base.get("sd_folder") or "")
+        vision = Path(clip_vision_folder or export.base.get("clip_vision_folder") or "")
+        for name, folder in (("sd_folder", sd), ("clip_vision_folder", vision)):
+            if not (folder / "config.json").is_file() and not (folder / "unet").is_dir():
+                raise ValueError(
+                    f"{name} {str(folder)!r} (from the export's photoverse_base unless given) is "
+                    f"not a model folder here: pass {name}= the base the run trained on"
+                )
         f32 = torch.float32
         return cls(
             unet=UNet2DConditionModel.from_pretrained(sd / "unet", torch_dtype=f32).eval(),

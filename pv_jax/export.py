@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from pv_jax.errors import InputError, MissingPathError, run_command
+from pv_jax.paths import run_path
 
 FORMAT = "pv_jax.photoverse/1"
 PEFT_METADATA = "lora_adapter_metadata"  # diffusers' key for the LoRA's PEFT config
@@ -139,7 +140,7 @@ def export_photoverse(
         raise InputError(f"--out {out}: name the file *.safetensors")
     if not out.parent.is_dir():
         raise MissingPathError(f"--out {out}: the folder {out.parent} does not exist")
-    if not (Path(ckpt) / "checkpoints").is_dir():
+    if not (run_path(ckpt) / "checkpoints").is_dir():
         raise MissingPathError(
             f"--ckpt {ckpt} has no checkpoints/: pass the --workdir of a train_tpu.py run"
         )

@@ -310,17 +310,19 @@ def test_a_runs_tuned_settings_are_its_defaults_everywhere(tmp_path):
     _save_checkpoint(run, tiny.get_config(), tiny_photoverse(), shift=0.0)
     assert PhotoVersePipeline.from_checkpoint(run).defaults == SamplingOptions()
 
-    def flags(*argv: str) -> SamplingOptions:
+    def flags(*argv: str, **own) -> SamplingOptions:
         p = argparse.ArgumentParser()
         p.add_argument("--ckpt")
-        add_sampling_args(p)
+        add_sampling_args(p, **own)
         return options_from_args(p.parse_args(["--ckpt", str(run), *argv]))
 
     assert flags().guidance == 7.5 and flags().eta == 0.0  # nothing tuned: the library's
+    assert flags(guidance=4.0).guidance == 4.0  # ... or the command's own default
     write_tuned(tmp_path, guidance=3.0, steps=2)  # a model folder's file serves its runs
     assert flags() == SamplingOptions(guidance=3.0, steps=2, missing_placeholder="error")
     write_tuned(run, guidance=2.0, eta=1.0)  # the run's own file wins, whole
     assert flags().guidance == 2.0 and flags().eta == 1.0 and flags().steps == 25
+    assert flags(guidance=4.0).guidance == 2.0  # the run's file is above a command's default
     assert flags("--guidance", "5", "--steps", "3") == SamplingOptions(
         guidance=5.0, eta=1.0, steps=3, missing_placeholder="error"
     )

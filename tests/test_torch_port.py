@@ -167,6 +167,10 @@ def test_jax_noise_without_jax_equals_jaxs():
         )
         want = np.asarray(jax.random.normal(key, (8, 8, 4)))
         np.testing.assert_allclose(normal(seed, (8, 8, 4)).numpy(), want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="not a 32-bit integer"):
+        seed_key(2**31)
+    neg = np.asarray(jax.random.normal(jax.random.key(-5), (4,)))
+    np.testing.assert_allclose(normal(-5, (4,)).numpy(), neg, atol=1e-5, rtol=0)
     pair = start_noise([3, 4], 8, 4)
     assert pair.shape == (2, 4, 8, 8)
     want = np.asarray(jax.random.normal(jax.random.key(4), (8, 8, 4))).transpose(2, 0, 1)

@@ -424,3 +424,7 @@ def test_config_arguments_combine_and_unknown_names_fail():
     )
     with pytest.raises(ValueError, match="unknown name 'tinyy'; known: fsdp, tiny"):
         photoverse_sdxl.get_config("tinyy")
+    with pytest.raises(ValueError, match="give fsdp a value"):
+        photoverse_sdxl.get_config("fsdp")
+    with pytest.raises(ValueError, match="tiny is true or false"):
+        photoverse_sdxl.get_config("tiny=flase")

@@ -109,6 +109,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, **defaults) -> None:
             help_text += f" (default: the run's {TUNED_FILE}, else " + (
                 "the model config's)" if default is None else f"{default})"
             )
+            if field.name in defaults:  # the command's own default, below the run's file
+                parser.set_defaults(**{f"_default_{field.name}": defaults[field.name]})
             default = None
         elif default is not None:
             help_text += " (default: %(default)s)"
@@ -124,11 +126,13 @@ def add_sampling_args(parser: argparse.ArgumentParser, **defaults) -> None:
 def options_from_args(args: argparse.Namespace) -> SamplingOptions:
     """The options of parsed :func:`add_sampling_args` flags (checked: InputError); a flag left
     unset takes the ``--ckpt`` run's tuned value (:func:`~pv_jax.sampling.tuned.tuned_settings`),
-    then the dataclass default."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingOptions)}
+    then the command's own default, then the dataclass default."""
+    names = [f.name for f in dataclasses.fields(SamplingOptions)]
+    given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    own = {k: getattr(args, f"_default_{k}") for k in names if hasattr(args, f"_default_{k}")}
     ckpt = None if getattr(args, "tiny", False) else getattr(args, "ckpt", None)
     tuned = tuned_settings(ckpt) if ckpt else {}
-    return SamplingOptions(**{**tuned, **{k: v for k, v in given.items() if v is not None}})
+    return SamplingOptions(**{**own, **tuned, **given})
 
 
 def check_prompts(

@@ -469,13 +469,17 @@ def load_trained(
                 "save (train.checkpoint_every) or pass another --ckpt"
             )
         cfg = ml_collections.ConfigDict(ckpt.saved_config(step))
-        base = {k: cfg.base.get(k) for k in ("kind", "sd_folder", "clip_vision_folder")}
         if sd_folder:
             cfg.base.sd_folder = sd_folder
         if clip_vision_folder:
             cfg.base.clip_vision_folder = clip_vision_folder
         for field in ("sd_folder", "clip_vision_folder"):
             cfg.base[field] = _find_base_folder(cfg.base[field], workdir)
+        # The base as found (local folders absolute), for exports that name it.
+        base = {
+            k: v if not v or is_remote(v) else os.path.abspath(v)
+            for k, v in ((k, cfg.base.get(k)) for k in ("sd_folder", "clip_vision_folder"))
+        } | {"kind": cfg.base.get("kind")}
         if model_overrides:
             cfg.model.update(model_overrides)
         bundle = build_bundle(cfg, face_net=False)  # sampling needs no face net (not saved)
