@@ -93,12 +93,10 @@ def test_the_lora_part_loads_into_diffusers_and_matches_our_unet(exported):
     assert len(lora) == 4 * len(layers) > 0  # A and B on to_k and to_v of every layer
     unet.load_lora_adapter(lora, prefix="unet", adapter_name="photoverse")
     with_lora = torch_out()
+    graphdef, state = nnx.split(bundle.model.unet)
     kwargs = dict(image_tokens=None, gamma=1.0, sigma=0.0, alpha=1.0)
-    ours = np.asarray(
-        bundle.model.unet(
-            jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx), cross_attention_kwargs=kwargs
-        )
-    )
+    run = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a, cross_attention_kwargs=kwargs))
+    ours = np.asarray(run(state, jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx)))
     np.testing.assert_allclose(with_lora, ours, atol=1e-4, rtol=0)
     assert np.abs(base - ours).max() > 1e-3  # the trained LoRA matters at this tolerance
 

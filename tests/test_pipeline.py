@@ -304,11 +304,11 @@ def test_a_runs_tuned_settings_are_its_defaults_everywhere(tmp_path):
 
     from pv_jax.evaluation.run import evaluate
     from pv_jax.sampling.options import add_sampling_args, options_from_args
-    from pv_jax.sampling.tuned import TUNED_FILE, write_tuned
+    from pv_jax.sampling.tuned import TUNED_FILE, tuned_settings, write_tuned
 
     run = tmp_path / "run"
     _save_checkpoint(run, tiny.get_config(), tiny_photoverse(), shift=0.0)
-    assert PhotoVersePipeline.from_checkpoint(run).defaults == SamplingOptions()
+    assert tuned_settings(run) == {}  # nothing tuned yet
 
     def flags(*argv: str, **own) -> SamplingOptions:
         p = argparse.ArgumentParser()
