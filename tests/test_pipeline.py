@@ -159,7 +159,7 @@ class GreySampler:
     last_compile_s = 0.0
 
     def __call__(self, refs, input_ids, slots, *args, **kwargs):
-        self.refs, self.slots = np.asarray(refs), np.asarray(slots)
+        self.refs, self.slots, self.kwargs = np.asarray(refs), np.asarray(slots), kwargs
         return np.full((len(input_ids), 32, 32, 3), 0.5, np.float32)
 
 
@@ -336,10 +336,13 @@ def test_a_runs_tuned_settings_are_its_defaults_everywhere(tmp_path):
     pipe = PhotoVersePipeline.from_checkpoint(run)
     assert pipe.defaults == SamplingOptions(guidance=2.0, eta=1.0)
     assert pipe.tuned_from == str(run / TUNED_FILE)
-    # The evaluation samples through the pipeline and copies its metadata's settings.
+    # The evaluation samples through the pipeline (a stand-in sampler: nothing compiles) with
+    # the tuned guidance and eta, and copies its metadata's settings.
+    pipe.sampler = GreySampler()
     settings = evaluate(pipe, [ASTRONAUT], ["a photo of S*"], num_images=1, steps=2)["settings"]
     assert (settings["guidance"], settings["eta"], settings["steps"]) == (2.0, 1.0, 2)
     assert settings["tuned_from"] == str(run / TUNED_FILE)
+    assert pipe.sampler.kwargs["guidance"] == 2.0 and pipe.sampler.kwargs["spec"].eta == 1.0
 
     (run / TUNED_FILE).write_text('{"guidance": 2.0, "eta": 3}')
     with pytest.raises(InputError, match=r"run/tuning.json: eta must be in \[0, 1\].*fix or"):

@@ -184,7 +184,7 @@ def _adapter_params(in_dim: int, out_dim: int, hidden: int, blocks: int) -> int:
     return per_block + hidden * out_dim + out_dim
 
 
-@pytest.mark.parametrize("image_source", ["encoder", "both"])
+@pytest.mark.parametrize("image_source", ["encoder", pytest.param("both", marks=pytest.mark.slow)])
 def test_trainable_parameter_count_sdxl(image_source):
     spec = importlib.util.spec_from_file_location("sdxl_cfg", ROOT / "configs/photoverse_sdxl.py")
     config_module = importlib.util.module_from_spec(spec)

@@ -367,6 +367,7 @@ def test_config_errors_before_compiling(tmp_path):
         sharding.make_mesh(1, 1, dcn_data=2)
 
 
+@pytest.mark.slow  # a sampler compile; the SDXL train -> sample test (slow) also covers it
 def test_sample_grid_feeds_identity_tokens_their_descriptors(tiny_pv):
     """A run whose image branch reads identity tokens draws its sample grid with each
     reference's descriptor: the batch's, else (synthetic batches) the face net's of the targets,
