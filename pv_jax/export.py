@@ -37,6 +37,7 @@ from flax import nnx
 
 from pv_jax.errors import InputError, MissingPathError, run_command
 from pv_jax.paths import run_path
+from pv_jax.photoverse import split_trainable
 
 FORMAT = "pv_jax.photoverse/1"
 PEFT_METADATA = "lora_adapter_metadata"  # diffusers' key for the LoRA's PEFT config
@@ -99,7 +100,7 @@ def write_export(bundle, out: str | os.PathLike) -> dict[str, Any]:
     if bundle.source is None:
         raise ValueError("export a bundle that load_trained returned (it knows its run)")
     src = bundle.source
-    _, trainable, _ = _split(bundle.model)
+    _, trainable, _ = split_trainable(bundle.model)
     tensors = export_tensors(trainable)
     metadata = {
         "format": "pt",
@@ -158,12 +159,6 @@ def export_photoverse(
     return write_export(load_trained(ckpt, step=step, use_ema=use_ema), out)
 
 
-def _split(model):
-    from pv_jax.photoverse import split_trainable
-
-    return split_trainable(model)
-
-
 def read_export(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The tensors and metadata of an export; a file of another kind fails naming it."""
     from safetensors import SafetensorError, safe_open
@@ -216,7 +211,7 @@ def import_photoverse(model, path: str | os.PathLike) -> dict[str, str]:
     """Load an export's weights into ``model`` (a PhotoVerse built on the base and config of
     its metadata) in place; returns the file's metadata."""
     tensors, metadata = read_export(path)
-    graphdef, trainable, frozen = _split(model)
+    graphdef, trainable, frozen = split_trainable(model)
     import_tensors(trainable, tensors, str(path))
     nnx.update(model, trainable)
     return metadata

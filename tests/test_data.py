@@ -509,9 +509,8 @@ def test_a_run_on_part_of_the_training_set_is_measured_on_that_part(built):
     batches = _one_prompt_batches(built["out"], split="train[:3]")
     seen = {bytes(r) for _ in range(6) for r in next(batches)["reference"]}
     assert seen == {bytes(r) for r in part["reference"]}  # 12 draws cover all 3, none else
-    saved = {"data": {"split": "train[:3]"}}
-    assert trained_records(saved, "train") == "train[:3]"
-    assert trained_records(saved, "val") == "train"  # a split's own dataset, whole
+    assert trained_records("train[:3]", "train") == "train[:3]"
+    assert trained_records("train[:3]", "val") == "train"  # a split's own dataset, whole
 
 
 def test_target_geometry_and_time_ids_by_hand():

@@ -68,7 +68,8 @@ class PhotoVerseBundle:
     tokenizer: PlaceholderTokenizer
     schedule: NoiseSchedule
     config: PhotoVerseConfig
-    # Where trained weights came from (``load_trained``): workdir, step, "ema" or "trainable".
+    # Where trained weights came from (``load_trained``): workdir, step, "ema" or "trainable",
+    # the base folders and the run's data split.
     source: dict[str, Any] | None = None
 
 

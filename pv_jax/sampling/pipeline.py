@@ -496,5 +496,11 @@ def load_trained(
     finally:
         ckpt.close()
     bundle.model = nnx.merge(graphdef, weights, frozen)
-    bundle.source = {"workdir": str(workdir), "step": step, "weights": which, "base": base}
+    bundle.source = {
+        "workdir": str(workdir),
+        "step": step,
+        "weights": which,
+        "base": base,
+        "data_split": cfg.data.get("split", "train"),  # the records the run trained on
+    }
     return bundle

@@ -545,10 +545,10 @@ def encoder_probe(model, work: Path, *, pool: int = 4, train_count: int = 709) -
     return out
 
 
-def trained_records(saved_config: dict, split: str) -> str:
+def trained_records(run_split: str, split: str) -> str:
     """The records of ``split`` to measure a run on: on ``train``, the part of the training set
     the run's ``data.split`` read (``train[:177]`` for a run on 177 people), else all."""
-    return saved_config["data"].get("split", "train") if split == "train" else "train"
+    return run_split if split == "train" else "train"
 
 
 def x0_gap_curve(
@@ -579,7 +579,7 @@ def x0_gap_curve(
         bundle = load_trained(run, step=steps[0])
         cfg, model = bundle.config, bundle.model
         size = model.vae.config.downsample_factor * model.unet.config.sample_size
-        data = split_arrays(work, split, size, trained_records(ckpt.saved_config(steps[0]), split))
+        data = split_arrays(work, split, size, trained_records(bundle.source["data_split"], split))
         targets, refs = data["target"][:count], data["reference"][:count]
         descs = data["descriptor"][:count] if cfg.uses_identity else None
         graphdef, trainable, frozen = split_trainable(model)
@@ -643,18 +643,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.identity:
         from pv_jax.face import load_dlib_face_net
-        from pv_jax.run_checkpoint import Checkpointer
         from pv_jax.toy.data import split_arrays
 
         bundle = load_trained(args.run, step=args.step)
         bundle.model.face_net = nnx.data(load_dlib_face_net())  # None when loaded: static
         size = bundle.model.vae.config.downsample_factor * bundle.model.unet.config.sample_size
-        ckpt = Checkpointer(args.run, every=1, keep=1_000_000)
-        try:
-            saved = ckpt.saved_config(args.step or ckpt.latest_step())
-        finally:
-            ckpt.close()
-        data = split_arrays(args.work, args.split, size, trained_records(saved, args.split))
+        records = trained_records(bundle.source["data_split"], args.split)
+        data = split_arrays(args.work, args.split, size, records)
         r = rollout_identity(
             bundle.model,
             bundle.schedule,

@@ -223,12 +223,6 @@ def main(argv: list[str] | None = None) -> dict:
     from pv_jax.toy.data import save_grid, split_arrays
     from pv_jax.toy.evaluate import PROMPTS
 
-    if args.step is None:
-        from pv_jax.run_checkpoint import Checkpointer
-
-        ckpt = Checkpointer(args.run, every=1, keep=1_000_000)
-        args.step = ckpt.latest_step()
-        ckpt.close()
     weights = {k: getattr(args, k) for k in ("gamma", "sigma", "alpha")}
     overrides = {k: v for k, v in weights.items() if v is not None} or None
     pipe = PhotoVersePipeline.from_checkpoint(args.run, step=args.step, model_overrides=overrides)
@@ -262,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     row = {
         "run": str(args.run),
-        "step": args.step,
+        "step": pipe.bundle.source["step"],  # the latest when --step is not given
         **{k: getattr(pipe.bundle.config, k) for k in weights},
         "split": "val",
         "references": len(photos),
