@@ -159,14 +159,26 @@ def test_photoverse_stage_and_evaluation_on_the_toy_base(toy_run):
     run = reports["photoverse"]["full"]
     assert run["end_step"] == 2 and run["skipped_steps"] == 0
     assert np.isfinite(run["last_metrics"]["face"])  # the face loss ran through the dlib net
+    assert reports["photoverse"]["identity"]["end_step"] == 2
+    # Each run's guidance and eta are chosen on the validation people and kept with the run;
+    # the release is the run the validation x0 gap chooses, with its tuned settings.
+    tune = reports["tune"]
+    assert tune["release"] in ("full", "identity")
+    for name in ("full", "identity"):
+        kept = json.loads((work / f"pv_{name}" / "tuning.json").read_text())
+        assert kept["split"] == "val" and set(kept["sweep"]) == {"1.0", "2.0"}
+        assert kept["guidance"] in (1.0, 2.0) and kept["eta"] == 1.0
+        assert set(kept["val_x0_gap"]) == {"0-300", "300-600", "600-1000"}
+        assert reports["eval"]["runs"][name]["sampling"] == {
+            "guidance": kept["guidance"],
+            "eta": 1.0,
+        }
     release = Checkpointer(out / "photoverse", every=1, keep=1)
     assert release.latest_step() == 2
     release.close()
     assert [p.name for p in (out / "photoverse" / "checkpoints").iterdir()] == ["2"]
-    # The guidance is chosen on the validation people and the evaluation uses it.
-    tune = json.loads((out / "tuning.json").read_text())
-    assert tune["split"] == "val" and set(tune["sweep"]) == {"1.0", "2.0"}
-    assert reports["eval"]["guidance"] == tune["guidance"] in (1.0, 2.0)
+    released = json.loads((out / "photoverse" / "tuning.json").read_text())
+    assert released == json.loads((work / f"pv_{tune['release']}" / "tuning.json").read_text())
     # The ladder's gate from the command line: more images per prompt, each its own seed.
     from pv_jax.toy import tune as tune_cli
     from pv_jax.toy.evaluate import PROMPTS
@@ -184,18 +196,20 @@ def test_photoverse_stage_and_evaluation_on_the_toy_base(toy_run):
     assert np.mean(list(swept["face_rate_by_prompt"].values())) == pytest.approx(swept["face_rate"])
     assert set(swept["identification_by_prompt"]) == set(PROMPTS)
     assert json.loads(into.read_text())["step"] == 2
-    gain = reports["eval"]["runs"]["full"]["conditioning_gain"]["mse"]
-    assert set(gain) >= {"own reference", "shuffled reference", "base, plain caption"}
-    assert all(np.isfinite(v).all() for v in map(lambda d: list(d.values()), gain.values()))
+    gap = reports["eval"]["runs"]["identity"]["x0_gap"]  # held-out, per band of t
+    assert set(gap) == {"0-300", "300-600", "600-1000"}
+    assert all(np.isfinite([b["gap"], b["gain_over_base"]]).all() for b in gap.values())
     ev = reports["eval"]["runs"]
-    assert set(ev) == {"full", "base model (no PhotoVerse)", "copy the reference"}
+    assert set(ev) == {"full", "identity", "base model (no PhotoVerse)", "copy the reference"}
     for r in ev.values():
         assert 0.0 <= r["identity"]["all"]["face_rate"] <= 1.0
     # The reference's own 64 px crop: dlib finds it (after upscaling) and knows who it is.
     copy = ev["copy the reference"]["identity"]["all"]
     assert copy["face_rate"] >= 0.75 and copy["own_mean"] > 0.9
     assert copy["identification"] >= 0.75
-    assert (out / "eval" / "samples_full.png").is_file()
+    for slug in ("full", "identity", "base"):  # rows: reference, other photo, 4 prompts
+        grid = np.asarray(Image.open(out / "eval" / f"samples_{slug}.png"))
+        assert grid.shape[1] >= 6 * 64
     # The ablations are the paper's: no face loss; no image branch (sigma 0, no fusion).
     no_face, no_image = toy_faces.get_config("no_face"), toy_faces.get_config("no_image")
     assert no_face.model.face_weight == 0.0 and no_face.train.fusion

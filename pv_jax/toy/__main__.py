@@ -7,7 +7,10 @@
 Data and optimizer states go under ``--work`` (not committed: CelebA's photos are for
 non-commercial research); trained models and reports go under ``--out``
 (``models/toy_faces``: ``vae/``, ``sd/``, ``clip_vision/``), where a finished stage is found
-and not run again. ``configs/toy_faces.py`` trains PhotoVerse on ``sd/`` and ``clip_vision/``.
+and not run again. ``configs/toy_faces.py`` trains PhotoVerse on ``sd_v2/`` (the continued base,
+committed; a run from scratch uses its own ``sd/``) and ``clip_vision/``. The tune stage chooses
+each run's sampling and the run to release (``photoverse/``) on the validation people; the eval
+stage measures every run on the held-out people.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import time
 from pathlib import Path
 
 STAGES = ("data", "vae", "base", "photoverse", "tune", "eval")
-VARIANTS = ("full", "no_face", "no_image")  # configs/toy_faces.py: the paper's two ablations
+# The paper's method, its two ablations, and the ladder's identity-token recipe [ours].
+VARIANTS = ("full", "no_face", "no_image", "identity")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -40,9 +44,9 @@ def main(argv: list[str] | None = None) -> dict:
         help="PhotoVerse runs to train and evaluate",
     )
     p.add_argument(
-        "--own-seeds",
+        "--paired-seeds",
         action="store_true",
-        help="eval: every image its own seed (default: seeds 0..7 for every reference, paired)",
+        help="eval: seeds 0..7 for every reference (default: every image its own seed)",
     )
     args = p.parse_args(argv)
 
@@ -76,9 +80,10 @@ def main(argv: list[str] | None = None) -> dict:
         reports["base"] = base.train_base(
             work, args.out, model, unet_fit=unet_fit, vision_fit=vision_fit, samples=samples
         )
-    # The smoke run trains and evaluates the full method only (the ablations differ in config
-    # fields, which tests/test_toy.py checks; each run costs a face-loss compile).
-    variants = ("full",) if args.quick else tuple(args.variants)
+    # The smoke run trains and evaluates the paper's method and the identity-token recipe (the
+    # ablations differ in config fields, which tests/test_toy.py checks; each run costs a
+    # compile).
+    variants = ("full", "identity") if args.quick else tuple(args.variants)
     runs = {v: work / f"pv_{v}" for v in variants}
     if "photoverse" in args.stages:
         from pv_jax.toy.photoverse import train_runs
@@ -87,19 +92,24 @@ def main(argv: list[str] | None = None) -> dict:
         reports["photoverse"] = train_runs(
             work, args.out, variants, **(quick_train if args.quick else {})
         )
-    if "tune" in args.stages:  # the guidance, chosen on the validation people with the full run
-        from pv_jax.toy.tune import tune_guidance
+    if "tune" in args.stages:  # each run's sampling, and the release, on the validation people
+        from pv_jax.toy.photoverse import RELEASE
+        from pv_jax.toy.tune import tune_runs
 
         sizes = dict(guidances=(1.0, 2.0), num_references=2, steps=2) if args.quick else {}
-        reports["tune"] = tune_guidance(work, args.out, work / "pv_full", **sizes)
+        reports["tune"] = tune_runs(work, args.out, runs, args.out / RELEASE, **sizes)
     if "eval" in args.stages:
         from pv_jax.toy.evaluate import evaluate_runs
-        from pv_jax.toy.tune import chosen_guidance
+        from pv_jax.toy.photoverse import base_folder
 
-        sizes = dict(num_images=1, num_references=4, steps=2) if args.quick else {}
-        guidance = chosen_guidance(args.out)
+        sizes = dict(num_images=1, num_references=4, steps=2, gap_photos=4) if args.quick else {}
         reports["eval"] = evaluate_runs(
-            work, args.out, runs, guidance=guidance, own_seeds=args.own_seeds, **sizes
+            work,
+            args.out,
+            runs,
+            base=base_folder(args.out),
+            own_seeds=not args.paired_seeds,
+            **sizes,
         )
     print(
         f"toy: stages {' '.join(args.stages)} done in {time.perf_counter() - t0:.0f}s -> "

@@ -1,13 +1,16 @@
 """Stage 3: PhotoVerse runs, the base model and the copy-paste ceiling on held-out people.
 
 For each held-out reference photo it draws ``num_images`` images for "a photo of S*" and for
-each attribute prompt, through the project's evaluation (``pv_jax.evaluation.evaluate``) with
-the people of ``splits.json``, and reports per run: own-reference similarity, similarity to the
-person's other photo, to other people (mean and max), identification against chance, face
-rate and prompt following (attribute present with the word vs without it). Two baselines sit
-beside the runs: the base model without PhotoVerse conditioning (the same prompts with "a
-person", images paired with references by seed), and each reference's own 64 px crop (what
-copying the reference would score).
+each attribute prompt, every image its own seed, through the project's evaluation
+(``pv_jax.evaluation.evaluate``) with the people of ``splits.json``, each run at its own tuned
+settings (``tuning.json``: guidance and eta chosen on the validation people), and reports per
+run: own-reference similarity, similarity to the person's other photo, to other people (mean
+and max), identification against chance, face rate, prompt following (attribute present with
+the word vs without it) and the conditioning gain per band of t (own vs shuffled reference,
+x0 error, ``pv_jax.toy.diagnose.x0_gap``). Two baselines sit beside the runs: the base model
+without PhotoVerse conditioning (the same prompts with "a person", its own seed per image,
+paired with references by order), and each reference's own 64 px crop (what copying the
+reference would score).
 """
 
 from __future__ import annotations
@@ -93,36 +96,44 @@ def sample_and_score(
     return r
 
 
+# The base baseline's sampling: the guidance its own sweep chose on validation seeds at eta 1
+# (docs/EXPERIMENTS.md, "The sampler": CFG 3, face rate 0.80 for sd_v2).
+BASE_GUIDANCE, BASE_ETA = 3.0, 1.0
+GAP_PHOTOS = 64  # held-out photos of the conditioning gain (x0 gap per band)
+
+
 def evaluate_runs(
     work: Path,
     out: Path,
     runs: dict[str, Path],
     *,
+    base: Path,
     num_images: int = 2,
     num_references: int = 80,
     steps: int = 25,
-    guidance: float = 5.0,
-    own_seeds: bool = False,
+    own_seeds: bool = True,
+    gap_photos: int = GAP_PHOTOS,
 ) -> dict:
-    """Evaluate each PhotoVerse run (name -> train_tpu.py workdir) and both baselines.
-    ``own_seeds``: every image its own seed (as the base baseline's) instead of seeds 0..7 for
-    every reference (the paired design that docs/EXPERIMENTS.md's numbers were measured with)."""
+    """Evaluate each PhotoVerse run (name -> train_tpu.py workdir) at its tuned guidance and
+    eta, and both baselines (``base``: the SD folder the runs trained on). ``own_seeds``: every
+    image its own seed; False: seeds 0..7 for every reference (the paired design of the first
+    evaluation)."""
     from pv_jax.evaluation.run import identity_by_prompt
     from pv_jax.sampling.pipeline import PhotoVersePipeline, face_descriptor
-    from pv_jax.toy.base import caption_contexts, sample_base
-    from pv_jax.toy.data import split_arrays
-    from pv_jax.toy.diagnose import conditioning_gain
+    from pv_jax.toy.base_eval import sample_plain
+    from pv_jax.toy.diagnose import x0_gap_curve
     from pv_jax.weights.hf_folders import load_stable_diffusion
 
     t0 = time.perf_counter()
     photos, people = choose_references(work, num_references)
     thresholds = json.loads((out / "base_report.json").read_text())["thresholds"]
     report: dict = {"references": [p.name for p in photos], "num_images": num_images}
-    report.update(steps=steps, guidance=guidance, own_seeds=own_seeds, runs={})
+    report.update(steps=steps, own_seeds=own_seeds, base=base.name, runs={})
     ref_desc = None
     arrays = {}
     for name, workdir in runs.items():
         pipe = PhotoVersePipeline.from_checkpoint(workdir)
+        tuned = {"guidance": pipe.defaults.guidance, "eta": pipe.defaults.eta}
         r = sample_and_score(
             pipe,
             photos,
@@ -130,49 +141,48 @@ def evaluate_runs(
             thresholds,
             num_images=num_images,
             steps=steps,
-            guidance=guidance,
             own_seeds=own_seeds,
+            **tuned,
         )
+        step = pipe.bundle.source["step"]
+        del pipe
         ref_desc = r["arrays"]["ref_descriptors"]
         arrays[name] = r["arrays"]["images"]
+        gap = x0_gap_curve(workdir, work, "heldout", steps=[step], count=gap_photos)[0]
         report["runs"][name] = {
+            "step": step,
+            "sampling": tuned,
             "identity": r["identification"],
             "prompt_following": r["prompt_following"],
-            "conditioning_gain": conditioning_gain(pipe.bundle, work, "heldout"),
+            "x0_gap": gap["x0_gap"],
             "timings": r["timings"],
         }
+        print(f"eval {name}: {time.perf_counter() - t0:.0f}s", flush=True)
     person = [people[p.name] for p in photos]
     per_ref = len(PROMPTS) * num_images
     ref_index = np.repeat(np.arange(len(photos)), per_ref)
     prompts = [p for _ in photos for p in PROMPTS for _ in range(num_images)]
-    # Baseline 1: the base model, no PhotoVerse: "a person" prompts, same seeds per reference.
-    sd = load_stable_diffusion(out / "sd")
-    from pv_jax.diffusion import NoiseSchedule
-
-    schedule = NoiseSchedule.from_diffusers(sd.scheduler_config)
-    ctx = caption_contexts(
-        sd.text_encoder, sd.tokenizer, [attributes.caption(a) for a in attributes.ATTRIBUTES] + [""]
-    )
-    c = np.tile(np.repeat(ctx[:-1], num_images, axis=0), (len(photos), 1, 1))
-    base_images = sample_base(
-        sd.unet,
-        sd.vae,
-        c,
-        ctx[-1:],
-        list(range(len(c))),
-        schedule=schedule,
-        steps=steps,
-        guidance=guidance,
-    )
+    # Baseline 1: the base model, no PhotoVerse: "a person" prompts, its own seed per image
+    # (distinct from the runs' seeds), images in the runs' order (reference, prompt, image).
+    sd = load_stable_diffusion(base)
+    captions = [attributes.caption(a) for a in attributes.ATTRIBUTES]
+    base_images = None
+    for k, caption in enumerate(captions):
+        rows = [i for i in range(len(prompts)) if (i % per_ref) // num_images == k]
+        seeds = [100_000 + i for i in rows]
+        drawn = sample_plain(sd, caption, seeds, guidance=BASE_GUIDANCE, steps=steps, eta=BASE_ETA)
+        if base_images is None:
+            base_images = np.empty((len(prompts), *drawn.shape[1:]), np.uint8)
+        base_images[rows] = drawn
     base_desc = _descriptors(base_images, face_descriptor)
     report["runs"]["base model (no PhotoVerse)"] = {
+        "sampling": {"guidance": BASE_GUIDANCE, "eta": BASE_ETA},
         "identity": identity_by_prompt(base_desc, ref_index, ref_desc, person, prompts),
         "prompt_following": prompt_following(base_images, prompts, thresholds),
     }
     # Baseline 2: copying the reference: its own 64 px target crop, once per reference.
-    held = split_arrays(work, "heldout", 64)
-    crops = np.stack([held["target"][list(held["source"]).index(p.name)] for p in photos])
-    copy_desc = _descriptors(crops, face_descriptor)
+    held = split_arrays_of(work, photos)
+    copy_desc = _descriptors(held["crops"], face_descriptor)
     report["runs"]["copy the reference"] = {
         "identity": identity_by_prompt(
             copy_desc, np.arange(len(photos)), ref_desc, person, [PROMPTS[0]] * len(photos)
@@ -183,8 +193,18 @@ def evaluate_runs(
     out_eval = out / "eval"
     out_eval.mkdir(parents=True, exist_ok=True)
     (out_eval / "toy_eval.json").write_text(json.dumps(report, indent=1))
-    _grids(out_eval, photos, crops, arrays, num_images)
+    _grids(out_eval, photos, people, held, arrays, num_images)
     return report
+
+
+def split_arrays_of(work: Path, photos: list[Path]) -> dict:
+    """The 64 px target crops of the chosen held-out photos (``crops``, in their order) and of
+    every held-out photo by name (``by_name``), for the copy baseline and the grids."""
+    from pv_jax.toy.data import split_arrays
+
+    held = split_arrays(work, "heldout", 64)
+    by_name = dict(zip(list(held["source"]), held["target"], strict=True))
+    return {"crops": np.stack([by_name[p.name] for p in photos]), "by_name": by_name}
 
 
 def _descriptors(images: np.ndarray, face_descriptor) -> np.ndarray:
@@ -192,16 +212,31 @@ def _descriptors(images: np.ndarray, face_descriptor) -> np.ndarray:
     return np.stack([np.full(128, np.nan) if d is None else d for d in found])
 
 
-def _grids(out: Path, photos, crops, arrays: dict[str, np.ndarray], num_images: int) -> None:
-    """One PNG per run: rows = held-out people, columns = reference crop | samples per prompt."""
+def _grids(
+    out: Path, photos, people: dict[str, str], held: dict, arrays: dict, num_images: int
+) -> None:
+    """One PNG per run; each row one held-out person (the first 8 with another photo): the
+    reference's crop, the person's other photo (grey where there is none), then the samples
+    per prompt."""
     from pv_jax.toy.data import save_grid
 
     per_ref = len(PROMPTS) * num_images
-    rows = min(8, len(photos))
+    names = [p.name for p in photos]
+    others = {
+        n: [m for m in held["by_name"] if m != n and people.get(m) == people[n]] for n in names
+    }
+    rows = sorted(range(len(names)), key=lambda i: (not others[names[i]], i))
+    seen, chosen = set(), []
+    for i in rows:  # one row per person
+        if people[names[i]] not in seen and len(chosen) < 8:
+            seen.add(people[names[i]])
+            chosen.append(i)
+    blank = np.full_like(held["crops"][0], 128)
     for name, images in arrays.items():
         tiles = []
-        for i in range(rows):
-            tiles.append(crops[i])
+        for i in chosen:
+            other = others[names[i]]
+            tiles += [held["crops"][i], held["by_name"][other[0]] if other else blank]
             tiles.extend(images[i * per_ref : (i + 1) * per_ref])
         slug = name.split(" ")[0].replace("(", "")
-        save_grid(np.stack(tiles), out / f"samples_{slug}.png", cols=1 + per_ref)
+        save_grid(np.stack(tiles), out / f"samples_{slug}.png", cols=2 + per_ref)

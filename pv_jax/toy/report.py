@@ -78,7 +78,7 @@ def plot_ablation(out: Path, report: dict) -> Path:
         ("other_people_mean", "other people (mean)"),
         ("other_people_max", "other people (max)"),
     ]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(14, 4.5))
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(20, 4.5))
     width = 0.8 / len(keys)
     for k, (key, label) in enumerate(keys):
         vals = [report["runs"][n]["identity"]["all"].get(key, np.nan) for n in names]
@@ -95,6 +95,20 @@ def plot_ablation(out: Path, report: dict) -> Path:
     a2.set_ylabel("identification (top-1 own reference)")
     a2.tick_params(axis="x", rotation=15, labelsize=8)
     a2.legend(fontsize=8)
+    gapped = [n for n in names if "x0_gap" in report["runs"][n]]
+    if gapped:
+        bands = list(report["runs"][gapped[0]]["x0_gap"])
+        w = 0.8 / len(bands)
+        for k, band in enumerate(bands):
+            rows = [report["runs"][n]["x0_gap"][band] for n in gapped]
+            y = np.array([r["gap"] for r in rows]) * 100
+            err = np.abs(np.array([r["ci95"] for r in rows]).T * 100 - y)
+            a3.bar(np.arange(len(gapped)) + k * w, y, w, yerr=err, capsize=3, label=f"t {band}")
+        a3.set_xticks(np.arange(len(gapped)) + 0.4 - w / 2, gapped, fontsize=8)
+        a3.axhline(0, color="k", lw=0.8)
+        a3.set_ylabel("x0 error: shuffled / own reference - 1 (%)")
+        a3.set_title("conditioning gain on the held-out people (95% CI)", fontsize=9)
+        a3.legend(fontsize=8)
     fig.tight_layout()
     path = out / "ablation.png"
     fig.savefig(path, dpi=80)
@@ -109,15 +123,18 @@ def _f(x, d=3):
 def tables(report: dict) -> str:
     """Markdown: identity per run (all prompts), then prompt following per run."""
     lines = [
-        "| run | images | face rate | own ref (± std) | other photo | other people mean / max "
-        "| identification (chance) | paper ArcFace ID |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | CFG / eta | images | face rate | own ref (± std) | other photo "
+        "| other people mean / max | identification (chance) | paper ArcFace ID |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in report["runs"].items():
         m = r["identity"]["all"]
+        sampling = r.get("sampling")
+        cfg = f"{sampling['guidance']:g} / {sampling['eta']:g}" if sampling else ""
         lines.append(
-            f"| {name} | {m['images']} | {m['face_rate']:.2f} | {_f(m.get('own_mean'))} ± "
-            f"{_f(m.get('own_std'))} | {_f(m.get('other_photo_mean'))} | "
+            f"| {name} | {cfg} | {m['images']} | {m['face_rate']:.2f} | "
+            f"{_f(m.get('own_mean'))} ± {_f(m.get('own_std'))} | "
+            f"{_f(m.get('other_photo_mean'))} | "
             f"{_f(m.get('other_people_mean'))} / {_f(m.get('other_people_max'))} | "
             f"{_f(m.get('identification'))} ({m['chance']:.3f}) | {PAPER.get(name, '')} |"
         )
@@ -146,39 +163,54 @@ def tables(report: dict) -> str:
 
 
 def gain_table(report: dict) -> str:
-    """Markdown: each run's held-out epsilon MSE per conditioning and timestep (diagnose.py)."""
+    """Markdown: each run's conditioning gain on the held-out people per band of t: the x0 gap
+    (shuffled vs own reference) with its 95% interval, and the own reference against the frozen
+    base (``pv_jax.toy.diagnose.x0_gap``)."""
     lines = []
     for name, r in report["runs"].items():
-        gain = r.get("conditioning_gain")
-        if not gain:
+        gap = r.get("x0_gap")
+        if not gap:
             continue
-        ts = list(next(iter(gain["mse"].values())))
         if not lines:
             lines = [
-                "| run | conditioning | " + " | ".join(f"t={t}" for t in ts) + " |",
-                "|---|---|" + "---|" * len(ts),
+                "| run | "
+                + " | ".join(f"x0 gap t {b} [95% CI]" for b in gap)
+                + " | own reference vs frozen base, t "
+                + " / ".join(gap)
+                + " |",
+                "|---|" + "---|" * (len(gap) + 1),
             ]
-        for cond, row in gain["mse"].items():
-            lines.append(f"| {name} | {cond} | " + " | ".join(f"{row[t]:.4f}" for t in ts) + " |")
+        cells = " | ".join(
+            f"{g['gap'] * 100:+.2f}% [{g['ci95'][0] * 100:+.2f}, {g['ci95'][1] * 100:+.2f}]"
+            for g in gap.values()
+        )
+        base = " / ".join(f"{g['gain_over_base'] * 100:+.1f}%" for g in gap.values())
+        lines.append(f"| {name} | {cells} | {base} |")
     return "\n".join(lines) + "\n" if lines else ""
 
 
-def tuning_table(tune: dict) -> str:
-    """Markdown: the guidance sweep on the validation people, and the choice."""
+def tuning_table(tunes: dict[str, dict], release: str | None = None) -> str:
+    """Markdown: each run's guidance sweep on the validation people (its choice in bold) and
+    its validation x0 gap at t >= 600 (the release's rule)."""
     lines = [
-        "| guidance | face rate | own ref | other people mean | identification (chance) "
-        "| grayscale / red / blue with the word |",
-        "|---|---|---|---|---|---|",
+        "| run | guidance | face rate | own ref | other people mean | identification (chance) "
+        "| grayscale / red / blue with the word | val x0 gap t >= 600 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for g, m in tune["sweep"].items():
-        pf = m.get("prompt_following", {})
-        words = " / ".join(f"{v['with_word']:.2f}" for v in pf.values())
-        mark = " **(chosen)**" if float(g) == tune["guidance"] else ""
-        lines.append(
-            f"| {g}{mark} | {m['face_rate']:.2f} | {_f(m.get('own_mean'))} | "
-            f"{_f(m.get('other_people_mean'))} | {_f(m.get('identification'))} "
-            f"({m['chance']:.3f}) | {words} |"
-        )
+    for name, tune in tunes.items():
+        gap = tune.get("val_x0_gap", {}).get("600-1000")
+        mark_run = f"{name} (released)" if name == release else name
+        for g, m in tune["sweep"].items():
+            pf = m.get("prompt_following", {})
+            words = " / ".join(f"{v['with_word']:.2f}" for v in pf.values())
+            chosen = float(g) == tune["guidance"]
+            gap_cell = f"{gap['gap'] * 100:+.2f}%" if gap and chosen else ""
+            lines.append(
+                f"| {mark_run} | {'**' + g + '**' if chosen else g} | {m['face_rate']:.2f} | "
+                f"{_f(m.get('own_mean'))} | {_f(m.get('other_people_mean'))} | "
+                f"{_f(m.get('identification'))} ({m['chance']:.3f}) | {words} | "
+                f"{gap_cell} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -464,17 +496,26 @@ def main(argv: list[str] | None = None) -> None:
         if curves.is_file():
             print(gap_curve_table(_jsonl(curves)))
         return
-    runs = {v: args.work / f"pv_{v}" for v in PAPER if (args.work / f"pv_{v}").is_dir()}
+    from pv_jax.toy.photoverse import CONFIGS, RELEASE
+
+    runs = {v: args.work / f"pv_{v}" for v in CONFIGS if (args.work / f"pv_{v}").is_dir()}
     print(plot_losses(args.out, runs))
     path = args.out / "eval" / "toy_eval.json"
     if path.is_file():
         report = json.loads(path.read_text())
         print(plot_ablation(args.out, report))
-        text = tables(report) + "\n" + gain_table(report)
-        tune = args.out / "tuning.json"
-        if tune.is_file():
-            text += "\nGuidance chosen on the validation people:\n\n"
-            text += tuning_table(json.loads(tune.read_text()))
+        text = tables(report) + "\nConditioning gain on the held-out people:\n\n"
+        text += gain_table(report)
+        tunes = {
+            n: json.loads((w / "tuning.json").read_text())
+            for n, w in runs.items()
+            if (w / "tuning.json").is_file()
+        }
+        if tunes:
+            released = json.loads((args.out / RELEASE / "tuning.json").read_text())
+            release = next((n for n, t in tunes.items() if t == released), None)
+            text += "\nEach run's sampling, chosen on the validation people:\n\n"
+            text += tuning_table(tunes, release)
         (args.out / "eval" / "toy_eval.md").write_text(text)
         print(text)
 

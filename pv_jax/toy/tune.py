@@ -1,12 +1,18 @@
-"""Stage ``tune``: choose the sampling guidance on the validation people, never the held-out ones.
+"""Stage ``tune``: choose each run's sampling guidance, and the run to release, on the validation
+people, never the held-out ones.
 
-The full run samples every validation reference (training-split people the model never trained
-on; ``splits.json``'s ``val``) with each guidance scale in ``GUIDANCES`` through the project's
-evaluation. The rule: the guidance with the highest identification among those whose face rate
-is at least ``MIN_FACE_SHARE`` of the best face rate of the sweep (dlib must find faces for
-identity to count; the base model itself draws few it finds, so an absolute bar would choose by
-face rate alone). The held-out evaluation then uses the chosen value
-(``<out>/tuning.json``).
+Each PhotoVerse run samples every validation reference (training-split people the model never
+trained on; ``splits.json``'s ``val``) with each guidance scale in ``STAGE_GUIDANCES`` through
+the project's evaluation, with DDIM eta 1 (the third session of docs/EXPERIMENTS.md: eta 1
+doubles the faces of every run) and every image its own seed. The rule: the guidance with the
+highest identification among those whose face rate is at least ``MIN_FACE_SHARE`` of the best
+face rate of the sweep (dlib must find faces for identity to count; the base model itself draws
+few it finds, so an absolute bar would choose by face rate alone). The choice goes to the run's
+own ``tuning.json``, which every sampler reads as the run's defaults (``pv_jax.sampling.tuned``).
+
+The run to release (``choose_release``): the one whose own reference helps most on the
+validation people (the x0 gap at t >= 600, the ladder's measure), among the runs whose face rate
+is at least ``MIN_FACE_SHARE`` of the best run's.
 """
 
 from __future__ import annotations
@@ -17,9 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-GUIDANCES = (1.0, 1.5, 2.0, 3.0, 5.0)
+GUIDANCES = (1.0, 1.5, 2.0, 3.0, 5.0)  # the command line's default sweep
+STAGE_GUIDANCES = (1.5, 3.0, 5.0)  # the stage's: four runs within make toy's time
+STAGE_ETA = 1.0
 MIN_FACE_SHARE = 0.75
 TUNING = "tuning.json"
+GATE_BAND = "600-1000"  # the x0 gap's band that chooses the release (high noise)
 
 
 def choose(rows: dict[str, dict], min_face_share: float = MIN_FACE_SHARE) -> float:
@@ -31,15 +40,14 @@ def choose(rows: dict[str, dict], min_face_share: float = MIN_FACE_SHARE) -> flo
     return float(max(ok, key=lambda g: (ok[g].get("identification", 0.0), -float(g))))
 
 
-def chosen_guidance(out: Path) -> float:
-    """The guidance the ``tune`` stage chose (``<out>/tuning.json``)."""
-    path = out / TUNING
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing: run the tune stage first (python -m pv_jax.toy --stages tune), "
-            "which chooses the guidance on the validation people"
-        )
-    return float(json.loads(path.read_text())["guidance"])
+def choose_release(tunes: dict[str, dict], min_face_share: float = MIN_FACE_SHARE) -> str:
+    """The run to release from each run's ``tune_guidance`` report: the largest validation x0
+    gap in ``GATE_BAND`` among runs whose face rate (at their chosen guidance) is at least
+    ``min_face_share`` of the best run's (ties: the first run)."""
+    rate = {n: t["sweep"][str(t["guidance"])]["face_rate"] for n, t in tunes.items()}
+    best = max(rate.values())
+    ok = [n for n in tunes if rate[n] >= min_face_share * best]
+    return max(ok, key=lambda n: tunes[n]["val_x0_gap"][GATE_BAND]["gap"])
 
 
 def val_references(work: Path, count: int | None = None) -> tuple[list[Path], dict[str, str]]:
@@ -142,45 +150,74 @@ def sweep_guidance(
 
 def tune_guidance(
     work: Path,
-    out: Path,
     run: Path,
+    thresholds: dict[str, float],
     *,
-    guidances=GUIDANCES,
+    guidances=STAGE_GUIDANCES,
     num_images: int = 1,
     num_references: int | None = None,
     steps: int = 25,
+    eta: float = STAGE_ETA,
 ) -> dict:
-    """Sweep the guidance of ``run`` (a train_tpu.py workdir) on the validation people, write
-    ``<out>/tuning.json`` and return it."""
+    """Sweep the guidance of ``run`` (a train_tpu.py workdir) on the validation people (every
+    image its own seed, DDIM ``eta``) and measure its validation x0 gap; write the choice with
+    the sweep to ``<run>/tuning.json`` and return it."""
     from pv_jax.sampling.pipeline import PhotoVersePipeline
+    from pv_jax.toy.diagnose import x0_gap_curve
 
     t0 = time.perf_counter()
-    thresholds = json.loads((out / "base_report.json").read_text())["thresholds"]
+    (run / TUNING).unlink(missing_ok=True)  # sweep the run, not its earlier choice
+    pipe = PhotoVersePipeline.from_checkpoint(run)
     photos, rows, _ = sweep_guidance(
-        PhotoVersePipeline.from_checkpoint(run),
+        pipe,
         work,
         thresholds,
         guidances=guidances,
         num_images=num_images,
         num_references=num_references,
         steps=steps,
+        own_seeds=True,
+        eta=eta,
     )
+    step = pipe.bundle.source["step"]
+    del pipe
+    gap = x0_gap_curve(run, work, "val", steps=[step], count=len(photos))[0]["x0_gap"]
     report = {
         "split": "val",
+        "step": step,
         "references": [p.name for p in photos],
         "num_images": num_images,
         "steps": steps,
+        "eta": eta,
         "rule": f"max identification with face_rate >= {MIN_FACE_SHARE} x the best face_rate",
         "guidance": choose(rows),
         "sweep": rows,
+        "val_x0_gap": gap,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    (out / TUNING).write_text(json.dumps(report, indent=1))
+    (run / TUNING).write_text(json.dumps(report, indent=1))
     print(
-        f"tune: chose guidance {report['guidance']} on {len(photos)} validation references "
-        f"in {report['seconds']:.0f}s"
+        f"tune {run.name}: guidance {report['guidance']} (eta {eta}) on {len(photos)} validation "
+        f"references, x0 gap t>=600 {gap[GATE_BAND]['gap'] * 100:+.2f}%, "
+        f"{report['seconds']:.0f}s"
     )
     return report
+
+
+def tune_runs(
+    work: Path, out: Path, runs: dict[str, Path], release_to: Path | None = None, **sizes
+) -> dict:
+    """The tune stage: ``tune_guidance`` for each run (name -> workdir), then the release
+    (``choose_release``) copied to ``release_to``; returns {"runs": reports, "release": name}."""
+    from pv_jax.toy.photoverse import release
+
+    thresholds = json.loads((out / "base_report.json").read_text())["thresholds"]
+    tunes = {name: tune_guidance(work, run, thresholds, **sizes) for name, run in runs.items()}
+    chosen = choose_release(tunes)
+    if release_to is not None:
+        release(runs[chosen], release_to)
+    print(f"tune: release {chosen} ({runs[chosen]}) -> {release_to}")
+    return {"runs": tunes, "release": chosen}
 
 
 def main(argv: list[str] | None = None) -> dict:
