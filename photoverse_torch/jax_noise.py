@@ -1,6 +1,8 @@
-"""pv_jax's start noise for a seed, without JAX: ``jax.random.normal(jax.random.key(seed),
-shape)`` (threefry 2x32, the partitionable bit layout, float32) in numpy, so that the PyTorch
-pipeline draws the images ``sample.py`` draws for the same seeds.
+"""pv_jax's noise for a seed, without JAX: the start noise ``jax.random.normal(
+jax.random.key(seed), shape)`` and, for DDIM with eta > 0, each step's variance noise
+(``pv_jax.diffusion.schedules.step_keys``: the seed's key folded with 1, split into one key per
+step), with threefry 2x32 in the partitionable bit layout, float32, in numpy, so that the
+PyTorch pipeline draws the images ``sample.py`` draws for the same seeds.
 
 Bits and uniforms are exact; the normal's inverse error function is torch's, which differs from
 XLA's float32 approximation in the last bits (about 1e-7 relative).
@@ -42,6 +44,18 @@ def seed_key(seed: int) -> tuple[int, int]:
     return 0, seed & 0xFFFFFFFF
 
 
+def fold_in(key: tuple[int, int], data: int) -> tuple[int, int]:
+    """``jax.random.fold_in(key, data)``: the key hashes the pair (0, data)."""
+    b0, b1 = threefry2x32(key, np.zeros(1, np.uint32), np.array([data], np.uint32))
+    return int(b0[0]), int(b1[0])
+
+
+def split(key: tuple[int, int], num: int) -> list[tuple[int, int]]:
+    """``jax.random.split(key, num)`` (partitionable): key i hashes the counter (0, i)."""
+    b0, b1 = threefry2x32(key, np.zeros(num, np.uint32), np.arange(num, dtype=np.uint32))
+    return [(int(a), int(b)) for a, b in zip(b0, b1, strict=True)]
+
+
 def random_bits(key: tuple[int, int], shape: tuple[int, ...]) -> np.ndarray:
     """32-bit random bits of ``shape`` (JAX's partitionable threefry layout)."""
     n = int(np.prod(shape))
@@ -59,10 +73,12 @@ def uniform(key: tuple[int, int], shape: tuple[int, ...], lo: float, hi: float) 
     return np.maximum(lo32, floats * (hi32 - lo32) + lo32)
 
 
-def normal(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """``jax.random.normal(jax.random.key(seed), shape)`` (float32) as a torch tensor."""
+def normal(seed: int | tuple[int, int], shape: tuple[int, ...]) -> torch.Tensor:
+    """``jax.random.normal(jax.random.key(seed), shape)`` (float32) as a torch tensor; a key
+    pair instead of a seed draws from that key."""
+    key = seed if isinstance(seed, tuple) else seed_key(seed)
     lo = np.nextafter(np.float32(-1.0), np.float32(0.0))
-    u = torch.from_numpy(uniform(seed_key(seed), shape, lo, 1.0))
+    u = torch.from_numpy(uniform(key, shape, lo, 1.0))
     return np.float32(np.sqrt(2)) * torch.special.erfinv(u)
 
 
@@ -71,4 +87,16 @@ def start_noise(seeds: list[int], latent: int, channels: int) -> torch.Tensor:
     draws (h, w, C) per image)."""
     return torch.stack(
         [normal(s, (latent, latent, channels)).permute(2, 0, 1) for s in seeds]
+    ).contiguous()
+
+
+def step_noise(seeds: list[int], steps: int, latent: int, channels: int) -> torch.Tensor:
+    """pv_jax's DDIM variance noise (eta > 0) of images with ``seeds``: (steps, B, C, h, w),
+    step i of image b from ``split(fold_in(key(seed_b), 1), steps)[i]``."""
+    keys = [split(fold_in(seed_key(s), 1), steps) for s in seeds]
+    return torch.stack(
+        [
+            torch.stack([normal(k[i], (latent, latent, channels)).permute(2, 0, 1) for k in keys])
+            for i in range(steps)
+        ]
     ).contiguous()

@@ -9,7 +9,8 @@ uint8) and, for identity tokens, their dlib descriptors. DDIM is diffusers' ``DD
 prompt through the frozen base (``uncond="base"``: no LoRA, no image branch) or through the
 trained LoRA at text weight gamma + sigma (``"lora"``). The start noise is pv_jax's for the
 given seeds (:mod:`photoverse_torch.jax_noise`), or an argument; with ``eta`` > 0 the variance
-noise comes from ``generator`` (it does not reproduce ours).
+noise is ours too when the seeds are given (step by step, as pv_jax draws it), and comes from
+``generator`` when the start noise is an argument.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from photoverse_torch.jax_noise import start_noise
+from photoverse_torch.jax_noise import start_noise, step_noise
 from photoverse_torch.model import (
     Export,
     PhotoVerseAdapters,
@@ -160,12 +161,16 @@ class PhotoVerseTorchPipeline:
     ) -> TorchSample:
         """Images of the person in ``references`` (R, 224, 224, 3) uint8 crops, averaged after
         the adapters as ours; one image per row of ``noise`` (B, C, h, w), or per seed of
-        ``seeds`` (pv_jax's noise for that seed: ``sample.py --seed S`` draws seeds S, S+1...)."""
+        ``seeds`` (pv_jax's noise for that seed, the start's and, with ``eta`` > 0, each step's:
+        ``sample.py --seed S`` draws seeds S, S+1...)."""
         if (noise is None) == (seeds is None):
             raise ValueError("pass the start noise (noise=) or the seeds (seeds=), not both")
+        latent, channels = self.unet.config.sample_size, self.unet.config.in_channels
+        variance = None  # with seeds and eta > 0: pv_jax's variance noise, step by step
         if noise is None:
-            latent = self.unet.config.sample_size
-            noise = start_noise(list(seeds), latent, self.unet.config.in_channels)
+            noise = start_noise(list(seeds), latent, channels)
+            if eta > 0:
+                variance = step_noise(list(seeds), steps, latent, channels)
         cfg = self.config
         gamma = cfg["gamma"] if gamma is None else gamma
         sigma = cfg["sigma"] if sigma is None else sigma
@@ -185,7 +190,7 @@ class PhotoVerseTorchPipeline:
         uncond_ctx = self._context(self.tokenizer.plain([""] * b))
         self.scheduler.set_timesteps(steps)
         x = noise.float()
-        for t in self.scheduler.timesteps:
+        for i, t in enumerate(self.scheduler.timesteps):
             eps_c = self.unet(
                 x, t, cond, cross_attention_kwargs=knobs(image_tokens, gamma, sigma, alpha)
             ).sample
@@ -194,7 +199,14 @@ class PhotoVerseTorchPipeline:
             else:
                 eps_u = self._uncond(x, t, uncond_ctx, uncond, gamma + sigma, alpha)
                 eps = eps_u + guidance * (eps_c - eps_u)
-            x = self.scheduler.step(eps, t, x, eta=eta, generator=generator).prev_sample
+            x = self.scheduler.step(
+                eps,
+                t,
+                x,
+                eta=eta,
+                generator=generator,
+                variance_noise=None if variance is None else variance[i],
+            ).prev_sample
         vae_cfg = self.vae.config
         raw = x / vae_cfg.scaling_factor + (vae_cfg.shift_factor or 0.0)
         images = (self.vae.decode(raw).sample / 2 + 0.5).clamp(0, 1)

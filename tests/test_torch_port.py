@@ -1,6 +1,7 @@
-"""photoverse_torch against pv_jax on the committed toy run, through its export, fp32: the
-adapters' pseudo-words and image tokens, the text conditioning with the words injected, and the
-UNet with the dual-branch processors and the LoRA (PEFT) at several gamma / sigma / alpha."""
+"""photoverse_torch against pv_jax on the committed toy run (the released one: identity tokens
+beside the encoder's), through its export, fp32: the adapters' pseudo-words and image tokens,
+the text conditioning with the words injected, and the UNet with the dual-branch processors and
+the LoRA (PEFT) at several gamma / sigma / alpha."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ torch = pytest.importorskip("torch")
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ROOT / "models/toy_faces/photoverse"
-SD = ROOT / "models/toy_faces/sd"
+SD = ROOT / "models/toy_faces/sd_v2"  # the base the released run trained on
 ASTRONAUT = os.path.join(os.path.dirname(skimage.data.__file__), "astronaut.png")
 
 
@@ -32,7 +33,13 @@ def pair(toy_export):
     from photoverse_torch import read_export
 
     bundle, out = toy_export
+    assert Path(bundle.source["base"]["sd_folder"]) == SD
     return bundle, read_export(str(out)), load_reference(ASTRONAUT), out
+
+
+def _descriptors(bundle, record) -> np.ndarray | None:
+    """The reference's dlib descriptor (1, 128) when the run reads identity tokens."""
+    return record.descriptor[None] if bundle.config.uses_identity else None
 
 
 def test_adapters_match_ours(pair):
@@ -41,7 +48,9 @@ def test_adapters_match_ours(pair):
     from photoverse_torch import PhotoVerseAdapters, preprocess_reference
 
     bundle, export, record, _ = pair
-    words, tokens = bundle.model.encode_reference(record.reference[None])
+    desc = _descriptors(bundle, record)
+    assert desc is not None  # the released run: identity tokens beside the encoder's
+    words, tokens = bundle.model.encode_reference(record.reference[None], descriptors=desc)
     vision = CLIPVisionModel.from_pretrained(
         str(ROOT / "models/toy_faces/clip_vision"),
         dtype=torch.float32,  # stored in fp16
@@ -50,7 +59,9 @@ def test_adapters_match_ours(pair):
     with torch.no_grad():
         pixels = preprocess_reference(torch.from_numpy(record.reference[None]), 64)
         states = vision(pixels, output_hidden_states=True).hidden_states
-        got_words, got_tokens = adapters(states)
+        got_words, got_tokens = adapters(states, descriptors=torch.from_numpy(desc))
+    with pytest.raises(ValueError, match="pass descriptors"):
+        adapters(states)
     np.testing.assert_allclose(got_words.numpy(), np.asarray(words), atol=1e-5, rtol=0)
     np.testing.assert_allclose(got_tokens.numpy(), np.asarray(tokens), atol=1e-5, rtol=0)
 
@@ -61,7 +72,9 @@ def test_text_conditioning_with_injected_words_matches_ours(pair):
     from photoverse_torch import inject_words
 
     bundle, _, record, _ = pair
-    words, _ = bundle.model.encode_reference(record.reference[None])
+    words, _ = bundle.model.encode_reference(
+        record.reference[None], None, _descriptors(bundle, record)
+    )
     prompt = bundle.tokenizer(["a photo of S* in red light"], bundle.config.words)
     want = bundle.model.encode_text(prompt.input_ids, prompt.slots, words).context
     text = CLIPTextModel.from_pretrained(str(SD / "text_encoder"), dtype=torch.float32).eval()
@@ -83,7 +96,9 @@ def test_unet_with_the_dual_branch_matches_ours(pair, gamma, sigma, alpha):
     from photoverse_torch import install, knobs
 
     bundle, export, record, _ = pair
-    _, tokens = bundle.model.encode_reference(record.reference[None])
+    _, tokens = bundle.model.encode_reference(
+        record.reference[None], None, _descriptors(bundle, record)
+    )
     unet = UNet2DConditionModel.from_pretrained(str(SD / "unet"), torch_dtype=torch.float32).eval()
     install(unet, export)
     r = np.random.RandomState(0)
@@ -138,8 +153,10 @@ def test_pipeline_latents_equal_our_samplers_on_the_same_noise(pair, uncond):
     common = dict(num_words=m, guidance=3.0, gamma=1.0, sigma=1.0, alpha=1.0)
     spec = SamplerSpec(steps=5, uncond=uncond)
     args = (record.reference[None], prompt.input_ids, prompt.slots, ours.empty["empty_ids"])
-    want = ours.sampler(*args, noise, jax.random.key(0), spec=spec, decode=False, **common)
-    images = ours.sampler(*args, noise, jax.random.key(0), spec=spec, **common)
+    desc = _descriptors(bundle, record)
+    key = jax.random.key(0)
+    want = ours.sampler(*args, noise, key, spec=spec, decode=False, descriptors=desc, **common)
+    images = ours.sampler(*args, noise, key, spec=spec, descriptors=desc, **common)
     pipe = PhotoVerseTorchPipeline.from_export(
         path,
         sd_folder=SD,
@@ -152,6 +169,7 @@ def test_pipeline_latents_equal_our_samplers_on_the_same_noise(pair, uncond):
         steps=5,
         guidance=3.0,
         uncond=uncond,
+        descriptors=desc,
     )
     np.testing.assert_allclose(
         got.latents.numpy().transpose(0, 2, 3, 1), np.asarray(want), atol=1e-4, rtol=0
@@ -181,22 +199,54 @@ def test_jax_noise_without_jax_equals_jaxs():
     assert pair.shape == (2, 4, 8, 8)
     want = np.asarray(jax.random.normal(jax.random.key(4), (8, 8, 4))).transpose(2, 0, 1)
     np.testing.assert_allclose(pair[1].numpy(), want, atol=1e-5, rtol=0)
+    # DDIM's variance noise (eta > 0): the seed's key folded with 1, split per step.
+    from photoverse_torch.jax_noise import fold_in, split, step_noise
+    from pv_jax.diffusion.schedules import step_keys
+
+    key_data = jax.random.key_data
+    folded = jax.random.fold_in(jax.random.key(7), 1)
+    assert fold_in(seed_key(7), 1) == tuple(np.asarray(key_data(folded)))
+    assert split((5, 9), 3) == [
+        tuple(k)
+        for k in np.asarray(
+            key_data(jax.random.split(jax.random.wrap_key_data(np.array([5, 9], np.uint32)), 3))
+        )
+    ]
+    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 1))(np.array([3, 4]))
+    per_step = step_keys(keys, 5)  # (steps, B), as the sampler draws them
+    want = jax.vmap(jax.vmap(lambda k: jax.random.normal(k, (8, 8, 4))))(per_step)
+    got = step_noise([3, 4], 5, 8, 4)
+    assert got.shape == (5, 2, 4, 8, 8)
+    np.testing.assert_allclose(
+        got.numpy().transpose(0, 1, 3, 4, 2), np.asarray(want), atol=1e-5, rtol=0
+    )
 
 
 @pytest.mark.slow
 def test_the_make_demo_images_from_the_export_with_the_same_seeds(pair):
-    """The toy run's export in the PyTorch pipeline, on the astronaut with sample.py's seeds,
+    """The toy run's export in the PyTorch pipeline, on the astronaut with sample.py's seeds at
+    the run's tuned guidance and eta (1: DDPM's variance noise, drawn step by step as ours),
     draws sample.py's images (uint8: within one grey level)."""
     from photoverse_torch import PhotoVerseTorchPipeline
     from pv_jax.sampling.pipeline import PhotoVersePipeline
+    from pv_jax.sampling.tuned import tuned_settings
 
     bundle, _, record, path = pair
+    tuned = {k: tuned_settings(TOY)[k] for k in ("guidance", "eta")}
+    assert tuned["eta"] == 1.0  # the case that needs our variance noise
     ours = PhotoVersePipeline(bundle)(
-        [record], ["a photo of S*"], num_images=2, seed=5, steps=5, guidance=3.0, identity=False
+        [record], ["a photo of S*"], num_images=2, seed=5, steps=5, identity=False, **tuned
     )
     pipe = PhotoVerseTorchPipeline.from_export(
         path, sd_folder=SD, clip_vision_folder=ROOT / "models/toy_faces/clip_vision"
     )
-    got = pipe(record.reference[None], "a photo of S*", seeds=[5, 6], steps=5, guidance=3.0)
+    got = pipe(
+        record.reference[None],
+        "a photo of S*",
+        seeds=[5, 6],
+        steps=5,
+        descriptors=_descriptors(bundle, record),
+        **tuned,
+    )
     got = (got.images * 255).round().astype(np.int16)
     assert np.abs(got - ours.images.astype(np.int16)).max() <= 1
