@@ -257,7 +257,9 @@ def _tiny_cfg(**train):
 
 def test_nan_batch_is_skipped_and_repeated_nans_stop(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT))
-    cfg = _tiny_cfg(ema_decay=0.75)
+    # One config for both halves, so that trainer.train's step is the one compiled here (the
+    # session's compilation cache); max_nan_streak and checkpoint_every live on the host.
+    cfg = _tiny_cfg(ema_decay=0.75, max_nan_streak=3, checkpoint_every=2)
     cfg.optim.warmup_steps = 0  # the first applied update must move the weights
     mesh = sharding.make_mesh(1, 1)
     run = trainer.setup(cfg, mesh)
@@ -301,7 +303,6 @@ def test_nan_batch_is_skipped_and_repeated_nans_stop(tmp_path, monkeypatch):
             num_words=len(bundle.config.text_layers),
         ),
     )
-    cfg = _tiny_cfg(max_nan_streak=3, checkpoint_every=2)
     with pytest.raises(trainer.TrainingDiverged, match="3 consecutive steps"):
         trainer.train(cfg, tmp_path)
     rows = read_metrics(tmp_path)
