@@ -54,10 +54,11 @@ SERVE_ARGS ?=
 serve: $(STAMP)
 	$(PY) -m pv_jax.app $(SERVE_ARGS)
 
-# The embedded default: the toy model trained here (docs/EXPERIMENTS.md, models/toy_faces) on
-# two real faces it never saw: scikit-image's astronaut and a held-out CelebA photo of the wheel.
-# A plain and an attribute prompt; the sampling settings are the run's tuned ones
-# (models/toy_faces/tuning.json: the guidance chosen on the validation people).
+# The embedded default: the toy model trained here (docs/EXPERIMENTS.md, models/toy_faces: the
+# run the tune stage released) on two real faces it never saw: scikit-image's astronaut and a
+# held-out CelebA photo of the wheel. A plain and an attribute prompt; the sampling settings are
+# the run's tuned ones (models/toy_faces/photoverse/tuning.json: guidance and eta chosen on the
+# validation people).
 ASTRONAUT = $(shell $(PY) -c "import os, skimage.data as d; print(os.path.join(os.path.dirname(d.__file__), 'astronaut.png'))")
 CELEBA = $(shell $(PY) -c "from pv_jax.toy.wheel import celeba_photo; print(celeba_photo('000020.jpg'))")
 DEMO_ARGS = --ckpt models/toy_faces/photoverse --prompt "a photo of S*" \

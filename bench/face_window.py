@@ -13,7 +13,9 @@ the window, and as a baseline the cosine between the full decode and the origina
 Parts ``grad_toy`` and ``grad_sd15_256``: the gradient of the face loss (and of the whole
 loss) with respect to the trainable parameters, window vs full decode, on a batch of real faces
 with timesteps in the face range; their cosine. The toy part uses the toy base (VAE, UNet,
-CLIP) with the toy run's PhotoVerse weights.
+CLIP) with the paper recipe's trained toy weights (``toy_work/pv_full`` from ``make toy``, or
+``PV_JAX_FULL_RUN=DIR``; the numbers in docs/BENCHMARKS.md were measured on the first base's
+400-step run, the release of that time).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 import types
@@ -127,10 +130,13 @@ def gradient_part(part: str, faces: int) -> dict:
 
         cfg = run_config("full", ROOT / "unused", TOY)
         bundle = build_bundle(cfg, face_net=True)
+        # The paper recipe's trained weights: a run trained with configs/toy_faces.py:full (the
+        # released run may be another recipe, whose weights do not fit this model).
+        run = Path(os.environ.get("PV_JAX_FULL_RUN", "toy_work/pv_full"))
         size = cfg.data.resolution
         from pv_jax.run_checkpoint import Checkpointer
 
-        ckpt = Checkpointer(TOY / "photoverse", every=1, keep=1)
+        ckpt = Checkpointer(run, every=1, keep=1)
         _, trainable, _ = split_trainable(bundle.model)
         from pv_jax.train import sharding
 

@@ -42,7 +42,7 @@ def toy_pair(tmp: Path):
     write_export(bundle, path)
     pipe = PhotoVerseTorchPipeline.from_export(
         path,
-        sd_folder=ROOT / "models/toy_faces/sd",
+        sd_folder=bundle.source["base"]["sd_folder"],  # the base the run trained on
         clip_vision_folder=ROOT / "models/toy_faces/clip_vision",
     )
     return bundle, pipe
@@ -117,7 +117,8 @@ def main() -> None:
     def run_torch(seed: int) -> float:
         t = time.perf_counter()
         noise = start_noise([seed], ours.latent, ours.latent_channels)  # ours' size and seed
-        pipe(record.reference[None], prompt, noise=noise, **knobs)
+        desc = record.descriptor[None] if bundle.config.uses_identity else None
+        pipe(record.reference[None], prompt, noise=noise, descriptors=desc, **knobs)
         return time.perf_counter() - t
 
     run_ours(0)  # compiles

@@ -23,7 +23,7 @@ from pv_jax.export import (
 from pv_jax.photoverse import split_trainable
 
 ROOT = Path(__file__).resolve().parent.parent
-TOY = ROOT / "models/toy_faces/photoverse"  # the committed toy run (LoRA rank 4 on k, v)
+TOY = ROOT / "models/toy_faces/photoverse"  # the released toy run (LoRA rank 4 on k, v)
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +36,12 @@ def exported(toy_export):
 def test_export_round_trips_exactly_with_its_config(exported):
     out, run, bundle = exported
     tensors, metadata = read_export(out)
-    assert run["step"] == 400 and run["workdir"].endswith("models/toy_faces/photoverse")
+    assert run["step"] == 5000 and run["workdir"].endswith("models/toy_faces/photoverse")
     assert json.loads(metadata["photoverse_config"]) == bundle.config.to_dict()
     assert json.loads(metadata["photoverse_run"])["weights"] == bundle.source["weights"]
-    assert json.loads(metadata["photoverse_sampling"])["guidance"] == 3.0  # the run's tuning
+    tuned = json.loads((TOY / "tuning.json").read_text())
+    sampling = json.loads(metadata["photoverse_sampling"])  # the run's tuning
+    assert (sampling["guidance"], sampling["eta"]) == (tuned["guidance"], tuned["eta"])
     assert json.loads(metadata["lora_adapter_metadata"]) == {
         "unet.r": 4,
         "unet.lora_alpha": 4,
@@ -72,7 +74,8 @@ def test_the_lora_part_loads_into_diffusers_and_matches_our_unet(exported):
 
     out, _, bundle = exported
     tensors, _ = read_export(out)
-    unet = TorchUNet.from_pretrained(str(ROOT / "models/toy_faces/sd/unet")).eval()
+    base_unet = Path(bundle.source["base"]["sd_folder"]) / "unet"  # the run's base
+    unet = TorchUNet.from_pretrained(str(base_unet)).eval()
     r = np.random.RandomState(0)
     x = r.randn(2, 8, 8, unet.config.in_channels).astype(np.float32)
     ctx = r.randn(2, 77, unet.config.cross_attention_dim).astype(np.float32)
@@ -105,7 +108,7 @@ def test_bad_input_is_one_line_naming_the_fix(exported, tmp_path, capsys):
     out, _, _ = exported
     with pytest.raises(MissingPathError, match="has no checkpoints/: pass the --workdir"):
         export_photoverse(tmp_path, tmp_path / "x.safetensors")
-    with pytest.raises(MissingPathError, match=r"no checkpoint at step 7: it has \[.*400\]"):
+    with pytest.raises(MissingPathError, match=r"no checkpoint at step 7: it has \[.*5000\]"):
         export_photoverse(TOY, tmp_path / "x.safetensors", step=7)
     with pytest.raises(InputError, match=r"name the file \*.safetensors"):
         export_photoverse(TOY, tmp_path / "x.bin")
@@ -140,5 +143,5 @@ def test_bad_input_is_one_line_naming_the_fix(exported, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no checkpoints/" in err[0]
     summary = main(["--ckpt", str(TOY), "--out", str(tmp_path / "z.safetensors")])
-    assert summary["step"] == 400 and summary["tensors"] == len(tensors)
+    assert summary["step"] == 5000 and summary["tensors"] == len(tensors)
     assert read_export(tmp_path / "z.safetensors")[0].keys() == tensors.keys()

@@ -275,7 +275,7 @@ def test_zero_image_branch_init_starts_silent():
         m = nnx.merge(graphdef, extras, rest)
         return jnp.sum(m(x, t, ctx, cross_attention_kwargs=dict(image_tokens=f, sigma=1.0)))
 
-    grads = jax.grad(out)(extras)
+    grads = jax.jit(jax.grad(out))(extras)  # compiled once: op by op it took a minute
     v_grad = [g for p, g in nnx.to_flat_state(grads) if "to_v_s" in str(p)]
     assert v_grad and all(np.abs(np.asarray(g.get_value())).max() > 0 for g in v_grad)
 

@@ -374,8 +374,9 @@ def test_trained_weights_load_whatever_the_optimizer_was(tmp_path):
 
 @pytest.mark.slow
 def test_make_demo_draws_faces_with_the_trained_toy_model(tmp_path):
-    """`make demo`'s own commands (read with `make -n`), run through sample.py: the trained toy
-    model on the astronaut and a held-out CelebA photo finds a face and measures its identity."""
+    """`make demo`'s own commands (read with `make -n`), run through sample.py: the released toy
+    model on the astronaut and a held-out CelebA photo draws a face dlib finds in most of its
+    images (measured: 7 of 8 and 8 of 8) and measures their identity."""
     import shlex
     import subprocess
 
@@ -394,7 +395,8 @@ def test_make_demo_draws_faces_with_the_trained_toy_model(tmp_path):
         assert "--ckpt" in args and "--tiny" not in args
         meta = sample.main(args)
         found = [s for s in meta["identity_similarity"] if s is not None]
-        assert found, f"no face in the demo's images of {args[args.index('--ref') + 1]}"
+        ref = args[args.index("--ref") + 1]
+        assert len(found) > len(meta["identity_similarity"]) / 2, f"few faces for {ref}"
         assert all(0.5 < s <= 1.0 for s in found)
         assert "trained checkpoint" in meta["weights"]
         assert meta["prompts"][-1] == "a grayscale photo of S*"

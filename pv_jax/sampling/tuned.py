@@ -1,9 +1,9 @@
 """The sampling settings tuned for a trained run, read in one place.
 
-A run's tuned settings live in ``tuning.json`` in its workdir, or one folder up for a model
-folder that holds its runs (``models/toy_faces/tuning.json`` for ``models/toy_faces/photoverse``;
-the run's own file wins). ``pv_jax.toy``'s tune stage writes it; after a sweep of your own,
-write it by hand or with :func:`write_tuned`::
+A run's tuned settings live in ``tuning.json`` in its workdir, or one folder up for a folder
+that holds several runs (``runs/tuning.json`` for ``runs/a``; the run's own file wins).
+``pv_jax.toy``'s tune stage writes each run's (``models/toy_faces/photoverse/tuning.json``);
+after a sweep of your own, write it by hand or with :func:`write_tuned`::
 
     {"guidance": 5.0, "eta": 1.0}
 
