@@ -43,7 +43,7 @@ class SamplerSpec:
     # The unconditional half (empty prompt, sigma 0; SPEC.md) runs either through the frozen
     # base model ("base": no LoRA, text weight 1: the prediction SD itself was trained to make
     # for the empty prompt) or through the trained LoRA ("lora", with text weight gamma + sigma:
-    # random fusion always trains gamma + sigma = 2). docs/EXPERIMENTS.md measures both.
+    # random fusion always trains gamma + sigma = 2). docs/experiments/history.md measures both.
     uncond: str = "base"
     # img2img: start from the init image noised to the step int(steps * strength) before the end
     # (diffusers' img2img rule) and run only those steps; 1.0 runs every step.

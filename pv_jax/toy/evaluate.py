@@ -97,7 +97,7 @@ def sample_and_score(
 
 
 # The base baseline's sampling: the guidance its own sweep chose on validation seeds at eta 1
-# (docs/EXPERIMENTS.md, "The sampler": CFG 3, face rate 0.80 for sd_v2).
+# (docs/experiments/history.md, "The sampler": CFG 3, face rate 0.80 for sd_v2).
 BASE_GUIDANCE, BASE_ETA = 3.0, 1.0
 GAP_PHOTOS = 64  # held-out photos of the conditioning gain (x0 gap per band)
 

@@ -1,5 +1,5 @@
-"""Rung 0 of the ladder (docs/EXPERIMENTS.md): overfit a handful of training photos and watch
-whether the model learns to use its reference.
+"""Rung 0 of the ladder (docs/experiments/history.md): overfit a handful of training photos and
+watch whether the model learns to use its reference.
 
 The library's own train step (``pv_jax.train.step``) trains PhotoVerse on the same ``photos``
 examples every step, with fixed branch weights (no random fusion by default: the image branch

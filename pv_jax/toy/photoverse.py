@@ -26,8 +26,8 @@ CONFIGS = {
     "no_image": "no_image",
     "identity": "ladder_identity",
 }
-# The continued base (docs/EXPERIMENTS.md, "The base"): the one that draws faces (0.80 with eta
-# 1). It is committed; a run from scratch has only the first base, ``sd``, and uses that.
+# The continued base (docs/experiments/history.md, "The base"): the one that draws faces (0.80
+# with eta 1). It is committed; a run from scratch has only the first base, ``sd``, and uses that.
 BASES = ("sd_v2", "sd")
 
 

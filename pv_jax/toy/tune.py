@@ -3,7 +3,7 @@ people, never the held-out ones.
 
 Each PhotoVerse run samples every validation reference (training-split people the model never
 trained on; ``splits.json``'s ``val``) with each guidance scale in ``STAGE_GUIDANCES`` through
-the project's evaluation, with DDIM eta 1 (the third session of docs/EXPERIMENTS.md: eta 1
+the project's evaluation, with DDIM eta 1 (the third session of docs/experiments/history.md: eta 1
 doubles the faces of every run) and every image its own seed. The rule: the guidance with the
 highest identification among those whose face rate is at least ``MIN_FACE_SHARE`` of the best
 face rate of the sweep (dlib must find faces for identity to count; the base model itself draws
