@@ -1,7 +1,8 @@
 """PhotoVerse in PyTorch: serve a model that pv_jax trained, from its ``python -m pv_jax.export``
 file, with diffusers / transformers components. Depends on torch, diffusers, transformers and
-safetensors only, never on JAX."""
+safetensors (and dlib for face detection: ``load_face``), never on JAX."""
 
+from photoverse_torch.faces import Face, load_face
 from photoverse_torch.model import (
     Export,
     PhotoVerseAdapters,
@@ -16,6 +17,7 @@ from photoverse_torch.pipeline import PhotoVerseTorchPipeline, TorchSample
 
 __all__ = [
     "Export",
+    "Face",
     "PhotoVerseAdapters",
     "PhotoVerseAttnProcessor",
     "PhotoVerseTorchPipeline",
@@ -23,6 +25,7 @@ __all__ = [
     "inject_words",
     "install",
     "knobs",
+    "load_face",
     "preprocess_reference",
     "read_export",
 ]

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from photoverse_torch.faces import Face, load_face
 from photoverse_torch.jax_noise import start_noise, step_noise
 from photoverse_torch.model import (
     Export,
@@ -143,7 +144,7 @@ class PhotoVerseTorchPipeline:
     @torch.no_grad()
     def __call__(
         self,
-        references: np.ndarray,
+        references: np.ndarray | Sequence[str | os.PathLike | Face],
         prompt: str,
         *,
         noise: torch.Tensor | None = None,
@@ -159,12 +160,18 @@ class PhotoVerseTorchPipeline:
         descriptors: np.ndarray | None = None,
         generator: torch.Generator | None = None,
     ) -> TorchSample:
-        """Images of the person in ``references`` (R, 224, 224, 3) uint8 crops, averaged after
-        the adapters as ours; one image per row of ``noise`` (B, C, h, w), or per seed of
-        ``seeds`` (pv_jax's noise for that seed, the start's and, with ``eta`` > 0, each step's:
-        ``sample.py --seed S`` draws seeds S, S+1...)."""
+        """Images of the person in ``references``: photos (paths or :class:`Face` objects of
+        :func:`~photoverse_torch.faces.load_face`, which also gives the descriptors) or (R, 224,
+        224, 3) uint8 crops, averaged after the adapters as ours; one image per row of ``noise``
+        (B, C, h, w), or per seed of ``seeds`` (pv_jax's noise for that seed, the start's and,
+        with ``eta`` > 0, each step's: ``sample.py --seed S`` draws seeds S, S+1...)."""
         if (noise is None) == (seeds is None):
             raise ValueError("pass the start noise (noise=) or the seeds (seeds=), not both")
+        if not isinstance(references, np.ndarray):  # photos: detect, crop, mask as pv_jax
+            faces = [r if isinstance(r, Face) else load_face(r) for r in references]
+            references = np.stack([f.reference for f in faces])
+            if descriptors is None:
+                descriptors = np.stack([f.descriptor for f in faces])
         latent, channels = self.unet.config.sample_size, self.unet.config.in_channels
         variance = None  # with seeds and eta > 0: pv_jax's variance noise, step by step
         if noise is None:

@@ -126,6 +126,30 @@ def test_unet_with_the_dual_branch_matches_ours(pair, gamma, sigma, alpha):
         assert "image_tokens" in inspect.signature(processor.__call__).parameters
 
 
+def test_faces_are_pv_jaxs_without_jax(tmp_path):
+    """photoverse_torch.load_face gives pv_jax's reference crop and descriptor, exactly: on the
+    astronaut (two faces: the largest, then the other), a CelebA photo, and a transparent PNG;
+    a photo without a face is one error naming it."""
+    from PIL import Image
+
+    from photoverse_torch import load_face
+    from pv_jax.toy.wheel import celeba_photo
+
+    rgba = np.dstack([np.asarray(Image.open(ASTRONAUT)), np.full((512, 512), 200, np.uint8)])
+    png = tmp_path / "astronaut_rgba.png"
+    Image.fromarray(rgba).save(png)
+    for photo, index in ((ASTRONAUT, 0), (ASTRONAUT, 1), (celeba_photo("000020.jpg"), 0), (png, 0)):
+        ours = load_reference(photo, face_index=index)
+        face = load_face(photo, face_index=index)
+        np.testing.assert_array_equal(face.reference, ours.reference)
+        np.testing.assert_array_equal(face.descriptor, ours.descriptor)
+        np.testing.assert_array_equal(face.box, ours.face_box)
+        assert face.num_faces == ours.num_faces
+    Image.fromarray(np.zeros((200, 200, 3), np.uint8)).save(tmp_path / "blank.png")
+    with pytest.raises(ValueError, match="blank.png: face 0 asked for, 0 found"):
+        load_face(tmp_path / "blank.png")
+
+
 def test_the_package_imports_no_jax():
     import subprocess
     import sys
@@ -240,13 +264,6 @@ def test_the_make_demo_images_from_the_export_with_the_same_seeds(pair):
     pipe = PhotoVerseTorchPipeline.from_export(
         path, sd_folder=SD, clip_vision_folder=ROOT / "models/toy_faces/clip_vision"
     )
-    got = pipe(
-        record.reference[None],
-        "a photo of S*",
-        seeds=[5, 6],
-        steps=5,
-        descriptors=_descriptors(bundle, record),
-        **tuned,
-    )
+    got = pipe([ASTRONAUT], "a photo of S*", seeds=[5, 6], steps=5, **tuned)  # photo in
     got = (got.images * 255).round().astype(np.int16)
     assert np.abs(got - ours.images.astype(np.int16)).max() <= 1
