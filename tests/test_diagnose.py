@@ -108,6 +108,7 @@ def test_gap_summary_relative_gap_and_interval():
     assert s["gap"] == pytest.approx(0.0) and s["ci95"][0] < 0 < s["ci95"][1]
 
 
+@pytest.mark.slow  # 100 training steps, two minutes: make test-all (CI)
 def test_overfit_opens_the_gap_on_the_toy_base():
     """Rung 0 as a fast test: the committed toy base, 8 real CelebA photos, the image branch
     zero-initialised beside the text branch (gamma = sigma = 1, no fusion, no face loss): within
