@@ -237,7 +237,7 @@ class RecordBatches(Iterator[dict[str, np.ndarray]]):
         except Exception as e:  # tfds raises several kinds for a missing/foreign folder
             raise DataError(
                 f"data.data_dir={data_dir!r} holds no built PhotoVerse face dataset ({e}); "
-                "build one with `python -m pv_jax.data.preprocess`, or set data.source="
+                "build one with `python -m pv_jax.data`, or set data.source="
                 "'synthetic'"
             ) from e
         if len(source) == 0:

@@ -133,6 +133,7 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
-    """Every line of ``metrics.jsonl`` (a resumed run appends; later lines win per step)."""
+    """Every line of ``metrics.jsonl`` in file order (a resumed run appends, so a step it
+    repeats appears once per attempt)."""
     path = run_path(workdir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

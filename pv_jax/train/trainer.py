@@ -77,7 +77,7 @@ def check_config(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Non
     if cfg.data.source == "records" and not cfg.data.data_dir:
         raise ConfigError(
             "data.data_dir is empty: pass --config.data.data_dir=DIR (a dataset built with "
-            "`python -m pv_jax.data.preprocess`) or --config.data.source=synthetic"
+            "`python -m pv_jax.data`) or --config.data.source=synthetic"
         )
     if cfg.data.source == "records":
         _local_only(cfg.data.data_dir, "data.data_dir")  # grain's ArrayRecord reader
