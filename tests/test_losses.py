@@ -292,7 +292,6 @@ def test_stratified_timesteps_keep_a_uniform_marginal():
     for b in (1, 3, 64):
         keys = jax.random.split(jax.random.key(b), n)
         t = np.asarray(jax.vmap(lambda k, b=b: draw_timesteps(k, b, 1000, cfg))(keys))
-        assert t.min() >= 0 and t.max() <= 999
         low = (t <= 500).sum(1)
         assert set(np.unique(low)) <= {int(b * p), int(b * p) + 1}
         np.testing.assert_allclose(low.mean(), b * p, atol=4 * 0.5 / np.sqrt(n))

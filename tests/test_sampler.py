@@ -174,7 +174,7 @@ def test_one_trace_for_repeated_calls_seeds_and_knobs(setup):
     assert sampler.traces == 1  # new seeds, noise and knobs reuse the compilation
     assert sampler.last_compile_s == 0.0
     chex.assert_shape(a, (1, 32, 32, 3))
-    assert float(jnp.min(a)) >= 0.0 and float(jnp.max(a)) <= 1.0
+    assert float(jnp.std(a)) > 1e-3  # an image, not a constant (the output is clipped)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # same seed, same image
     assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3  # another seed differs
     assert np.abs(np.asarray(a) - np.asarray(d)).max() > 1e-3  # the knobs act
