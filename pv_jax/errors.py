@@ -21,7 +21,22 @@ class MissingPathError(InputError, FileNotFoundError):
 
 
 class ReferencePhotoError(InputError):
-    """A reference photo that cannot be used (no face, unreadable); names the file and the fix."""
+    """A reference photo that cannot be used (no face, unreadable); names the file and the fix.
+
+    ``photo``, ``reason`` and ``detail`` (when the face pipeline refused it) let a front end
+    word the message its own way (the web app names the upload and its face-index knob).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        photo: str | None = None,
+        reason: str | None = None,
+        detail: str | None = None,
+    ):
+        super().__init__(message)
+        self.photo, self.reason, self.detail = photo, reason, detail
 
 
 class PromptError(InputError):

@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 import re
 import struct
+import threading
 import time
 import types
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -131,6 +133,29 @@ def test_form_values_become_checked_options():
     appending._check([ASTRONAUT], "an astronaut", appending.defaults)
     with pytest.raises(ValueError, match="has no S"):
         app._check([ASTRONAUT], "an astronaut", app.defaults)
+
+
+def test_concurrent_requests_of_one_new_shape_compile_it_once(tiny_pv):
+    """Two requests at once (``--concurrency 2``) of a shape not sampled yet: one compiles it,
+    the other waits for that program; each reports its own seeds and its own compile count."""
+    from pv_jax.sampling.pipeline import PhotoVersePipeline
+
+    app = PhotoVerseApp(PhotoVersePipeline(tiny_pv), model="tiny")
+    options = app.options(num_images=1, steps=2)
+    start = threading.Barrier(2)
+
+    def request(seed: int):
+        start.wait()  # both reach the sampler together, while the shape is still new
+        return app.generate([ASTRONAUT], "a photo of S*", options.replace(seed=seed))
+
+    with ThreadPoolExecutor(2) as pool:
+        responses = list(pool.map(request, (0, 1)))
+    assert all(r.ok for r in responses), [r.message for r in responses]
+    assert sorted(r.details["timings"]["compiled"] for r in responses) == [0, 1]
+    assert app.pipe.sampler.traces == 1 and len(app._shapes) == 1
+    assert [r.details["seeds"] for r in responses] == [[0], [1]]
+    waited = next(r for r in responses if not r.details["timings"]["compiled"])
+    assert waited.details["timings"]["compile_s"] == 0  # its wait is not counted as compiling
 
 
 # The server: the toy model, 2 images of 5 steps by default (one compiled shape serves every

@@ -103,7 +103,7 @@ class EchoSampler:
     """Stands in for the sampler: "generates" the reference's own target crop, so the identity
     path (detection, landmarks, dlib descriptors, cosine) runs on a real face."""
 
-    traces, last_compile_s = 0, 0.0
+    traces, last_compile_s, last_compiled = 0, 0.0, 0
 
     def __init__(self, face: np.ndarray):
         self.face = face

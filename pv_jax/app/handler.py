@@ -37,6 +37,7 @@ from pv_jax.sampling.pipeline import (
     PhotoVersePipeline,
     identity_of,
     load_reference,
+    photo_advice,
     reference_descriptor,
 )
 
@@ -50,9 +51,6 @@ EXAMPLE_PROMPTS = (
     "a photo of S* as an astronaut",
     "an oil painting of S*",
 )
-
-# How the sampling library names the face index (a command line's flag); the page has a knob.
-_FACE_INDEX_FLAG = "--face-index N (face_index=N in Python)"
 
 Progress = Callable[..., Any]  # progress(fraction, desc=...), as gradio's gr.Progress
 
@@ -161,6 +159,7 @@ class PhotoVerseApp:
         self.requests = 0
         self._count = threading.Lock()
         self._shapes: set[tuple] = set()  # those sampled so far (for the progress message)
+        self._shapes_lock = threading.Lock()  # concurrent requests (--concurrency > 1)
 
     def _shape(self, photos: int, options: SamplingOptions) -> tuple:
         """What the sampler compiles for: photos, images per call, m, steps/eta/img2img."""
@@ -236,10 +235,17 @@ class PhotoVerseApp:
             progress(0.05 + 0.15 * i / len(photos), desc=f"finding the face in photo {i + 1}")
             try:
                 records.append(load_reference(path, config, face_index=options.face_index))
-            except InputError as e:
-                message = str(e).replace(f"reference {os.fspath(path)}", f"photo {_name(path)}")
-                message = message.replace(_FACE_INDEX_FLAG, "the face index knob")
-                raise type(e)(message) from e
+            except ReferencePhotoError as e:
+                if e.reason is None:
+                    raise
+                # The page's words: the upload's name, and its knob for the face index.
+                advice = photo_advice(e.reason, e.detail, face_index="the face index knob")
+                raise ReferencePhotoError(
+                    f"photo {_name(path)}: {advice}",
+                    photo=_name(path),
+                    reason=e.reason,
+                    detail=e.detail,
+                ) from e
         return records
 
     def generate(
@@ -263,18 +269,16 @@ class PhotoVerseApp:
             records = self._faces(photos, options, progress)
             t_faces = time.perf_counter()
             shape = self._shape(len(records), options)
-            new = (
-                "compiling the sampler for this new shape, then "
-                if shape not in self._shapes
-                else ""
-            )
-            progress(0.25, desc=f"{new}sampling {options.num_images} images")
-            traces = self.pipe.sampler.traces
+            with self._shapes_lock:
+                new = shape not in self._shapes
+            compiling = "compiling the sampler for this new shape, then " if new else ""
+            progress(0.25, desc=f"{compiling}sampling {options.num_images} images")
             result = self.pipe(records, [prompt], options, identity=False)
             t_sample = time.perf_counter()
         except InputError as e:
             return Response(ok=False, message=str(e), details={"request": number})
-        self._shapes.add(shape)
+        with self._shapes_lock:
+            self._shapes.add(shape)
         descriptor = reference_descriptor(records)
         similarity = []
         for i, image in enumerate(result.images):
@@ -282,13 +286,11 @@ class PhotoVerseApp:
             similarity.append(identity_of(image, descriptor))
         total = time.perf_counter() - t0
         meta = result.metadata
-        compiled = self.pipe.sampler.traces - traces
         timings = {
             "faces_s": round(t_faces - t0, 3),
-            **meta["timings"],  # compile_s, run_s, s_per_image
+            **meta["timings"],  # compiled (programs this request compiled), compile_s, run_s, ...
             "identity_s": round(time.perf_counter() - t_sample, 3),
             "total_s": round(total, 3),
-            "compiled": compiled,  # programs this request compiled (0: reused)
             "programs": self.pipe.sampler.traces,  # compiled since start-up
             "load_s": round(self.load_s, 3),  # the model load at start-up
         }

@@ -59,6 +59,9 @@ from pv_jax.sampling.tuned import tuned_path, tuned_settings
 # a command line reports as one line); importing them from here keeps working.
 
 
+# How a command line and Python name the face index; a front end passes its own words.
+FACE_INDEX_FLAG = "--face-index N (face_index=N in Python)"
+
 _ADVICE = {
     "no_face": "no face was found: use a photo where the face is clearly visible, frontal and at "
     "least ~80 px wide (a closer crop around the face helps)",
@@ -66,9 +69,13 @@ _ADVICE = {
     "corrupt": "the image data is damaged: re-export or re-download the photo",
     "too_small": "the image is too small: use a photo whose short side is at least 64 px",
     "too_large": "the image is too large: downscale it below 40 megapixels",
-    "face_index": "there is no such face: --face-index N (face_index=N in Python) counts the "
-    "faces found from 0, the largest",
+    "face_index": "there is no such face: {face_index} counts the faces found from 0, the largest",
 }
+
+
+def photo_advice(reason: str, detail: str, face_index: str = FACE_INDEX_FLAG) -> str:
+    """What is wrong with a reference photo and its fix; ``face_index`` names the face picker."""
+    return f"{_ADVICE[reason].format(face_index=face_index)} ({detail})"
 
 
 def _require_file(path: str | os.PathLike) -> None:
@@ -81,7 +88,12 @@ def _require_file(path: str | os.PathLike) -> None:
 
 
 def _photo_error(name: str, e: SkipError) -> ReferencePhotoError:
-    return ReferencePhotoError(f"reference {name}: {_ADVICE[e.reason]} ({e.detail})")
+    return ReferencePhotoError(
+        f"reference {name}: {photo_advice(e.reason, e.detail)}",
+        photo=name,
+        reason=e.reason,
+        detail=e.detail,
+    )
 
 
 def check_reference(path: str | os.PathLike) -> None:
@@ -117,7 +129,7 @@ def load_reference(
     if record.num_faces > 1:
         print(
             f"reference {name}: {record.num_faces} faces found, using face {face_index} (by "
-            "size, 0 = the largest); --face-index N (face_index=N in Python) picks another",
+            f"size, 0 = the largest); {FACE_INDEX_FLAG} picks another",
             file=sys.stderr,
         )
     return record
@@ -305,7 +317,7 @@ class PhotoVersePipeline:
         descs = np.stack([r.descriptor for r in records]) if self.uses_identity else None
         init = self.init_image(records[0]) if opts.strength < 1.0 else None
         rows = min(opts.batch_size, len(jobs))
-        chunks, compile_s, t0 = [], 0.0, time.perf_counter()
+        chunks, compile_s, compiled, t0 = [], 0.0, 0, time.perf_counter()
         starts = range(0, len(jobs), rows)
         for start in tqdm(starts, desc="sampling", unit="batch", disable=len(starts) < 2):
             idx = list(range(start, min(start + rows, len(jobs))))
@@ -315,9 +327,11 @@ class PhotoVersePipeline:
                 refs, descs, tokens, [jobs[j] for j in padded], seeds, init, opts
             )
             chunks.append(out[: len(idx)])
-            compile_s += self.sampler.last_compile_s
+            compile_s += self.sampler.last_compile_s  # this thread's call (a server's too)
+            compiled += self.sampler.last_compiled
         run_s = time.perf_counter() - t0 - compile_s
         timings = {
+            "compiled": compiled,  # programs this call compiled (0: it reused them)
             "compile_s": round(compile_s, 3),
             "run_s": round(run_s, 3),
             "s_per_image": round(run_s / len(jobs), 4),

@@ -12,6 +12,7 @@ an image depends on its seed only, not on the batch it was drawn in.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 
 import jax
@@ -174,15 +175,32 @@ def denoise_loop(
 class Sampler:
     """A compiled PhotoVerse sampler over a fixed model: call it with references, prompts and
     knobs; it compiles once per shape and spec (ahead of time, so compile and run time are
-    measured apart: ``last_compile_s``)."""
+    measured apart: ``last_compile_s``).
+
+    Safe to call from several threads (a server's concurrent requests): a new shape compiles
+    once, the other callers of that shape wait for it, and ``last_compile_s`` /
+    ``last_compiled`` describe the calling thread's own last call.
+    """
 
     def __init__(self, model: PhotoVerse, schedule: NoiseSchedule):
         self.graphdef, self.state = nnx.split(model)
         self.schedule = schedule
         self.traces = 0  # how many times the loop was compiled (tests, diagnostics)
-        self.last_compile_s = 0.0  # compile time of the last call (0 when it reused one)
         self._jitted = jax.jit(self._run, static_argnames=("spec", "num_words", "decode"))
         self._compiled: dict = {}
+        self._compiling: dict = {}  # signature -> the lock its one compilation holds
+        self._lock = threading.Lock()  # guards the two dicts and ``traces``
+        self._last = threading.local()  # per thread: compile time and programs of its last call
+
+    @property
+    def last_compile_s(self) -> float:
+        """Compile time of this thread's last call (0 when it reused a compilation)."""
+        return getattr(self._last, "compile_s", 0.0)
+
+    @property
+    def last_compiled(self) -> int:
+        """Programs this thread's last call compiled (0 or 1)."""
+        return getattr(self._last, "compiled", 0)
 
     def _run(
         self,
@@ -235,12 +253,20 @@ class Sampler:
             tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves),
             tuple(sorted(statics.items())),
         )
-        self.last_compile_s = 0.0
-        if signature not in self._compiled:
-            t0 = time.perf_counter()
-            self._compiled[signature] = self._jitted.lower(*args, **statics).compile()
-            self.last_compile_s = time.perf_counter() - t0
-            self.traces += 1
+        self._last.compile_s, self._last.compiled = 0.0, 0
+        with self._lock:
+            if signature in self._compiled:
+                return self._compiled[signature]
+            shape_lock = self._compiling.setdefault(signature, threading.Lock())
+        with shape_lock:  # one compilation per shape; other shapes compile meanwhile
+            if signature not in self._compiled:
+                t0 = time.perf_counter()
+                executable = self._jitted.lower(*args, **statics).compile()
+                self._last.compile_s, self._last.compiled = time.perf_counter() - t0, 1
+                with self._lock:
+                    self._compiled[signature] = executable
+                    self._compiling.pop(signature, None)
+                    self.traces += 1
         return self._compiled[signature]
 
     def __call__(
