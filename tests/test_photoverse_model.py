@@ -145,7 +145,7 @@ def test_trainable_parameter_count_sd15(image_source):
     )
     assert n == adapters + lora + image_branch
     if image_source == "encoder":
-        assert n == 36_908_544  # the README's number
+        assert n == 36_908_544  # docs/photoverse.md's number
     assert count_params(nnx.state(model.unet, FROZEN)) == 859_520_964  # the SD1.5 UNet
 
 
