@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
@@ -18,7 +17,6 @@ from jax.sharding import Mesh  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from configs import tiny  # noqa: E402
 from pv_jax.run_checkpoint import Checkpointer  # noqa: E402
 from pv_jax.train import sharding  # noqa: E402

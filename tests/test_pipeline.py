@@ -20,6 +20,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
+import sample
+from configs import tiny
 from pv_jax.errors import InputError
 from pv_jax.photoverse import PromptError, split_trainable, tiny_photoverse
 from pv_jax.run_checkpoint import Checkpointer
@@ -36,9 +38,6 @@ from pv_jax.train.step import TrainState
 from pv_jax.train.trainer import make_optimizer_from_config
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import sample  # noqa: E402
-from configs import tiny  # noqa: E402
 
 ASTRONAUT = os.path.join(os.path.dirname(skimage.data.__file__), "astronaut.png")
 
@@ -151,15 +150,18 @@ def test_several_faces_are_reported_and_chosen_by_index(two_faces, capsys):
     assert "using face 1" in err and "--face-index N" in err
     with pytest.raises(
         ReferencePhotoError, match=r"no such face.*index 2 asked for, 2 faces found"
-    ):
+    ) as refused:
         load_reference(two_faces, face_index=2)
+    # Its fields, for a front end that words the message its own way (the web app).
+    assert (refused.value.photo, refused.value.reason) == (str(two_faces), "face_index")
+    assert "index 2 asked for" in refused.value.detail
     assert load_reference(ASTRONAUT).face_index == 0  # training's choice: the largest face
 
 
 class GreySampler:
     """Stands in for the compiled sampler (nothing compiles): grey images; keeps its inputs."""
 
-    last_compile_s = 0.0
+    last_compile_s, last_compiled = 0.0, 0
 
     def __call__(self, refs, input_ids, slots, *args, **kwargs):
         self.refs, self.slots, self.kwargs = np.asarray(refs), np.asarray(slots), kwargs

@@ -145,7 +145,6 @@ def test_kill_and_sigterm_resume_exactly_from_a_bucket(tmp_path, gcs_bucket):
             assert row[key] == want[row["step"]][key], (row["step"], key)
     assert (epath.Path(run) / "tensorboard").is_dir()
 
-    sys.path.insert(0, str(ROOT))
     import sample
 
     out = sample.main(
@@ -256,7 +255,6 @@ def _tiny_cfg(**train):
 
 
 def test_nan_batch_is_skipped_and_repeated_nans_stop(tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT))
     # One config for both halves, so that trainer.train's step is the one compiled here (the
     # session's compilation cache); max_nan_streak and checkpoint_every live on the host.
     cfg = _tiny_cfg(ema_decay=0.75, max_nan_streak=3, checkpoint_every=2)
@@ -330,7 +328,6 @@ def test_nan_batch_is_skipped_and_repeated_nans_stop(tmp_path, monkeypatch):
 
 
 def test_config_errors_before_compiling(tmp_path):
-    sys.path.insert(0, str(ROOT))
     mesh = types.SimpleNamespace(shape={"data": 4, "fsdp": 2})
     with pytest.raises(trainer.ConfigError, match="batch_size=6 is not divisible.*= 8"):
         trainer.check_config(_tiny_cfg(batch_size=6), mesh)

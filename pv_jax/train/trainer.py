@@ -289,9 +289,7 @@ def setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Run:
 def _mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     """The mesh of ``cfg.mesh``; a shape that does not fit the devices is a ConfigError."""
     try:
-        return sharding.make_mesh(
-            cfg.mesh.data, cfg.mesh.fsdp, dcn_data=cfg.mesh.get("dcn_data", 1)
-        )
+        return sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, dcn_data=cfg.mesh.dcn_data)
     except ValueError as e:
         raise ConfigError(f"mesh {dict(cfg.mesh)} on {jax.device_count()} devices: {e}") from e
 
@@ -332,7 +330,7 @@ class _Loop:
         self.flops = flops
         self.peak = peak_tflops(jax.devices()[0], t.peak_tflops) * 1e12
         self.writer = MetricWriter(
-            workdir, tensorboard=t.tensorboard, flush_every_s=t.get("metrics_flush_s", 30.0)
+            workdir, tensorboard=t.tensorboard, flush_every_s=t.metrics_flush_s
         )
         self.grid = (
             SampleGrid(
@@ -446,7 +444,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunSumm
     flops = compiled_flops(compiled)
 
     loop = _Loop(cfg, workdir, run, ckpt, flops, start, local_batch)
-    preemption = _Preemption(every=t.get("preemption_check_every", 10))
+    preemption = _Preemption(every=t.preemption_check_every)
     stopped_by, step, t_train = "steps", start, loop.t_sync
     try:
         while step < t.steps:
