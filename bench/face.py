@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import skimage.data
+from common import compile_timed, median_time
 from flax import nnx
 from matplotlib import cbook
 from PIL import Image
@@ -42,16 +42,6 @@ def face_chips() -> np.ndarray:
             chips.append(dlib.get_face_chip(img, predictor(img, det), size=150, padding=0.25))
     chips += [c[:, ::-1] for c in chips]
     return np.ascontiguousarray(np.stack(chips))
-
-
-def median_time(fn, repeats: int) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -77,11 +67,10 @@ def main() -> None:
     for batch in args.batch or [1, 32]:
         chips = np.ascontiguousarray(pool[np.arange(batch) % len(pool)])
         x = jnp.asarray(chips, jnp.float32)
-        t0 = time.perf_counter()
-        compiled = forward.lower(params, x).compile()
-        compile_s = time.perf_counter() - t0
+        compiled, lower_s, compile_s = compile_timed(forward, params, x)
+        compile_s += lower_s
         ours = np.asarray(compiled(params, x))  # warm-up
-        ours_s = median_time(lambda f=compiled, x=x: f(params, x).block_until_ready(), args.repeats)
+        ours_s = median_time(args.repeats, compiled, params, x)
 
         # One chip, or a list of chips (dlib's batched call), as a user would call it.
         dlib_input = chips[0] if batch == 1 else list(chips)
@@ -91,7 +80,7 @@ def main() -> None:
             return np.asarray([out] if batch == 1 else [np.asarray(d) for d in out])
 
         ref = run_dlib().reshape(batch, -1)
-        dlib_s = median_time(run_dlib, args.repeats)
+        dlib_s = median_time(args.repeats, run_dlib)
         row = {
             "batch": batch,
             "ours_per_s": round(batch / ours_s, 1),

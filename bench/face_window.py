@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 import types
 from pathlib import Path
@@ -123,7 +122,6 @@ def gradient_part(part: str, faces: int) -> dict:
 
     from pv_jax.photoverse import build_bundle, photoverse_loss, split_trainable
 
-    sys.path.insert(0, str(ROOT))
     t0 = time.perf_counter()
     if part == "grad_toy":
         from pv_jax.toy.photoverse import run_config

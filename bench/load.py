@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -28,20 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def _rss_gib() -> float:
-    # VmHWM is this process image's peak; ru_maxrss would carry the parent's peak across exec.
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def _current_rss_gib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 2**20
-    raise RuntimeError("no VmRSS in /proc/self/status")
+from common import current_rss_gib, peak_rss_gib
 
 
 def _export(unet, writer: str, out: str) -> dict:
@@ -51,7 +37,7 @@ def _export(unet, writer: str, out: str) -> dict:
     from pv_jax.weights.convert import export_state
     from pv_jax.weights.hf_folders import save_unet
 
-    loaded = _current_rss_gib()
+    loaded = current_rss_gib()
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     t0 = time.perf_counter()
     if writer == "stream":
@@ -62,8 +48,8 @@ def _export(unet, writer: str, out: str) -> dict:
     return {
         "writer": writer,
         "loaded_rss_gib": round(loaded, 2),
-        "export_peak_rss_gib": round(_rss_gib(), 2),
-        "export_peak_over_loaded_gib": round(_rss_gib() - loaded, 2),
+        "export_peak_rss_gib": round(peak_rss_gib(), 2),
+        "export_peak_over_loaded_gib": round(peak_rss_gib() - loaded, 2),
         "export_s": round(time.perf_counter() - t0, 1),
     }
 
@@ -75,7 +61,7 @@ def _load(folder: str, export: str | None = None, out: str | None = None) -> Non
     from pv_jax.weights.hf_folders import find_weights, load_unet
 
     jax.numpy.zeros(1).block_until_ready()  # initialise the backend before the baseline
-    baseline = _rss_gib()
+    baseline = peak_rss_gib()
     t0 = time.perf_counter()
     unet = load_unet(folder)
     jax.block_until_ready(jax.tree.leaves(unet))
@@ -89,8 +75,8 @@ def _load(folder: str, export: str | None = None, out: str | None = None) -> Non
                 "what": "SD1.5 UNet import",
                 "weights_gib": round(weights / 2**30, 2),
                 "baseline_rss_gib": round(baseline, 2),
-                "peak_rss_gib": round(_rss_gib(), 2),
-                "peak_minus_baseline_gib": round(_rss_gib() - baseline, 2),
+                "peak_rss_gib": round(peak_rss_gib(), 2),
+                "peak_minus_baseline_gib": round(peak_rss_gib() - baseline, 2),
                 "load_s": round(load_s, 1),
                 **(_export(unet, export, out) if export else {}),
             }

@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from common import median_time, peak_rss_gib
 from flax import nnx
 
 from pv_jax.photoverse import TINY_CONFIG, PhotoVerseConfig, random_photoverse
@@ -40,21 +38,6 @@ from pv_jax.weights.convert import CLIP_RULES, export_state
 from pv_jax.weights.hf_folders import load_tokenizer
 
 PROMPT = "a photo of S* as an astronaut"
-
-
-def peak_rss_gib() -> float:
-    """Peak resident memory of this process so far (GiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def median_time(repeats: int, fn, *args) -> float:
-    """Median wall time of ``repeats`` calls of ``fn(*args)``, waiting for its arrays."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def torch_pipeline(bundle, scheduler_config: dict):
@@ -98,7 +81,6 @@ def main() -> None:
     known, rest = model.parse_known_args()
     if known.model == "sdxl":
         # Plain SDXL vs StableDiffusionXLPipeline (and PhotoVerse on SDXL): staged processes.
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from sample_sdxl import main as sdxl_main
 
         return sdxl_main(rest)

@@ -34,24 +34,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from common import median_time, peak_rss_gib
 
 PROMPT = "a photo of an astronaut riding a horse"
 PV_PROMPT = "a photo of S* as an astronaut"
 SHARD_BYTES = 2 << 30
-
-
-def peak_rss_gib() -> float:
-    """Peak resident memory of this process so far (GiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def available_gib() -> float:
@@ -263,16 +257,12 @@ def run_ours(folder: Path, out: Path, args) -> dict:
     latents, images = jax.block_until_ready(generate())
     first_s = time.perf_counter() - t0
     compile_s = timer.total
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        latents, images = jax.block_until_ready(generate())
-        times.append(time.perf_counter() - t0)
+    s_per_image = median_time(args.repeats, generate)  # the same noise: the same images
     np.savez(out, latents=np.asarray(latents), images=np.asarray(images))
     return {
         "compile_s": round(compile_s, 2),
         "first_call_s": round(first_s, 2),
-        "s_per_image": round(statistics.median(times), 3),
+        "s_per_image": round(s_per_image, 3),
         "load_s": round(load_s, 1),
         "device": jax.devices()[0].device_kind,
     }
@@ -316,13 +306,8 @@ def run_torch(folder: Path, ours_out: Path, args) -> dict:
                 callback_on_step_end=keep_latents,
             ).images
 
-    generate()  # warm-up
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        images = generate()
-        times.append(time.perf_counter() - t0)
-    row = {"s_per_image": round(statistics.median(times), 3), "load_s": round(load_s, 1)}
+    images = generate()  # warm-up (the same noise every call: the same images)
+    row = {"s_per_image": round(median_time(args.repeats, generate), 3), "load_s": round(load_s, 1)}
     if ours_out.is_file():
         ours = np.load(ours_out)
         theirs = last["latents"].numpy().transpose(0, 2, 3, 1)
@@ -380,15 +365,10 @@ def run_photoverse(args) -> dict:
     jax.block_until_ready(generate())
     first_s = time.perf_counter() - t0
     compile_s = timer.total
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(generate())
-        times.append(time.perf_counter() - t0)
     return {
         "compile_s": round(compile_s, 2),
         "first_call_s": round(first_s, 2),
-        "s_per_image": round(statistics.median(times), 3),
+        "s_per_image": round(median_time(args.repeats, generate), 3),
         "build_s": round(build_s, 1),
         "device": jax.devices()[0].device_kind,
     }

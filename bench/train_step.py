@@ -30,12 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import compile_timed, compiled_flops, peak_rss_gib
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ["tiny", "sd15", "tiny_sdxl", "sdxl"]
@@ -107,7 +108,6 @@ def make_config(
     face_rollout: int | None = None,
 ):
     """The run config of a setting (synthetic data, random networks of the preset)."""
-    sys.path.insert(0, str(ROOT))
     from configs import photoverse_sdxl, tiny
 
     if config in ("tiny", "sd15"):
@@ -307,9 +307,7 @@ def run_one(
     set_xla_flags(fsdp, fast_compile and (abstract or steps == 0))
     import jax
 
-    sys.path.insert(0, str(ROOT))
     from pv_jax.train import sharding, trainer
-    from pv_jax.train.metrics import compiled_flops
 
     cfg = make_config(
         config,
@@ -334,12 +332,7 @@ def run_one(
         step, trainable_params, frozen_params = run.step, run.trainable_params, run.frozen_params
         args = (state, run.frozen, sharding.put_batch(next(run.data), mesh))
     build_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    lowered = step.lower(*args)
-    lower_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
+    compiled, lower_s, compile_s = compile_timed(step, *args)
     flops = compiled_flops(compiled)  # per device: the cost of the SPMD-partitioned program
     memory = memory_record(compiled)
     record = {
@@ -367,7 +360,7 @@ def run_one(
     if config in ("sd15", "sdxl"):
         record.update(v5p_projection(flops, batch, fsdp, memory.get("memory_per_device_bytes")))
     if abstract or steps == 0:  # compile only: a setting too slow (or too big) to run here
-        return {**record, "peak_rss_gib": peak_rss_gib()}
+        return {**record, "peak_rss_gib": round(peak_rss_gib(), 2)}
     state, frozen, batch_arrays = args
     times = []
     for _ in range(steps + 1):  # the first call also allocates: not timed
@@ -381,15 +374,10 @@ def run_one(
         "step_s": round(step_s, 4),
         "examples_per_s": round(batch / step_s, 3),
         "gflops_per_s": round(flops / step_s / 1e9, 2),
-        "peak_rss_gib": peak_rss_gib(),
+        "peak_rss_gib": round(peak_rss_gib(), 2),
         "loss": float(metrics["loss"]),
         "device": jax.devices()[0].device_kind,
     }
-
-
-def peak_rss_gib() -> float:
-    """Peak resident memory of this process so far."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
 
 
 def main() -> None:

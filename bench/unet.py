@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
 import sys
 import time
 
@@ -21,39 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from common import compile_timed, compiled_flops, median_time, peak_rss_gib
 from diffusers import UNet2DConditionModel as TorchUNet
 from flax import nnx
 
 from pv_jax.models.layers import abstract_module
 from pv_jax.models.unet import UNet2DConditionModel, UNetConfig
 from pv_jax.weights.convert import load_into
-
-
-def peak_rss_gib() -> float:
-    """Peak resident memory of this process so far (GiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def timed(fn, args: tuple, repeats: int) -> list[float]:
-    """Wall times of ``repeats`` calls of ``fn(*args)``."""
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(*args)
-        out.append(time.perf_counter() - t0)
-    return out
-
-
-def _ready(fn, *args):
-    return fn(*args).block_until_ready()
-
-
-def xla_flops(compiled) -> float:
-    """FLOPs of a compiled computation from XLA's cost analysis."""
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list | tuple):
-        cost = cost[0]
-    return float(cost.get("flops", float("nan")))
 
 
 def main() -> None:
@@ -105,12 +77,11 @@ def main() -> None:
         t = np.full((args.batch,), 500, np.int64)
         xj, ctxj, tj = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(ctx), jnp.asarray(t)
 
-        t0 = time.perf_counter()
-        compiled = forward.lower(state, xj, tj, ctxj).compile()
-        compile_s = time.perf_counter() - t0
-        flops = xla_flops(compiled)
+        compiled, lower_s, compile_s = compile_timed(forward, state, xj, tj, ctxj)
+        compile_s += lower_s
+        flops = compiled_flops(compiled)
         out = compiled(state, xj, tj, ctxj).block_until_ready()  # warm-up
-        ours_s = statistics.median(timed(_ready, (compiled, state, xj, tj, ctxj), args.repeats))
+        ours_s = median_time(args.repeats, compiled, state, xj, tj, ctxj)
         row = {
             "latent": latent,
             "batch": args.batch,
@@ -128,7 +99,7 @@ def main() -> None:
                 tx = torch.from_numpy(x).to(device, tdt)
                 tt, tc = torch.from_numpy(t).to(device), torch.from_numpy(ctx).to(device, tdt)
                 want = run_torch(tx, tt, tc).float().cpu().numpy()  # warm-up
-                torch_s = statistics.median(timed(run_torch, (tx, tt, tc), args.repeats))
+                torch_s = median_time(args.repeats, run_torch, tx, tt, tc)
             got = np.asarray(out, np.float32).transpose(0, 3, 1, 2)
             row.update(
                 torch_s=round(torch_s, 3),
