@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from pv_jax.toy import attributes, wheel
+from pv_jax.toy import attributes, evaluate, wheel
 from pv_jax.toy.identities import SPLITS, distances, group_people, split_people
 
 
@@ -106,6 +106,16 @@ def test_attribute_statistics_tell_applied_from_plain():
         assert attributes.present(a, attributes.apply(a, faces[20:]), thresholds).mean() >= 0.9
         assert attributes.present(a, faces[20:], thresholds).mean() <= 0.2
     assert attributes.caption("red light", "S*") == "a photo of S* in red light"
+    # Prompt following: the attribute's images show it, the plain ones do not; in the
+    # evaluation's form, images listed with the prompt each was drawn for.
+    held = faces[20:24]
+    images = {a: attributes.apply(a, held) if a != "plain" else held for a in attributes.ATTRIBUTES}
+    by_dict = attributes.prompt_following(images, thresholds)
+    assert set(by_dict) == {"grayscale", "red light", "blue light"}
+    assert all(v["with_word"] >= 0.75 and v["without_word"] <= 0.25 for v in by_dict.values())
+    prompts = [p for p in evaluate.PROMPTS for _ in held]
+    stacked = np.concatenate([images[a] for a in attributes.ATTRIBUTES])
+    assert evaluate.prompt_following(stacked, prompts, thresholds) == by_dict
 
 
 @pytest.fixture(scope="module")
@@ -261,12 +271,13 @@ def _crashing_after(batches: int):
 
 
 def test_fit_learns_resumes_exactly_and_decays_to_end_factor(tmp_path):
-    from pv_jax.toy.fit import FitConfig, fit, read_metrics
+    from pv_jax.toy.fit import FitConfig, fit
+    from pv_jax.train.metrics import read_metrics
 
     cfg = FitConfig(steps=40, lr=0.1, batch_size=16, warmup=5, log_every=1, save_every=10)
     whole, summary = fit("line", _Line(), _line_loss, _line_batch, cfg, tmp_path / "a")
-    assert summary["final"]["loss"] < 0.05 * read_metrics(tmp_path / "a")[0]["loss"]
-    lrs = [r["lr"] for r in read_metrics(tmp_path / "a")]
+    assert summary["final"]["loss"] < 0.05 * read_metrics(tmp_path / "a", by_step=True)[0]["loss"]
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "a", by_step=True)]
     np.testing.assert_allclose(max(lrs), 0.1, rtol=1e-5)
     assert lrs[-1] < 0.1 * 0.05 * 1.05  # the cosine ends near end_factor * lr, never above lr
     # Killed during step 26 (after the step-20 save): the resume replays 21..40 exactly.

@@ -170,6 +170,13 @@ def test_metrics_in_a_bucket_are_uploaded_whole_when_flushed(gcs_bucket):
     writer = MetricWriter(run, tensorboard=False, flush_every_s=0.0)
     writer.write(3, {"loss": 0.25})  # flush_every_s=0: uploaded at once
     assert [r["loss"] for r in read_metrics(run)] == [1.0, 0.5, 0.25]
+    writer.write(2, {"loss": 0.4})  # a resumed run repeats step 2: by_step keeps the last
+    assert [r["loss"] for r in read_metrics(run)] == [1.0, 0.5, 0.25, 0.4]
+    assert [(r["step"], r["loss"]) for r in read_metrics(run, by_step=True)] == [
+        (1, 1.0),
+        (2, 0.4),
+        (3, 0.25),
+    ]
     writer.close()
 
 

@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pv_jax.errors import InputError, MissingPathError, ReferencePhotoError, run_command
+from pv_jax.face import descriptor_cosine, unit_rows
 from pv_jax.sampling.options import (
     SamplingOptions,
     add_sampling_args,
@@ -116,10 +117,6 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-12)
-
-
 def identity_metrics(
     descriptors: np.ndarray,
     ref_index: np.ndarray,
@@ -141,7 +138,7 @@ def identity_metrics(
       Sim(GT)), over the images whose person has another photo: copying the reference does not
       earn it.
     """
-    desc, refs = np.asarray(descriptors, np.float64), _unit(np.asarray(ref_descriptors, np.float64))
+    desc, refs = np.asarray(descriptors, np.float64), unit_rows(ref_descriptors)
     idx = np.asarray(ref_index)
     person = np.asarray(
         ref_person if ref_person is not None else [str(i) for i in range(len(refs))]
@@ -151,7 +148,7 @@ def identity_metrics(
     out["references"], out["chance"] = int(len(refs)), 1.0 / len(refs)
     if not found.any():
         return out
-    sims = _unit(desc[found]) @ refs.T  # (F, R)
+    sims = unit_rows(desc[found]) @ refs.T  # (F, R)
     own_idx = idx[found]
     own = sims[np.arange(len(sims)), own_idx]
     other = person[None, :] != person[own_idx][:, None]  # references of other people
@@ -280,7 +277,9 @@ def evaluate(
                 "reference": str(photo),
                 "prompt": meta["prompts"][i],
                 "seed": meta["seeds"][i],
-                "identity": None if found[i] is None else _cosine(found[i], ref_desc),
+                "identity": (
+                    None if found[i] is None else float(descriptor_cosine(found[i], ref_desc))
+                ),
                 "clip_t": clip_t[i],
             }
             if save_dir is not None:
@@ -321,10 +320,6 @@ def evaluate(
             "ref_descriptors": np.stack([d for _, d in used]),
         }
     return report
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
 
 
 def load_people(path: Path | None) -> dict[str, str] | None:

@@ -15,8 +15,10 @@ from pv_jax.face.dlib_format import (
 )
 from pv_jax.face.identity import (
     cosine_similarity,
+    descriptor_cosine,
     identity_loss,
     identity_similarity_chips,
+    unit_rows,
 )
 from pv_jax.face.resnet import FaceResNet, load_dlib_face_net
 
@@ -28,10 +30,12 @@ __all__ = [
     "align_faces",
     "chip_transform",
     "cosine_similarity",
+    "descriptor_cosine",
     "default_weights_path",
     "face_chip_details",
     "identity_loss",
     "identity_similarity_chips",
+    "unit_rows",
     "load_dlib_face_net",
     "read_face_resnet",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pv_jax.face.resnet import FaceResNet
 
@@ -19,6 +20,18 @@ def cosine_similarity(a: jax.Array, b: jax.Array) -> jax.Array:
     dot = jnp.sum(a * b, axis=-1)
     # One sqrt of the product keeps the gradient finite for zero vectors.
     return dot / jnp.sqrt(jnp.maximum(jnp.sum(a * a, -1) * jnp.sum(b * b, -1), _EPS**2))
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Host-side: each descriptor (last axis) scaled to unit length (float64; zeros stay 0)."""
+    x = np.asarray(x, np.float64)
+    return x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-12)
+
+
+def descriptor_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Host-side cosine of descriptors along the last axis, (..., D) x (..., D) -> (...)
+    (a float64 scalar for two vectors): the identity similarity the evaluation reports."""
+    return np.sum(unit_rows(a) * unit_rows(b), axis=-1)
 
 
 def identity_similarity_chips(net: FaceResNet, chips_a: jax.Array, chips_b: jax.Array) -> jax.Array:

@@ -46,6 +46,7 @@ from pv_jax.errors import (
     PromptError,
     ReferencePhotoError,
 )
+from pv_jax.face import descriptor_cosine, unit_rows
 from pv_jax.paths import is_remote, refresh, run_path
 from pv_jax.photoverse import PhotoVerseBundle, split_trainable
 from pv_jax.photoverse.factory import build_bundle
@@ -137,9 +138,7 @@ def load_reference(
 
 def reference_descriptor(records: Sequence[FaceRecord]) -> np.ndarray:
     """The unit-norm mean of the references' unit dlib descriptors (one person, R photos)."""
-    unit = [r.descriptor / (np.linalg.norm(r.descriptor) + 1e-12) for r in records]
-    mean = np.mean(unit, axis=0)
-    return mean / (np.linalg.norm(mean) + 1e-12)
+    return unit_rows(np.mean(unit_rows([r.descriptor for r in records]), axis=0))
 
 
 # Generated images smaller than this (toy models draw 64 px) are upscaled before dlib looks for
@@ -169,7 +168,7 @@ def identity_of(image: np.ndarray, descriptor: np.ndarray) -> float | None:
     desc = face_descriptor(image)
     if desc is None:
         return None
-    return float(desc @ descriptor / (np.linalg.norm(desc) * np.linalg.norm(descriptor) + 1e-12))
+    return float(descriptor_cosine(desc, descriptor))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -76,3 +76,17 @@ def calibrate(images: np.ndarray) -> dict[str, float]:
 def present(attribute: str, images: np.ndarray, thresholds: dict[str, float]) -> np.ndarray:
     """(N,) bool: does each image show the attribute?"""
     return statistic(attribute, images) > thresholds[attribute]
+
+
+def prompt_following(images: dict[str, np.ndarray], thresholds: dict[str, float]) -> dict:
+    """Per attribute: the fraction of its images that show it (``with_word``), and of the
+    plain caption's images that do (``without_word``, the same statistic without the word).
+    ``images``: attribute -> (N, H, W, 3), with ``"plain"`` among them."""
+    return {
+        a: {
+            "with_word": float(present(a, ims, thresholds).mean()),
+            "without_word": float(present(a, images["plain"], thresholds).mean()),
+        }
+        for a, ims in images.items()
+        if a != "plain"
+    }

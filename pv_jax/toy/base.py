@@ -290,19 +290,6 @@ def vision_retrieval(vision: CLIPVisionModel, work: Path) -> dict:
     return {"heldout_refs": len(refs), "view_top1": top1, "chance": 1.0 / len(refs)}
 
 
-def prompt_following(images: dict[str, np.ndarray], thresholds: dict[str, float]) -> dict:
-    """Per attribute: the fraction of its images that show it, and of plain images that do."""
-    out = {}
-    for a, ims in images.items():
-        if a == "plain":
-            continue
-        out[a] = {
-            "with_word": float(attributes.present(a, ims, thresholds).mean()),
-            "without_word": float(attributes.present(a, images["plain"], thresholds).mean()),
-        }
-    return out
-
-
 def train_base(
     work: Path,
     out: Path,
@@ -350,7 +337,7 @@ def train_base(
         "vision": vision_summary,
         "vision_retrieval": vision_retrieval(vision, work),
         "thresholds": thresholds,
-        "prompt_following": prompt_following(images, thresholds),
+        "prompt_following": attributes.prompt_following(images, thresholds),
         "samples_per_caption": samples,
         "eval_seconds": round(time.perf_counter() - t0, 1),
     }

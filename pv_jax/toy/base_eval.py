@@ -99,7 +99,7 @@ def base_quality(
     """The base's face rate (guidance chosen on ``VAL_SEEDS``), memorisation and prompt following
     on report seeds, sampled by DDIM with ``eta`` (0: deterministic; 1: DDPM's variance)."""
     from pv_jax.toy import attributes
-    from pv_jax.toy.base import prompt_following
+    from pv_jax.toy.attributes import prompt_following
     from pv_jax.toy.data import split_arrays
 
     t0 = time.perf_counter()

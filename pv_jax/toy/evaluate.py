@@ -44,17 +44,13 @@ def choose_references(work: Path, count: int) -> tuple[list[Path], dict[str, str
 
 
 def prompt_following(images: np.ndarray, prompts: list[str], thresholds: dict[str, float]) -> dict:
-    """Per attribute: the fraction of its prompt's images that show it, and of the plain
-    prompt's images that do (the same statistic without the word)."""
-    plain = images[[p == PROMPTS[0] for p in prompts]]
-    out = {}
-    for a, prompt in zip(attributes.ATTRIBUTES[1:], PROMPTS[1:], strict=True):
-        mine = images[[p == prompt for p in prompts]]
-        out[a] = {
-            "with_word": float(attributes.present(a, mine, thresholds).mean()),
-            "without_word": float(attributes.present(a, plain, thresholds).mean()),
-        }
-    return out
+    """:func:`attributes.prompt_following` of images drawn for ``PROMPTS`` (``prompts[i]`` is
+    image i's)."""
+    by_attribute = {
+        a: images[[p == prompt for p in prompts]]
+        for a, prompt in zip(attributes.ATTRIBUTES, PROMPTS, strict=True)
+    }
+    return attributes.prompt_following(by_attribute, thresholds)
 
 
 def sample_and_score(

@@ -157,14 +157,3 @@ def load_snapshot(module: nnx.Module, path: Path, wrt: nnx.filterlib.Filter = nn
     if [s.shape for s in saved] != [np.shape(x) for x in leaves]:
         raise ValueError(f"{path} holds other parameters than this module's")
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, saved), rest)
-
-
-def read_metrics(out: Path) -> list[dict]:
-    """The metrics a stage logged (a resumed run's repeated steps keep their last value)."""
-    path = out / "metrics.jsonl"
-    rows = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            rows[row["step"]] = row
-    return [rows[k] for k in sorted(rows)]

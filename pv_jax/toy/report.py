@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pv_jax.toy.fit import read_metrics
+from pv_jax.train.metrics import read_metrics
 
 PAPER = {"full": 0.696, "no_face": 0.643, "no_image": 0.556}  # ArcFace ID sim, paper Table 3
 
@@ -37,14 +37,15 @@ def plot_losses(out: Path, runs: dict[str, Path]) -> Path:
         [("vae", "l1"), ("unet", "loss"), ("vision", "loss"), ("vision", "top1")],
         strict=True,
     ):
-        rows = read_metrics_file(out / f"{stage}_metrics.jsonl")
+        path = out / f"{stage}_metrics.jsonl"  # the stage's copy, beside its model
+        rows = read_metrics(path) if path.is_file() else []
         if rows:
             ax.plot([r["step"] for r in rows], [r[key] for r in rows])
         ax.set_title(f"stage {stage}: {key}")
         ax.set_xlabel("step")
     for ax, term in zip(axes[1], terms, strict=True):
         for name, workdir in runs.items():
-            rows = [r for r in read_metrics(workdir) if term in r]
+            rows = [r for r in read_metrics(workdir, by_step=True) if term in r]
             if rows:
                 steps = np.array([r["step"] for r in rows])
                 y = _smooth(np.array([r[term] for r in rows]))
@@ -57,11 +58,6 @@ def plot_losses(out: Path, runs: dict[str, Path]) -> Path:
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
-
-
-def read_metrics_file(path: Path) -> list[dict]:
-    """The rows of a stage's metrics copy (``<stage>_metrics.jsonl``); [] when absent."""
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
 
 
 def plot_ablation(out: Path, report: dict) -> Path:

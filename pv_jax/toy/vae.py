@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pv_jax.face import descriptor_cosine
 from pv_jax.models.presets import random_module
 from pv_jax.models.vae import AutoencoderKL, VAEConfig
 from pv_jax.toy.fit import FitConfig, fit
@@ -127,13 +128,6 @@ def dlib_descriptors(images: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
     )
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine similarity."""
-    a = a / np.linalg.norm(a, axis=-1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=-1, keepdims=True)
-    return np.sum(a * b, axis=-1)
-
-
 def train_vae(
     work: Path, out: Path, fit_config: FitConfig = VAE_FIT, config: VAEConfig = TOY_VAE
 ) -> tuple[AutoencoderKL, dict]:
@@ -162,7 +156,8 @@ def train_vae(
     d_in = dlib_descriptors(held["target"], held["landmarks"])
     d_rec = dlib_descriptors(rec, held["landmarks"])
     d_big = dlib_descriptors(big["target"], big["landmarks"])
-    p, c_rec, c_res = psnr(held["target"], rec), cosine(d_in, d_rec), cosine(d_big, d_in)
+    p = psnr(held["target"], rec)
+    c_rec, c_res = descriptor_cosine(d_in, d_rec), descriptor_cosine(d_big, d_in)
     report = dict(
         summary,
         scaling_factor=vae.config.scaling_factor,

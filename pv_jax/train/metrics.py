@@ -132,8 +132,18 @@ class MetricWriter:
             self.tb.close()
 
 
-def read_metrics(workdir: str | os.PathLike) -> list[dict]:
-    """Every line of ``metrics.jsonl`` in file order (a resumed run appends, so a step it
-    repeats appears once per attempt)."""
-    path = run_path(workdir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_metrics(source: str | os.PathLike, *, by_step: bool = False) -> list[dict]:
+    """The rows of a metrics file: ``source`` is a run folder (its ``metrics.jsonl``, local or
+    in a bucket) or a ``.jsonl`` file; FileNotFoundError when there is none.
+
+    File order by default: a resumed run appends, so a step it repeats appears once per
+    attempt. ``by_step``: one row per step, the last attempt's, in step order.
+    """
+    path = run_path(source)
+    if path.suffix != ".jsonl":
+        path = path / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if by_step:
+        last = {row["step"]: row for row in rows}
+        rows = [last[step] for step in sorted(last)]
+    return rows
