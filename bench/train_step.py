@@ -15,7 +15,9 @@ memory analysis per device, compile time and peak RSS, and for timed settings ``
 examples_per_s, gflops_per_s`` and the parameter counts.
 
 ``--fsdp N`` compiles on N CPU devices (``--xla_force_host_platform_device_count=N`` is set
-before JAX is imported) with the mesh (data=1, fsdp=N), as ``mesh.fsdp`` does on a TPU host.
+before JAX is imported) with the mesh (data=1, fsdp=N), as ``mesh.fsdp`` does on a TPU host;
+``--devices D`` compiles on D devices, the mesh (data=D/N, fsdp=N): a slice of D chips.
+``--grad-accum K`` runs the global batch as K microbatches inside the step (train.grad_accum).
 
 ``sdxl`` (and any setting with ``--abstract 1``) is compile-only and never allocates a weight:
 the model is built under ``nnx.eval_shape``, the train state under ``jax.eval_shape``, and the
@@ -301,10 +303,13 @@ def run_one(
     attention: str | None = None,
     fast_compile: bool = True,
     face_rollout: int | None = None,
+    grad_accum: int = 1,
+    devices: int | None = None,
 ):
     """Build, compile and time the step (or only compile it); returns the JSON record."""
     abstract = abstract or config in COMPILE_ONLY
-    set_xla_flags(fsdp, fast_compile and (abstract or steps == 0))
+    devices = devices or fsdp
+    set_xla_flags(devices, fast_compile and (abstract or steps == 0))
     import jax
 
     from pv_jax.train import sharding, trainer
@@ -321,6 +326,7 @@ def run_one(
         attention,
         face_rollout,
     )
+    cfg.train.grad_accum = grad_accum
     t0 = time.perf_counter()
     mesh = sharding.make_mesh(-1, fsdp)
     if abstract:
@@ -333,13 +339,16 @@ def run_one(
         args = (state, run.frozen, sharding.put_batch(next(run.data), mesh))
     build_s = time.perf_counter() - t0
     compiled, lower_s, compile_s = compile_timed(step, *args)
-    flops = compiled_flops(compiled)  # per device: the cost of the SPMD-partitioned program
+    # Per device: the cost of the SPMD-partitioned program (K microbatches: K x the scan body).
+    flops = compiled_flops(compiled) * grad_accum
     memory = memory_record(compiled)
     record = {
         "config": config,
         "resolution": resolution,
         "batch": batch,
         "fsdp": fsdp,
+        "devices": devices,
+        "grad_accum": grad_accum,
         "face_loss": bool(face),
         "remat": bool(remat),
         "dtype": cfg.base.dtype,
@@ -348,7 +357,7 @@ def run_one(
         "face_fraction": cfg.model.face_batch_fraction,
         "face_rollout_steps": cfg.model.get("face_rollout_steps", 1),
         "step_gflop": round(flops / 1e9, 2),
-        "gflop_per_example": round(flops * fsdp / batch / 1e9, 2),
+        "gflop_per_example": round(flops * devices / batch / 1e9, 2),
         **memory,
         "xla_fast_compile": FAST_COMPILE_FLAGS in os.environ.get("XLA_FLAGS", ""),
         "trainable_params": trainable_params,
@@ -358,7 +367,8 @@ def run_one(
         "compile_s": round(compile_s, 2),
     }
     if config in ("sd15", "sdxl"):
-        record.update(v5p_projection(flops, batch, fsdp, memory.get("memory_per_device_bytes")))
+        memory_bytes = memory.get("memory_per_device_bytes")
+        record.update(v5p_projection(flops, batch, devices, memory_bytes))
     if abstract or steps == 0:  # compile only: a setting too slow (or too big) to run here
         return {**record, "peak_rss_gib": round(peak_rss_gib(), 2)}
     state, frozen, batch_arrays = args
@@ -389,6 +399,8 @@ def main() -> None:
     p.add_argument("--face", type=int, default=1)
     p.add_argument("--remat", type=int, default=1)
     p.add_argument("--fsdp", type=int, default=1, help="CPU devices of the (1, fsdp) mesh")
+    p.add_argument("--devices", type=int, default=None, help="mesh (devices/fsdp, fsdp)")
+    p.add_argument("--grad-accum", type=int, default=1, help="microbatches per step")
     p.add_argument("--steps", type=int, default=3, help="timed steps; 0: compile only")
     p.add_argument("--abstract", type=int, default=0, help="1: compile from abstract shapes")
     p.add_argument("--attention", help="base.attention (default: the config's; sdxl: xla)")
@@ -427,6 +439,8 @@ def main() -> None:
             args.attention,
             bool(args.fast_compile),
             args.face_rollout,
+            args.grad_accum,
+            args.devices,
         )
         print(json.dumps(record), flush=True)
         return

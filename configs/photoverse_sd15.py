@@ -9,9 +9,11 @@ bf16 compute with fp32 master weights, remat and FSDP are our choices. The mesh 
 (default 1: pure data parallelism, every device holds all of SD1.5's 1.4B weights).
 
 The argument after the colon combines (``configs/photoverse_sd15.py:fsdp=2,image_source=both``):
-``fsdp=N``; ``image_source=identity|both`` [ours] feeds the image branch ``identity_tokens=N``
-(default 4) tokens made from the reference's dlib descriptor, instead of or beside the image
-encoder's (CC0 face-ID conditioning; docs/EXPERIMENTS.md, rung 4)."""
+``fsdp=N``; ``grad_accum=K``: the batch of 64 as K microbatches inside each step, the same
+update with 1/K the activations (a slice of fewer chips than the batch needs);
+``image_source=identity|both`` [ours] feeds the image branch ``identity_tokens=N`` (default 4)
+tokens made from the reference's dlib descriptor, instead of or beside the image encoder's
+(CC0 face-ID conditioning; docs/EXPERIMENTS.md, rung 4)."""
 
 import ml_collections
 
@@ -21,8 +23,8 @@ from pv_jax.train.config import default_config
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The paper's training run; ``arg``: ``fsdp=N``, ``image_source=...``,
-    ``identity_tokens=N``, comma-separated."""
-    a = parse_arg(arg, fsdp=1, image_source="encoder", identity_tokens=4)
+    ``identity_tokens=N``, ``grad_accum=K``, comma-separated."""
+    a = parse_arg(arg, fsdp=1, grad_accum=1, image_source="encoder", identity_tokens=4)
     c = default_config()
     c.model.image_source = a.image_source
     c.model.identity_tokens = a.identity_tokens
@@ -37,4 +39,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 1000
     c.train.sample_every = 2000
     c.mesh.fsdp = a.fsdp
+    c.train.grad_accum = a.grad_accum
     return c

@@ -11,10 +11,16 @@ Our choices: bf16 compute with fp32 master weights, remat, FSDP over the 4 chips
 for SDXL; 32 layers, so the text branch reads hidden states 32, 5, 11, 16, 21: SD 1.5's 24, 4,
 8, 12, 16 at the same relative depths) and SDXL's micro-conditioning from each face square's
 size (``pv_jax.train.data.micro_conditioning_ids``). One example per chip at 1024 px fits in
-59 GiB (docs/BENCHMARKS.md), two most likely not: batch 64 wants 64 chips (a v5p-128). The
-dataset must be built at 1024 px (``--target-size 1024``) so that targets are not upsampled.
+59 GiB (docs/BENCHMARKS.md), two most likely not, so the paper's batch of 64 on fewer than 64
+chips runs as ``grad_accum=K`` microbatches of one example per chip (the same update):
+
+    slice (v5p chips)   v5p-8 (4)   v5p-16 (8)   v5p-32 (16)   v5p-64 (32)   v5p-128 (64)
+    grad_accum          16          8            4             2             1
+
+``grad_accum=K`` after the colon, or ``--config.train.grad_accum=K``. The dataset must be built
+at 1024 px (``--target-size 1024``) so that targets are not upsampled.
 ``get_config("tiny")``: the same run on tiny random SDXL-shaped networks and synthetic faces.
-The argument combines (``tiny,image_source=both``): ``fsdp=N``, ``tiny``,
+The argument combines (``tiny,image_source=both``): ``fsdp=N``, ``grad_accum=K``, ``tiny``,
 ``image_source=identity|both`` [ours] with ``identity_tokens=N`` (default 4): the image branch
 reads tokens made from the reference's dlib descriptor, instead of or beside the encoder's.
 """
@@ -32,7 +38,9 @@ SDXL_TEXT_LAYERS = (32, 5, 11, 16, 21)
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The SDXL training run; ``arg``: ``fsdp=N``, ``tiny``, ``image_source=...``,
     ``identity_tokens=N``, comma-separated."""
-    a = parse_arg(arg, fsdp=None, tiny=False, image_source="encoder", identity_tokens=4)
+    a = parse_arg(
+        arg, fsdp=None, grad_accum=1, tiny=False, image_source="encoder", identity_tokens=4
+    )
     c = default_config()
     c.model = PhotoVerseConfig(text_layers=SDXL_TEXT_LAYERS).to_dict()
     c.base.kind = "folders"
@@ -66,4 +74,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.mesh.fsdp = a.fsdp
     c.model.image_source = a.image_source
     c.model.identity_tokens = a.identity_tokens
+    c.train.grad_accum = a.grad_accum
     return c

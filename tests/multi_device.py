@@ -126,6 +126,17 @@ def main() -> None:
         "loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)),
         "param_diff": max(float(np.abs(params[k] - ref_params[k]).max()) for k in params),
     }
+    # Gradient accumulation on a sharded mesh: 2 microbatches of 8 (one example per device),
+    # the same losses and parameters as the whole batch of 16 on one device.
+    accum = tiny.get_config()
+    accum.train.batch_size = 16
+    accum.train.grad_accum = 2
+    _, _, _, losses, params, _ = run_mesh(accum, (4, 2))
+    out["meshes"]["(4, 2) grad_accum=2"] = {
+        "losses": losses,
+        "loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)),
+        "param_diff": max(float(np.abs(params[k] - ref_params[k]).max()) for k in params),
+    }
     # One example per device: the face loss's sub-batch (4 of 8, by t) is rounded up to 8 so
     # that it shards like the batch; unsharded, XLA had every device decode all 4.
     mesh8 = sharding.make_mesh(8, 1)

@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 import skimage.data
 from etils import epath
+from flax import nnx
 from PIL import Image
 
 from pv_jax.run_checkpoint import Checkpointer
 from pv_jax.train import sharding, trainer
-from pv_jax.train.metrics import MetricWriter, read_metrics
+from pv_jax.train.metrics import MetricWriter, read_metrics, step_flops
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--config", str(ROOT / "configs" / "tiny.py")]
@@ -74,7 +75,7 @@ def test_multi_device_meshes_agree_and_restore_onto_another_mesh():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.split("RESULT ", 1)[1])
-    for mesh in ("(8, 1)", "(4, 2)", "(2, 4)", "(4, 2) by hand"):
+    for mesh in ("(8, 1)", "(4, 2)", "(2, 4)", "(4, 2) by hand", "(4, 2) grad_accum=2"):
         r = result["meshes"][mesh]
         assert r["loss_diff"] < 1e-5 and r["param_diff"] < 1e-5, (mesh, r)
     # The face loss's sub-batch (8 of 16) is constrained to the batch sharding on every mesh.
@@ -338,6 +339,10 @@ def test_config_errors_before_compiling(tmp_path):
     mesh = types.SimpleNamespace(shape={"data": 4, "fsdp": 2})
     with pytest.raises(trainer.ConfigError, match="batch_size=6 is not divisible.*= 8"):
         trainer.check_config(_tiny_cfg(batch_size=6), mesh)
+    # 64 = 4 microbatches of 16 on 8 devices is fine; 16 microbatches of 4 are not.
+    trainer.check_config(_tiny_cfg(batch_size=64, grad_accum=4), mesh)
+    with pytest.raises(trainer.ConfigError, match="grad_accum=16 .* multiple of .* = 8 exam"):
+        trainer.check_config(_tiny_cfg(batch_size=64, grad_accum=16), mesh)
     cfg = _tiny_cfg()
     cfg.base.kind = "folders"
     with pytest.raises(trainer.ConfigError, match="base.sd_folder='' is not a folder"):
@@ -422,15 +427,68 @@ def test_config_arguments_combine_and_unknown_names_fail():
     c = photoverse_sd15.get_config("fsdp=2,image_source=identity,identity_tokens=8")
     assert (c.mesh.fsdp, c.model.image_source, c.model.identity_tokens) == (2, "identity", 8)
     assert photoverse_sd15.get_config().model.image_source == "encoder"  # the paper's
+    assert photoverse_sd15.get_config("grad_accum=4").train.grad_accum == 4
+    assert photoverse_sdxl.get_config("fsdp=4,grad_accum=16").train.grad_accum == 16
     xl = photoverse_sdxl.get_config("tiny,image_source=both")
     assert (xl.mesh.fsdp, xl.base.kind, xl.model.image_source) == (1, "tiny_sdxl", "both")
     assert (
         photoverse_sdxl.get_config().mesh.fsdp == 4
         and photoverse_sdxl.get_config("fsdp=8").mesh.fsdp == 8
     )
-    with pytest.raises(ValueError, match="unknown name 'tinyy'; known: fsdp, tiny"):
+    with pytest.raises(ValueError, match="unknown name 'tinyy'; known: fsdp, grad_accum, tiny"):
         photoverse_sdxl.get_config("tinyy")
     with pytest.raises(ValueError, match="give fsdp a value"):
         photoverse_sdxl.get_config("fsdp")
     with pytest.raises(ValueError, match="tiny is true or false"):
         photoverse_sdxl.get_config("tiny=flase")
+
+
+def _whole_vs_accumulated(ks: tuple[int, ...], batch_size: int = 8) -> dict:
+    """(((loss, metrics), grads), flops) of one tiny batch (face loss on) by the unaccumulated
+    step's value_and_grad (k = 1) and by ``accumulate_grads`` with k microbatches."""
+    from configs import tiny
+    from pv_jax.photoverse import build_bundle, photoverse_loss, split_trainable
+    from pv_jax.train.step import accumulate_grads
+
+    cfg = tiny.get_config()
+    cfg.train.batch_size = batch_size
+    bundle = build_bundle(cfg)
+    assert bundle.config.face_weight > 0
+    graphdef, trainable, frozen = split_trainable(bundle.model)
+    batch = next(trainer.make_data(cfg, bundle))
+    key = jax.random.fold_in(jax.random.key(0), 3)
+    common = dict(noise_schedule=bundle.schedule, config=bundle.config, fusion=True)
+
+    def whole(params):
+        model = nnx.merge(graphdef, params, frozen)
+        return photoverse_loss(model, batch, key, schedule=bundle.schedule, fusion=True)
+
+    out = {}
+    for k in ks:
+        if k == 1:
+            fn = jax.jit(jax.value_and_grad(whole, has_aux=True))
+        else:
+            fn = jax.jit(
+                lambda p, k=k: accumulate_grads(graphdef, p, frozen, batch, key, k, **common)
+            )
+        compiled = fn.lower(trainable).compile()
+        out[k] = jax.device_get(compiled(trainable)), step_flops(compiled, k)
+    return out
+
+
+def test_grad_accumulation_gives_the_whole_batch_update():
+    """4 microbatches of 2 (scan) give the 8-example batch's loss, every metric and every
+    gradient: the same per-example draws, and the face loss's sub-batch (4 samples of t <= 500)
+    spread one per microbatch, divided by the whole batch's count."""
+    out = _whole_vs_accumulated((1, 4))
+    ((loss1, m1), g1), flops1 = out[1]
+    ((loss4, m4), g4), flops4 = out[4]
+    # XLA counts the scan's body once; step_flops (the trainer's MFU) counts it K times.
+    assert abs(flops4 / flops1 - 1.0) < 0.01, (flops1, flops4)
+    assert float(m1["face"]) > 0 and 0 < float(m1["face_fraction"]) < 1  # the face loss ran
+    np.testing.assert_allclose(loss4, loss1, rtol=1e-5)
+    for name in ("loss", "diffusion", "face", "text_reg", "image_reg", "face_fraction"):
+        np.testing.assert_allclose(m4[name], m1[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    chex.assert_trees_all_equal_structs(g1, g4)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g4), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7)

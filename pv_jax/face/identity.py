@@ -41,12 +41,17 @@ def identity_similarity_chips(net: FaceResNet, chips_a: jax.Array, chips_b: jax.
 
 
 def identity_loss(
-    desc_pred: jax.Array, desc_target: jax.Array, mask: jax.Array | None = None
+    desc_pred: jax.Array,
+    desc_target: jax.Array,
+    mask: jax.Array | None = None,
+    count: jax.Array | None = None,
 ) -> jax.Array:
     """Mean over the masked samples of 1 - cos(pred, target); 0 when no sample is selected.
 
     ``mask``: (N,) bool or 0/1 (e.g. timestep t <= t_face_max and a face was found). Unselected
     samples contribute neither value nor gradient, even when their descriptors are not finite.
+    ``count``: divide the masked sum by this instead of the mask's count (a microbatch's share
+    of a whole batch's mean, under gradient accumulation).
     """
     if mask is None:
         return jnp.mean(1.0 - cosine_similarity(desc_pred, desc_target))
@@ -57,4 +62,4 @@ def identity_loss(
     pred = jnp.where(keep, desc_pred, 1.0)
     target = jnp.where(keep, desc_target, 1.0)
     per_sample = jnp.where(mask, 1.0 - cosine_similarity(pred, target), 0.0)
-    return jnp.sum(per_sample) / jnp.maximum(jnp.sum(mask), 1)
+    return jnp.sum(per_sample) / jnp.maximum(jnp.sum(mask) if count is None else count, 1)

@@ -272,11 +272,15 @@ class AutoencoderKL(nnx.Module):
             z = self.post_quant_conv(z)
         return self.decoder(z).astype(jnp.float32)
 
-    def sample_latents(self, images: jax.Array, key: jax.Array) -> jax.Array:
-        """Scaled latents for diffusion: a draw from the posterior, times ``scaling_factor``."""
+    def sample_latents(
+        self, images: jax.Array, key: jax.Array | None = None, *, noise: jax.Array | None = None
+    ) -> jax.Array:
+        """Scaled latents for diffusion: a draw from the posterior, times ``scaling_factor``.
+        ``noise``: the standard normal draw (the mean's shape), instead of drawing it by ``key``."""
         mean, logvar = self.encode(images)
-        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
-        return self.scale_latents(z)
+        if noise is None:
+            noise = jax.random.normal(key, mean.shape, mean.dtype)
+        return self.scale_latents(mean + jnp.exp(0.5 * logvar) * noise)
 
     def scale_latents(self, z: jax.Array) -> jax.Array:
         """Raw VAE latents -> the diffusion model's latent space."""

@@ -153,6 +153,7 @@ def face_loss(
     sub_batch_sharding: jax.sharding.Sharding | None = None,
     rollout_steps: int = 1,
     predict: Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array] | None = None,
+    count: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """L_face on the samples selected by ``mask``, and the share of their chips in the window.
 
@@ -160,7 +161,9 @@ def face_loss(
     decode a square latent window of this fraction of the latent side around each face (1.0:
     the whole image). ``rollout_steps`` > 1: x0 by that many DDIM steps from x_t
     (:func:`rollout_x0`), ``predict(x, t, idx)`` making the model's later predictions for the
-    samples ``idx`` of the batch (None: all). Skipped (0) when no sample is selected.
+    samples ``idx`` of the batch (None: all). ``count``: the divisor of the masked sum (a whole
+    batch's selected samples, for a microbatch; None: this mask's). Skipped (0) when no sample
+    is selected.
     """
     if rollout_steps > 1 and predict is None:
         raise ValueError("face_loss with rollout_steps > 1 needs predict(x, t, idx)")
@@ -193,12 +196,61 @@ def face_loss(
             quantize=False,
             pyramid_levels=default_pyramid_levels(*image_hw),
         )
-        loss = identity_loss(model.face_net(chips), target_descriptor, mask)
+        loss = identity_loss(model.face_net(chips), target_descriptor, mask, count)
         fit = jnp.sum(fits & mask) / jnp.maximum(jnp.sum(mask), 1)
         return loss, fit.astype(jnp.float32)
 
     zeros = (jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32))
     return jax.lax.cond(jnp.any(mask), term, lambda: zeros)
+
+
+# A training step's per-example random draws (:func:`draw_step_noise`).
+STEP_DRAWS = ("latent_noise", "noise", "timesteps", "gamma", "sigma")
+
+
+def draw_step_noise(
+    model: PhotoVerse,
+    batch: dict[str, jax.Array],
+    key: jax.Array,
+    *,
+    schedule: NoiseSchedule,
+    config: PhotoVerseConfig | None = None,
+    fusion: bool = True,
+) -> dict[str, jax.Array]:
+    """Every per-example random draw of a training step, for the whole batch, from ``key``:
+    the posterior draw of the latents, the diffusion noise, the timesteps (``batch``'s own
+    when it has them) and the fusion weights (the config's fixed ones without ``fusion``).
+
+    :func:`photoverse_loss` makes them here when its batch has none; gradient accumulation
+    makes them once for the global batch and hands each microbatch its rows, so that every
+    example draws what it would in the full batch.
+    """
+    cfg = config or model.config
+    images = to_unit(batch["target"]) * 2.0 - 1.0
+    b = images.shape[0]
+    k_latent, k_noise, k_t, k_fuse = jax.random.split(key, 4)
+    num_t = schedule.num_train_timesteps
+    mean = jax.eval_shape(lambda x: model.vae.encode(x)[0], images)
+    latent_noise = jax.random.normal(k_latent, mean.shape, mean.dtype)
+    latents = jax.eval_shape(
+        lambda x, n: model.vae.sample_latents(x, noise=n), images, latent_noise
+    )
+    t = batch.get("timesteps")
+    if t is None and cfg.face_weight and cfg.face_batch_fraction != 1.0:
+        t = draw_timesteps(k_t, b, num_t, cfg)
+    elif t is None:
+        t = jax.random.randint(k_t, (b,), 0, num_t)
+    if fusion:
+        gamma, sigma = random_fusion(k_fuse, b, cfg)
+    else:
+        gamma, sigma = jnp.full((b,), cfg.gamma), jnp.full((b,), cfg.sigma)
+    return {
+        "latent_noise": latent_noise,
+        "noise": jax.random.normal(k_noise, latents.shape, latents.dtype),
+        "timesteps": t,
+        "gamma": gamma,
+        "sigma": sigma,
+    }
 
 
 def photoverse_loss(
@@ -210,6 +262,8 @@ def photoverse_loss(
     config: PhotoVerseConfig | None = None,
     fusion: bool = True,
     face_sharding: jax.sharding.Sharding | None = None,
+    face_subset: int | None = None,
+    face_count: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The total loss and its metrics (every term, unweighted, plus the face-loss fraction).
 
@@ -217,6 +271,11 @@ def photoverse_loss(
     config's fixed gamma and sigma. ``face_sharding``: the sharding of the face loss's
     sub-batch (the batch's, so that each device decodes its share of it; the sub-batch is
     rounded up to a multiple of its shards, :func:`face_subset_size`).
+
+    A microbatch of a larger batch (gradient accumulation) brings the batch's draws in
+    ``batch`` (:data:`STEP_DRAWS`, :func:`draw_step_noise`) and its face-loss selection
+    (``face_mask``), decodes ``face_subset`` samples and divides the face term by the whole
+    batch's selected count ``face_count``: the terms then add up to the whole batch's.
     """
     cfg = config or model.config
     if cfg.face_weight and model.face_net is None:
@@ -226,19 +285,18 @@ def photoverse_loss(
         )
     target = to_unit(batch["target"])
     b = target.shape[0]
-    k_latent, k_noise, k_t, k_fuse = jax.random.split(key, 4)
     num_t = schedule.num_train_timesteps
     # The devices the batch (and so the face sub-batch) is split over.
     shards = 1 if face_sharding is None else b // face_sharding.shard_shape((b,))[0]
     subset = face_subset_size(b, cfg, num_t, shards) if cfg.face_weight else b
-
-    latents = jax.lax.stop_gradient(model.vae.sample_latents(target * 2.0 - 1.0, k_latent))
-    t = batch.get("timesteps")
-    if t is None and cfg.face_weight and cfg.face_batch_fraction != 1.0:
-        t = draw_timesteps(k_t, b, num_t, cfg)
-    elif t is None:
-        t = jax.random.randint(k_t, (b,), 0, num_t)
-    noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
+    if face_subset is not None:
+        subset = face_subset
+    if not all(k in batch for k in STEP_DRAWS):
+        draws = draw_step_noise(model, batch, key, schedule=schedule, config=cfg, fusion=fusion)
+        batch = {**batch, **draws}
+    latents = model.vae.sample_latents(target * 2.0 - 1.0, noise=batch["latent_noise"])
+    latents = jax.lax.stop_gradient(latents)
+    t, noise = batch["timesteps"], batch["noise"]
     x_t = add_noise(schedule, latents, noise, t)
 
     descriptors = None
@@ -258,10 +316,7 @@ def photoverse_loss(
         batch["reference"], descriptors=descriptors if cfg.uses_identity else None
     )
     text = model.encode_text(batch["input_ids"], batch["slots"], words, batch.get("input_ids_2"))
-    if fusion:
-        gamma, sigma = random_fusion(k_fuse, b, cfg)
-    else:
-        gamma, sigma = jnp.full((b,), cfg.gamma), jnp.full((b,), cfg.sigma)
+    gamma, sigma = batch["gamma"], batch["sigma"]
     prediction = model.denoise(
         x_t, t, text, image_tokens, gamma=gamma, sigma=sigma, time_ids=batch.get("time_ids")
     )
@@ -279,7 +334,9 @@ def photoverse_loss(
         "text_reg": text_reg_loss(words),
         "image_reg": model.image_value_l1(image_tokens),
     }
-    face_mask = t <= cfg.t_face_max
+    face_mask = batch.get("face_mask")
+    if face_mask is None:
+        face_mask = t <= cfg.t_face_max
     window_fit = jnp.ones((), jnp.float32)
     if cfg.face_weight:
         terms["face"], window_fit = face_loss(
@@ -297,6 +354,7 @@ def photoverse_loss(
             sub_batch_sharding=face_sharding,
             rollout_steps=cfg.face_rollout_steps,
             predict=predict,
+            count=face_count,
         )
     else:
         terms["face"] = jnp.zeros((), jnp.float32)
@@ -307,7 +365,9 @@ def photoverse_loss(
         + cfg.image_reg_weight * terms["image_reg"]
     )
     # Samples that took the face loss: those with t <= t_face_max among the `subset` smallest t.
-    taken = jnp.minimum(jnp.sum(face_mask), subset) if cfg.face_weight else jnp.sum(face_mask)
+    taken = jnp.sum(face_mask)
+    if cfg.face_weight and face_count is None:
+        taken = jnp.minimum(taken, subset)
     metrics = {
         "loss": total,
         **terms,

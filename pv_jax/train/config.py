@@ -69,6 +69,9 @@ def default_config() -> ml_collections.ConfigDict:
     )
     c.train = dict(
         batch_size=64,  # global [paper]
+        # K > 1: the global batch runs as K microbatches inside the one jitted step (a scan),
+        # their gradients summed in fp32, one update: the same update with 1/K the activations.
+        grad_accum=1,
         steps=60_000,  # [paper]
         seed=0,  # noise, timesteps, fusion draws: fold_in(seed, step)
         fusion=True,  # random fusion of gamma / sigma [paper]

@@ -7,6 +7,7 @@ step whose loss or gradient norm is not finite leaves the state unchanged and is
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ from flax import nnx, struct
 
 from pv_jax.diffusion import NoiseSchedule
 from pv_jax.photoverse import PhotoVerseConfig, photoverse_loss
+from pv_jax.photoverse.losses import draw_step_noise, face_subset_size
 
 
 @struct.dataclass
@@ -112,11 +114,16 @@ def make_train_step(
     fusion: bool = True,
     ema_decay: float = 0.0,
     face_sharding: jax.sharding.Sharding | None = None,
+    grad_accum: int = 1,
 ) -> Callable[[TrainState, nnx.State, dict], tuple[TrainState, dict]]:
     """The pure train step; jit it with explicit shardings (``train_tpu.py``).
 
     ``face_sharding``: where the face loss's sub-batch lives (the batch sharding: each device
     decodes its share instead of XLA's choice, which may be every device decoding all of it).
+
+    ``grad_accum`` = K > 1: the batch is K microbatches, run one after another in a scan inside
+    the step, their fp32 gradients summed, and one update applied (:func:`accumulate_grads`):
+    the same update as the whole batch at once, with a microbatch's activation memory.
 
     The step's randomness is ``fold_in(key(seed), step)``, so a resumed run draws exactly what an
     uninterrupted one would.
@@ -134,11 +141,25 @@ def make_train_step(
             face_sharding=face_sharding,
         )
 
+    def grads_of(trainable, frozen, batch, key):
+        if grad_accum == 1:
+            return jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch, key)
+        return accumulate_grads(
+            graphdef,
+            trainable,
+            frozen,
+            batch,
+            key,
+            grad_accum,
+            noise_schedule=noise_schedule,
+            config=config,
+            fusion=fusion,
+            face_sharding=face_sharding,
+        )
+
     def step(state: TrainState, frozen: nnx.State, batch: dict) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(jax.random.key(seed), state.step)
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.trainable, frozen, batch, key
-        )
+        (loss, metrics), grads = grads_of(state.trainable, frozen, batch, key)
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
@@ -170,3 +191,95 @@ def make_train_step(
         return new_state, metrics
 
     return step
+
+
+def accumulate_grads(
+    graphdef: nnx.GraphDef,
+    trainable: nnx.State,
+    frozen: nnx.State,
+    batch: dict,
+    key: jax.Array,
+    k: int,
+    *,
+    noise_schedule: NoiseSchedule,
+    config: PhotoVerseConfig,
+    fusion: bool = True,
+    face_sharding: jax.sharding.Sharding | None = None,
+) -> tuple[tuple[jax.Array, dict], nnx.State]:
+    """((loss, metrics), grads) of the whole batch, computed as ``k`` microbatches in a scan.
+
+    Every per-example draw (latent, noise, timestep, fusion) is made once for the whole batch
+    (:func:`draw_step_noise`), as the unaccumulated step makes it, and the face loss's
+    selection too (the ``subset`` samples of smallest t, of those t <= t_face_max); its term is
+    divided by the whole batch's selected count. Every other term is a mean over the examples,
+    so the microbatches' terms, each weighted 1/k, add up to the whole batch's, and so do their
+    gradients (summed in fp32). Microbatch j holds the examples of t-rank j, j + k, ...: each
+    holds an equal share of the face-loss samples and decodes only ceil(subset / k) of them.
+    """
+    model = nnx.merge(graphdef, trainable, frozen)
+    b = batch["target"].shape[0]
+    if b % k:
+        raise ValueError(f"train.grad_accum={k} does not divide the batch of {b}")
+    mb = b // k
+    draws = draw_step_noise(
+        model, batch, key, schedule=noise_schedule, config=config, fusion=fusion
+    )
+    batch = {**batch, **draws}
+    t = draws["timesteps"]
+    num_t = noise_schedule.num_train_timesteps
+    shards = 1 if face_sharding is None else b // face_sharding.shard_shape((b,))[0]
+    subset = face_subset_size(b, config, num_t, shards) if config.face_weight else b
+    by_t = jnp.argsort(t, stable=True)  # the whole batch's face loss takes by_t[:subset]
+    rank = jnp.argsort(by_t)
+    batch["face_mask"] = (rank < subset) & (t <= config.t_face_max)
+    count = jnp.sum(batch["face_mask"])
+    order = by_t.reshape(mb, k).T.reshape(-1)  # microbatch j: t-ranks j, j + k, j + 2k, ...
+    micro_sharding = None
+    if isinstance(face_sharding, jax.sharding.NamedSharding):
+        spec = jax.sharding.PartitionSpec(None, *face_sharding.spec)
+        micro_sharding = jax.sharding.NamedSharding(face_sharding.mesh, spec)
+
+    def split(x):
+        x = jnp.take(x, order, axis=0).reshape(k, mb, *x.shape[1:])
+        if micro_sharding is not None:
+            x = jax.lax.with_sharding_constraint(x, micro_sharding)
+        return x
+
+    micro = jax.tree.map(split, batch)
+    mb_shards = 1 if face_sharding is None else mb // face_sharding.shard_shape((mb,))[0]
+    per_micro = math.ceil(subset / k)  # microbatch j holds ceil((subset - j) / k) of them
+    sub = min(mb, math.ceil(per_micro / mb_shards) * mb_shards) if config.face_weight else mb
+    weights = {
+        "diffusion": 1.0,
+        "text_reg": config.text_reg_weight,
+        "image_reg": config.image_reg_weight,
+    }
+
+    def micro_loss(params, m):
+        _, metrics = photoverse_loss(
+            nnx.merge(graphdef, params, frozen),
+            m,
+            key,
+            schedule=noise_schedule,
+            config=config,
+            fusion=fusion,
+            face_sharding=face_sharding,
+            face_subset=sub,
+            face_count=count,
+        )
+        # Mean terms weigh 1/k; the face term is already this microbatch's share of the sum.
+        share = sum(w * metrics[name] for name, w in weights.items()) / k
+        return share + config.face_weight * metrics["face"], metrics
+
+    def body(acc, m):
+        (share, metrics), grads = jax.value_and_grad(micro_loss, has_aux=True)(trainable, m)
+        grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        return jax.tree.map(jnp.add, acc, (share, grads)), metrics
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
+    (loss, grads), rows = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
+    metrics = jax.tree.map(lambda v: jnp.mean(v, axis=0), rows)
+    metrics["face"] = jnp.sum(rows["face"])  # each row is its share of the whole batch's
+    metrics["loss"] = loss
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
+    return (loss, metrics), grads

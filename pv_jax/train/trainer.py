@@ -31,7 +31,7 @@ from pv_jax.run_checkpoint import Checkpointer
 from pv_jax.sampling import SampleGrid
 from pv_jax.train import sharding
 from pv_jax.train.data import RecordBatches, SyntheticBatches
-from pv_jax.train.metrics import MetricWriter, compiled_flops, peak_tflops
+from pv_jax.train.metrics import MetricWriter, peak_tflops, step_flops
 from pv_jax.train.step import TrainState, learning_rate_schedule, make_optimizer, make_train_step
 
 
@@ -51,6 +51,13 @@ def check_config(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Non
         raise ConfigError(
             f"train.batch_size={b} is not divisible by the mesh's data x fsdp = "
             f"{data_parallel}; use a multiple of {data_parallel}"
+        )
+    k = cfg.train.grad_accum
+    if k < 1 or b % k or (b // k) % data_parallel:
+        raise ConfigError(
+            f"train.grad_accum={k} with train.batch_size={b}: each of the {k} microbatches "
+            f"must hold a multiple of the mesh's data x fsdp = {data_parallel} examples; use a "
+            f"grad_accum that divides {b // data_parallel if b % data_parallel == 0 else b}"
         )
     if b % jax.process_count():
         raise ConfigError(
@@ -249,6 +256,7 @@ def jit_train_step(
         fusion=cfg.train.fusion,
         ema_decay=cfg.train.ema_decay,
         face_sharding=_face_sharding(mesh),
+        grad_accum=cfg.train.grad_accum,
     )
     return jax.jit(
         step_fn,
@@ -441,7 +449,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunSumm
     t0 = time.perf_counter()
     compiled = run.step.lower(state, run.frozen, batch).compile()
     compile_s = time.perf_counter() - t0
-    flops = compiled_flops(compiled)
+    flops = step_flops(compiled, t.grad_accum)
 
     loop = _Loop(cfg, workdir, run, ckpt, flops, start, local_batch)
     preemption = _Preemption(every=t.preemption_check_every)
