@@ -45,7 +45,6 @@ from common import median_time, peak_rss_gib
 
 PROMPT = "a photo of an astronaut riding a horse"
 PV_PROMPT = "a photo of S* as an astronaut"
-SHARD_BYTES = 2 << 30
 
 
 def available_gib() -> float:
@@ -114,57 +113,37 @@ def _fill(shape: tuple[int, ...], name: str, rng: np.random.Generator) -> np.nda
 
 
 def write_random_unet(folder: Path, config, rng: np.random.Generator) -> int:
-    """A random SDXL-size UNet as a sharded diffusers folder, one tensor in memory at a time
-    (the values :func:`random_module` would give with this generator). Returns the count."""
+    """A random SDXL-size UNet as a diffusers folder (sharded past 10 GiB), streamed by the
+    project's writer: one tensor in memory at a time, each filled as
+    :func:`pv_jax.models.presets.random_module` fills it, from its own seed drawn from ``rng``.
+    Returns the parameter count."""
     from flax import nnx
-    from safetensors.numpy import save_file
 
     from pv_jax.models.layers import abstract_module
     from pv_jax.models.unet import UNet2DConditionModel
-    from pv_jax.weights.convert import DEFAULT_RULES, to_torch_layout, torch_key
+    from pv_jax.weights.convert import DEFAULT_RULES, LazyTensor, to_torch_layout, torch_key
+    from pv_jax.weights.tensor_files import write_sharded_safetensors
 
     module = abstract_module(lambda r: UNet2DConditionModel(config, rngs=r))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(module.config.to_diffusers(), indent=2))
-    shards: list[dict[str, np.ndarray]] = [{}]
-    names: list[str] = []
-    size = count = 0
-
-    def flush() -> None:
-        name = f"part-{len(names):05d}.safetensors"
-        save_file(shards[-1], str(folder / name), metadata={"format": "pt"})
-        names.append(name)
-        shards[-1] = {}
-
-    weight_map: dict[str, int] = {}
-    total = 0
+    tensors: dict[str, LazyTensor] = {}
+    count = 0
     for path, var in nnx.to_flat_state(nnx.state(module)):
-        value = _fill(var.get_value().shape, str(path[-1]), rng)
         if not isinstance(var, nnx.Param):
             continue
+        shape, name = var.get_value().shape, str(path[-1])
         key, layout = torch_key(".".join(str(p) for p in path), DEFAULT_RULES)
-        if size + value.nbytes > SHARD_BYTES and shards[-1]:
-            flush()
-            size = 0
-        shards[-1][key] = np.ascontiguousarray(to_torch_layout(value, layout))
-        weight_map[key] = len(names)
-        size += value.nbytes
-        total += value.nbytes
-        count += value.size
-    flush()
-    final = [
-        f"diffusion_pytorch_model-{i + 1:05d}-of-{len(names):05d}.safetensors"
-        for i in range(len(names))
-    ]
-    for old, new in zip(names, final, strict=True):
-        (folder / old).rename(folder / new)
-    index = {
-        "metadata": {"total_size": total},
-        "weight_map": {k: final[i] for k, i in sorted(weight_map.items())},
-    }
-    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
-        json.dumps(index, indent=2)
-    )
+        seed = int(rng.integers(2**63))
+
+        def make(shape=shape, name=name, layout=layout, seed=seed) -> np.ndarray:
+            value = _fill(shape, name, np.random.default_rng(seed))
+            return np.ascontiguousarray(to_torch_layout(value, layout))
+
+        torch_shape = to_torch_layout(np.empty(shape, np.float32), layout).shape
+        tensors[key] = LazyTensor(torch_shape, make)
+        count += int(np.prod(shape))
+    write_sharded_safetensors(folder, "diffusion_pytorch_model", tensors, {"format": "pt"})
     return count
 
 

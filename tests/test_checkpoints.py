@@ -202,7 +202,7 @@ def test_bad_folders_say_what_was_expected(sd_folder, tmp_path):
 def test_safetensors_reader_dtypes_and_truncation(tmp_path):
     from safetensors.torch import save_file as torch_save_file
 
-    from pv_jax.weights.hf_folders import open_tensors
+    from pv_jax.weights.tensor_files import open_tensors
 
     want = {
         "bf16": torch.randn(3, 4, dtype=torch.bfloat16),
@@ -238,7 +238,7 @@ def test_safetensors_writer_streams_and_reads_back(tmp_path):
     from safetensors.torch import load_file as torch_load_file
 
     from pv_jax.weights.convert import LazyTensor
-    from pv_jax.weights.hf_folders import write_safetensors
+    from pv_jax.weights.tensor_files import write_safetensors
 
     rng = np.random.RandomState(0)
     eager = {
@@ -300,6 +300,40 @@ def test_safetensors_writer_streams_and_reads_back(tmp_path):
         write_safetensors(tmp_path / "m.safetensors", {"a": np.zeros(1)}, {"format": 1})
     with pytest.raises(ValueError, match="complex128, which safetensors lacks"):
         write_safetensors(tmp_path / "c.safetensors", {"c": np.zeros(2, np.complex128)})
+
+
+def test_sharded_writes_stream_into_from_pretrained_shards(tmp_path):
+    """Past the shard size: numbered shards and the .index.json that from_pretrained (and our
+    reader) follow, each tensor made only when its shard is written; under it, one file."""
+    from safetensors.numpy import load_file
+
+    from pv_jax.weights.convert import LazyTensor
+    from pv_jax.weights.hf_folders import find_weights
+    from pv_jax.weights.tensor_files import open_tensors, write_sharded_safetensors
+
+    rng = np.random.RandomState(0)
+    want = {f"w.{i}": rng.randn(10, 10).astype(np.float32) for i in range(5)}  # 400 B each
+    made = []
+    lazy = {
+        k: LazyTensor(v.shape, lambda k=k, v=v: made.append(k) or v.copy()) for k, v in want.items()
+    }
+    paths = write_sharded_safetensors(tmp_path / "a", "model", lazy, {"format": "pt"}, 1000)
+    assert [p.name for p in paths] == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert sorted(made) == sorted(want)  # each made once
+    index = json.loads((tmp_path / "a" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 2000
+    assert sorted(index["weight_map"]) == sorted(want)
+    assert sorted(set(index["weight_map"].values())) == [p.name for p in paths]
+    files = find_weights(tmp_path / "a", ("model",))
+    assert files == paths
+    with open_tensors(files) as src:
+        for k, v in want.items():
+            np.testing.assert_array_equal(src[k](), v)
+    for p in paths:  # every shard is a plain safetensors file
+        assert set(load_file(str(p))) == {k for k, f in index["weight_map"].items() if f == p.name}
+    one = write_sharded_safetensors(tmp_path / "b", "model", want, None, 10_000)
+    assert [p.name for p in one] == ["model.safetensors"]
+    assert not (tmp_path / "b" / "model.safetensors.index.json").exists()
 
 
 def test_packaged_tokenizer_is_openai_clip():

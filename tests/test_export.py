@@ -119,7 +119,7 @@ def test_bad_input_is_one_line_naming_the_fix(exported, tmp_path, capsys):
     with pytest.raises(ExportFileError, match="is not a safetensors file"):
         read_export(tmp_path / "junk.safetensors")
     # An unknown key (a file written for another model) is named; the model is left as it was.
-    from pv_jax.weights.hf_folders import write_safetensors
+    from pv_jax.weights.tensor_files import write_safetensors
 
     tensors, metadata = read_export(out)
     extra = tmp_path / "extra.safetensors"

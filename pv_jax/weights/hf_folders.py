@@ -10,18 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import struct
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import jax.numpy as jnp
-import ml_dtypes
-import numpy as np
 from flax import nnx
 
-from pv_jax.errors import InputError
 from pv_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 from pv_jax.models.layers import abstract_module
 from pv_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -33,10 +28,14 @@ from pv_jax.weights.convert import (
     CLIP_VISION_STRIP_PREFIXES,
     DEFAULT_RULES,
     LazyTensor,
-    TensorSource,
     export_lazy,
     load_into,
     nothing,
+)
+from pv_jax.weights.tensor_files import (
+    CheckpointFolderError,
+    open_tensors,
+    write_sharded_safetensors,
 )
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
@@ -55,11 +54,6 @@ SD_PIPELINE = "StableDiffusionPipeline"
 SDXL_PIPELINE = "StableDiffusionXLPipeline"
 # Buffers that diffusers/transformers may store but that are not parameters.
 _IGNORE = (*CLIP_IGNORE,)
-
-
-class CheckpointFolderError(InputError, FileNotFoundError):
-    """A folder that is not the model folder it was expected to be (the user named it: an
-    InputError, reported by the command lines as one line)."""
 
 
 def find_weights(folder: Path, names: tuple[str, ...], variant: str | None = None) -> list[Path]:
@@ -86,77 +80,6 @@ def find_weights(folder: Path, names: tuple[str, ...], variant: str | None = Non
         f"{[n + s for n in names for s in suffixes]} (or an .index.json / .fp16 variant); "
         f"found {present}"
     )
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-
-
-def _safetensors_source(path: Path, handle) -> dict[str, Callable[[], np.ndarray]]:
-    """Lazy readers for each tensor of a safetensors file.
-
-    Tensors are read with ``readinto`` rather than through a memory map: mapped file pages count
-    as resident memory, which doubled the peak RSS of importing SD1.5 (bench/load.py).
-    """
-    try:
-        (n,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(n))
-    except (struct.error, ValueError) as e:
-        raise CheckpointFolderError(f"{path} is not a valid safetensors file ({e})") from e
-    start = 8 + n
-
-    def read(info: dict) -> np.ndarray:
-        b, e = info["data_offsets"]
-        out = np.empty(e - b, np.uint8)
-        handle.seek(start + b)
-        if handle.readinto(out) != e - b:
-            raise CheckpointFolderError(f"{path} is truncated")
-        return out.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
-
-    for key, info in header.items():
-        if key != "__metadata__" and info.get("dtype") not in _SAFETENSORS_DTYPES:
-            raise CheckpointFolderError(f"{path}: tensor {key} has unsupported dtype {info}")
-    return {k: (lambda i=i: read(i)) for k, i in header.items() if k != "__metadata__"}
-
-
-@contextmanager
-def open_tensors(files: list[Path]) -> Iterator[TensorSource]:
-    """A lazy key -> array source over safetensors or torch ``.bin`` files."""
-    source: dict[str, Callable[[], np.ndarray]] = {}
-    with ExitStack() as stack:
-        for path in files:
-            if path.name.endswith(".safetensors"):
-                handle = stack.enter_context(open(path, "rb"))  # noqa: SIM115 (ExitStack closes)
-                source.update(_safetensors_source(path, handle))
-            else:
-                source.update(_torch_bin(path))
-        yield source
-
-
-def _torch_bin(path: Path) -> dict[str, Callable[[], np.ndarray]]:
-    try:
-        import torch
-    except ImportError as e:
-        raise CheckpointFolderError(
-            f"{path} is a PyTorch pickle: install torch (pip install 'pv-jax[torch]') or convert "
-            "it to safetensors"
-        ) from e
-    # weights_only: never execute code from a pickle; mmap keeps memory near one tensor.
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return {
-        k: (lambda t=t: t.float().numpy() if t.is_floating_point() else t.numpy())
-        for k, t in state.items()
-    }
 
 
 def read_config(folder: Path, what: str) -> dict[str, Any]:
@@ -439,75 +362,11 @@ def load_stable_diffusion(
 # ----------------------------------------------------------------------------------- export
 
 
-_DTYPE_CODES = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
-
-
-def write_safetensors(
-    path: str | os.PathLike,
-    tensors: Mapping[str, LazyTensor | np.ndarray],
-    metadata: dict[str, str] | None = None,
-) -> Path:
-    """Write a safetensors file one tensor at a time: the peak is the largest tensor, not the
-    whole state dict twice over (``safetensors.numpy.save_file`` copies every tensor to bytes).
-
-    :class:`LazyTensor` values are made as they are written. The file appears complete or not
-    at all (written beside it, then renamed).
-    """
-    path = Path(path)
-    if "__metadata__" in tensors:
-        raise ValueError(f"{path}: '__metadata__' is safetensors' header key, not a tensor name")
-    if metadata and not all(isinstance(v, str) for v in (*metadata, *metadata.values())):
-        raise ValueError(f"{path}: safetensors metadata maps str to str, got {metadata!r}")
-    # safetensors' own order: larger elements first, then by name, so every tensor's data starts
-    # aligned to its element size (readers that view the file's bytes in place need that).
-    order = sorted(tensors, key=lambda k: (-np.dtype(tensors[k].dtype).itemsize, k))
-    header: dict[str, Any] = {}
-    offset = 0
-    for key in order:
-        t = tensors[key]
-        dtype = np.dtype(t.dtype)
-        if dtype not in _DTYPE_CODES:
-            raise ValueError(f"{path}: tensor {key} has dtype {dtype}, which safetensors lacks")
-        size = t.nbytes  # (LazyTensor's and ndarray's alike)
-        header[key] = dict(
-            dtype=_DTYPE_CODES[dtype], shape=list(t.shape), data_offsets=[offset, offset + size]
-        )
-        offset += size
-    if metadata:
-        header["__metadata__"] = metadata
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for key in order:
-                t = tensors[key]
-                array = np.asarray(t() if isinstance(t, LazyTensor) else t)
-                array = array if array.flags.c_contiguous else array.copy(order="C")
-                want = (header[key]["shape"], header[key]["dtype"])
-                if (list(array.shape), _DTYPE_CODES.get(array.dtype)) != want:
-                    raise ValueError(
-                        f"{path}: tensor {key} was made as {array.shape} {array.dtype}, "
-                        f"announced as {want}"
-                    )
-                f.write(array.reshape(-1).view(np.uint8).data)
-                del array
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def _write(
-    folder: Path, config: dict, tensors: Mapping[str, LazyTensor], weights_file: str
-) -> Path:
+def _write(folder: Path, config: dict, tensors: Mapping[str, LazyTensor], weights: str) -> Path:
+    """config.json and the weights, streamed (sharded past 10 GiB: SDXL's fp32 UNet)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    write_safetensors(folder / weights_file, tensors, {"format": "pt"})
+    write_sharded_safetensors(folder, weights, tensors, {"format": "pt"})
     return folder
 
 
@@ -517,7 +376,7 @@ def save_unet(unet: UNet2DConditionModel, folder: str | os.PathLike) -> Path:
         Path(folder),
         unet.config.to_diffusers(),
         export_lazy(unet),
-        f"{DIFFUSERS_WEIGHTS}.safetensors",
+        DIFFUSERS_WEIGHTS,
     )
 
 
@@ -527,7 +386,7 @@ def save_vae(vae: AutoencoderKL, folder: str | os.PathLike) -> Path:
         Path(folder),
         vae.config.to_diffusers(),
         export_lazy(vae),
-        f"{DIFFUSERS_WEIGHTS}.safetensors",
+        DIFFUSERS_WEIGHTS,
     )
 
 
@@ -540,7 +399,7 @@ def _clip_export(model, prefix: str, arch: str, folder: Path) -> Path:
         tensors = {
             (k if k.endswith("projection.weight") else prefix + k): v for k, v in tensors.items()
         }
-    return _write(folder, config, tensors, "model.safetensors")
+    return _write(folder, config, tensors, "model")
 
 
 def save_clip_text(model: CLIPTextModel, folder: str | os.PathLike) -> Path:
