@@ -21,8 +21,9 @@ import numpy as np
 from PIL import Image
 
 from pv_jax.errors import run_command
+from pv_jax.face.references import load_reference
+from pv_jax.sampling.cli import check_model_args, pipeline_from_args
 from pv_jax.sampling.options import add_sampling_args, check_prompts, options_from_args
-from pv_jax.sampling.pipeline import check_model_args, load_reference, pipeline_from_args
 
 
 def contact_sheet(result, size: int = 160) -> Image.Image:

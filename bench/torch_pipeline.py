@@ -32,7 +32,7 @@ def toy_pair(tmp: Path):
     """(our bundle, the torch pipeline) of the committed toy run, through its export file."""
     from photoverse_torch import PhotoVerseTorchPipeline
     from pv_jax.export import write_export
-    from pv_jax.sampling.pipeline import load_trained
+    from pv_jax.run_checkpoint import load_trained
 
     bundle = load_trained(ROOT / "models/toy_faces/photoverse")
     path = tmp / "toy.safetensors"
@@ -84,7 +84,8 @@ def main() -> None:
     """Run both pipelines and print the JSON row."""
     import tempfile
 
-    from pv_jax.sampling.pipeline import PhotoVersePipeline, load_reference
+    from pv_jax.face.references import load_reference
+    from pv_jax.sampling.pipeline import PhotoVersePipeline
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="toy", choices=["toy", "sd15"])

@@ -95,7 +95,7 @@ def write_export(bundle, out: str | os.PathLike) -> dict[str, Any]:
     """Write a loaded run's trained weights (``load_trained``'s bundle) to ``out``; returns a
     summary (tensors, parameters, bytes, step, which weights, the metadata)."""
     from pv_jax.sampling.tuned import tuned_settings
-    from pv_jax.weights.hf_folders import write_safetensors
+    from pv_jax.weights.tensor_files import write_safetensors
 
     if bundle.source is None:
         raise ValueError("export a bundle that load_trained returned (it knows its run)")
@@ -133,8 +133,7 @@ def export_photoverse(
 ) -> dict[str, Any]:
     """Write the run ``ckpt``'s trained weights (its latest step, or ``step``) to ``out``;
     returns :func:`write_export`'s summary."""
-    from pv_jax.run_checkpoint import Checkpointer
-    from pv_jax.sampling.pipeline import load_trained
+    from pv_jax.run_checkpoint import Checkpointer, load_trained
 
     out = Path(out)
     if out.suffix != ".safetensors":

@@ -16,13 +16,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
-from pv_jax.paths import refresh, run_path
+from pv_jax.errors import CheckpointMismatchError, MissingPathError
+from pv_jax.paths import is_remote, refresh, run_path
+
+if TYPE_CHECKING:
+    from pv_jax.photoverse import PhotoVerseBundle
 
 
 @contextlib.contextmanager
@@ -158,3 +163,87 @@ def _check_same_shapes(saved: list, wanted: list) -> None:
             f"{len(saved_shapes)} saved tensors vs {len(want_shapes)} in the model; shapes "
             f"only in the checkpoint {only_saved}, only in the model {only_model}"
         )
+
+
+def _find_base_folder(folder: str, workdir: str | os.PathLike) -> str:
+    """A relative base folder of a saved config: from the current directory if it is there,
+    else from the nearest parent of the workdir that holds it (a model folder that carries its
+    base, like ``models/toy_faces``, works from anywhere)."""
+    path = Path(folder)
+    if not folder or path.is_absolute() or path.exists() or is_remote(workdir):
+        return folder
+    for parent in Path(workdir).parents:
+        if (parent / path).exists():
+            return str(parent / path)
+    return folder
+
+
+def load_trained(
+    workdir: str | os.PathLike,
+    *,
+    step: int | None = None,
+    sd_folder: str | None = None,
+    clip_vision_folder: str | None = None,
+    use_ema: bool = True,
+    model_overrides: dict | None = None,
+) -> PhotoVerseBundle:
+    """The PhotoVerse of a training run (local or ``gs://``) with its trained weights (the EMA
+    ones if kept and ``use_ema``). Only those weights are read (an Orbax partial restore): no
+    optimizer is built and the optimizer state is never loaded."""
+    # The model is built here only (a process that only saves checkpoints never imports it).
+    import ml_collections
+    from flax import nnx
+
+    from pv_jax.photoverse import split_trainable
+    from pv_jax.photoverse.factory import build_bundle
+
+    workdir = run_path(workdir)
+    refresh(workdir)  # a live run may have saved since this process last looked
+    if not (workdir / "checkpoints").is_dir():
+        raise MissingPathError(
+            f"{workdir} has no checkpoints/: pass the --workdir of a train_tpu.py run"
+        )
+    ckpt = Checkpointer(workdir, every=1, keep=1_000_000)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise MissingPathError(
+                f"{workdir}/checkpoints holds no finished checkpoint: wait for the run's first "
+                "save (train.checkpoint_every) or pass another --ckpt"
+            )
+        cfg = ml_collections.ConfigDict(ckpt.saved_config(step))
+        if sd_folder:
+            cfg.base.sd_folder = sd_folder
+        if clip_vision_folder:
+            cfg.base.clip_vision_folder = clip_vision_folder
+        for field in ("sd_folder", "clip_vision_folder"):
+            cfg.base[field] = _find_base_folder(cfg.base[field], workdir)
+        # The base as found (local folders absolute), for exports that name it.
+        base = {
+            k: v if not v or is_remote(v) else os.path.abspath(v)
+            for k, v in ((k, cfg.base.get(k)) for k in ("sd_folder", "clip_vision_folder"))
+        } | {"kind": cfg.base.get("kind")}
+        if model_overrides:
+            cfg.model.update(model_overrides)
+        bundle = build_bundle(cfg, face_net=False)  # sampling needs no face net (not saved)
+        graphdef, trainable, frozen = split_trainable(bundle.model)
+        one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # the sampler's device
+        shardings = jax.tree.map(lambda _: one_device, trainable)
+        weights, which = ckpt.restore_weights(step, trainable, shardings, ema=use_ema)
+    except ShapeMismatchError as e:
+        raise CheckpointMismatchError(
+            f"checkpoint {workdir} step {step} does not fit the base model built from its "
+            f"config (sd_folder={cfg.base.sd_folder!r}, kind={cfg.base.kind!r}): {e}. Load it "
+            "onto the SD / CLIP folders it was trained with."
+        ) from e
+    finally:
+        ckpt.close()
+    bundle.model = nnx.merge(graphdef, weights, frozen)
+    bundle.source = {
+        "workdir": str(workdir),
+        "step": step,
+        "weights": which,
+        "base": base,
+        "data_split": cfg.data.get("split", "train"),  # the records the run trained on
+    }
+    return bundle

@@ -125,7 +125,7 @@ def toy_export(tmp_path_factory):
     """The committed toy run (models/toy_faces/photoverse) loaded, and its export written once:
     (bundle, path)."""
     from pv_jax.export import write_export
-    from pv_jax.sampling.pipeline import load_trained
+    from pv_jax.run_checkpoint import load_trained
 
     path = tmp_path_factory.mktemp("toy_export") / "toy.safetensors"
     bundle = load_trained(Path(__file__).resolve().parent.parent / "models/toy_faces/photoverse")

@@ -18,13 +18,14 @@ import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPModel
 
-from pv_jax.errors import InputError
+from pv_jax.errors import InputError, ReferencePhotoError
 from pv_jax.evaluation import evaluate, markdown_table, summarize
 from pv_jax.evaluation import run as evaluate_module
 from pv_jax.evaluation.clip_score import CLIPScorer
+from pv_jax.face.references import load_reference
 from pv_jax.models.clip import preprocess_images
 from pv_jax.models.presets import TINY_TEXT, TINY_VISION
-from pv_jax.sampling.pipeline import PhotoVersePipeline, ReferencePhotoError, load_reference
+from pv_jax.sampling.pipeline import PhotoVersePipeline
 from pv_jax.weights.hf_folders import CheckpointFolderError, load_clip
 
 ASTRONAUT = os.path.join(os.path.dirname(skimage.data.__file__), "astronaut.png")

@@ -22,17 +22,12 @@ from PIL import Image
 
 import sample
 from configs import tiny
-from pv_jax.errors import InputError
+from pv_jax.errors import CheckpointMismatchError, InputError, ReferencePhotoError
+from pv_jax.face.references import load_reference
 from pv_jax.photoverse import PromptError, split_trainable, tiny_photoverse
-from pv_jax.run_checkpoint import Checkpointer
+from pv_jax.run_checkpoint import Checkpointer, load_trained
 from pv_jax.sampling.options import SamplingOptions
-from pv_jax.sampling.pipeline import (
-    CheckpointMismatchError,
-    PhotoVersePipeline,
-    ReferencePhotoError,
-    load_reference,
-    load_trained,
-)
+from pv_jax.sampling.pipeline import PhotoVersePipeline
 from pv_jax.train.data import SyntheticBatches
 from pv_jax.train.step import TrainState
 from pv_jax.train.trainer import make_optimizer_from_config

@@ -16,7 +16,7 @@ import pytest
 import skimage.data
 from flax import nnx
 
-from pv_jax.sampling.pipeline import load_reference
+from pv_jax.face.references import load_reference
 
 torch = pytest.importorskip("torch")
 

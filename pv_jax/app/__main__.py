@@ -17,8 +17,8 @@ from pathlib import Path
 
 from pv_jax.app.handler import Limits, PhotoVerseApp
 from pv_jax.errors import InputError, run_command
+from pv_jax.sampling.cli import check_run_folders, pipeline_from_args
 from pv_jax.sampling.options import add_sampling_args, options_from_args
-from pv_jax.sampling.pipeline import check_model_args, pipeline_from_args
 
 # The embedded default: the toy model trained here (models/toy_faces, what `make demo` uses).
 DEFAULT_CKPT = "models/toy_faces/photoverse"
@@ -54,7 +54,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.ckpt is None:
         local = Path(DEFAULT_CKPT)
         args.ckpt = str(local if local.exists() else _REPO / DEFAULT_CKPT)
-    args.tiny = False
     return args
 
 
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         raise InputError(f"--queue-size must be >= 0 (0: no limit), got {args.queue_size}")
     if args.max_upload_mb <= 0 or args.max_megapixels <= 0:
         raise InputError("--max-upload-mb and --max-megapixels must be > 0")
-    check_model_args(args)
+    check_run_folders(args.ckpt, args.sd_folder, args.clip_vision_folder)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     log = logging.getLogger("pv_jax.app")
 

@@ -30,16 +30,11 @@ from PIL import Image, UnidentifiedImageError
 
 from pv_jax.data.preprocess import FaceRecord, PreprocessConfig
 from pv_jax.errors import InputError, PromptError, ReferencePhotoError
+from pv_jax.face.references import identity_of, load_reference, photo_advice, reference_descriptor
 from pv_jax.photoverse.config import PhotoVerseConfig
 from pv_jax.photoverse.placeholder import has_placeholder
 from pv_jax.sampling.options import SamplingOptions
-from pv_jax.sampling.pipeline import (
-    PhotoVersePipeline,
-    identity_of,
-    load_reference,
-    photo_advice,
-    reference_descriptor,
-)
+from pv_jax.sampling.pipeline import PhotoVersePipeline
 
 # What the page offers one click away: the toy model's own captions (pv_jax.toy.attributes) and
 # two of the paper's.

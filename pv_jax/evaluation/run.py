@@ -31,20 +31,15 @@ from tqdm import tqdm
 
 from pv_jax.errors import InputError, MissingPathError, ReferencePhotoError, run_command
 from pv_jax.face import descriptor_cosine, unit_rows
+from pv_jax.face.references import check_reference, face_descriptor, reference_descriptor
+from pv_jax.sampling.cli import check_model_args, pipeline_from_args
 from pv_jax.sampling.options import (
     SamplingOptions,
     add_sampling_args,
     check_prompts,
     options_from_args,
 )
-from pv_jax.sampling.pipeline import (
-    PhotoVersePipeline,
-    check_model_args,
-    check_reference,
-    face_descriptor,
-    pipeline_from_args,
-    reference_descriptor,
-)
+from pv_jax.sampling.pipeline import PhotoVersePipeline
 
 PAPER_PROMPT = "a photo of S*"
 # The evaluation's defaults where they differ from SamplingOptions'.

@@ -2,7 +2,7 @@
 prompt following of plain text-to-image samples, through the library's sampler.
 
 - *Face rate*: the fraction of "a photo of a person" samples in which dlib finds a face
-  (``pv_jax.sampling.pipeline.face_descriptor``: HOG after upscaling to 256 px).
+  (``pv_jax.face.references.face_descriptor``: HOG after upscaling to 256 px).
 - *Memorisation*: the fraction of samples whose nearest training face is a near-copy: nearest
   pixel distance under a third of the second nearest (mirrored photos count as the photo).
 - *Prompt following*: per attribute word, the fraction of samples that show it, with the word
@@ -60,7 +60,7 @@ def sample_plain(
 
 def face_rate(images: np.ndarray) -> float:
     """The fraction of images in which dlib finds a face."""
-    from pv_jax.sampling.pipeline import face_descriptor
+    from pv_jax.face.references import face_descriptor
 
     return float(np.mean([face_descriptor(im) is not None for im in images]))
 

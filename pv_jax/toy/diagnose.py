@@ -565,8 +565,7 @@ def x0_gap_curve(
     of the conditioning gain against steps. The model is built once; each step restores only
     the trained weights (EMA when kept)."""
     from pv_jax.photoverse import split_trainable
-    from pv_jax.run_checkpoint import Checkpointer
-    from pv_jax.sampling.pipeline import load_trained
+    from pv_jax.run_checkpoint import Checkpointer, load_trained
     from pv_jax.toy.data import split_arrays
 
     ckpt = Checkpointer(run, every=1, keep=1_000_000)
@@ -619,7 +618,7 @@ def main(argv: list[str] | None = None) -> dict:
     import argparse
     import json
 
-    from pv_jax.sampling.pipeline import load_trained
+    from pv_jax.run_checkpoint import load_trained
 
     p = argparse.ArgumentParser(prog="python -m pv_jax.toy.diagnose")
     p.add_argument("--run", type=Path, required=True, help="a train_tpu.py workdir")

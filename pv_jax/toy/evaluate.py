@@ -115,7 +115,8 @@ def evaluate_runs(
     image its own seed; False: seeds 0..7 for every reference (the paired design of the first
     evaluation)."""
     from pv_jax.evaluation.run import identity_by_prompt
-    from pv_jax.sampling.pipeline import PhotoVersePipeline, face_descriptor
+    from pv_jax.face.references import face_descriptor
+    from pv_jax.sampling.pipeline import PhotoVersePipeline
     from pv_jax.toy.base_eval import sample_plain
     from pv_jax.toy.diagnose import x0_gap_curve
     from pv_jax.weights.hf_folders import load_stable_diffusion
