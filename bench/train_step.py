@@ -145,97 +145,6 @@ def make_config(
     return cfg
 
 
-def abstract_run(cfg, mesh):
-    """The trainer's jitted step and abstract (state, frozen, batch) to lower it with; no
-    weight is allocated. ``trainer.setup`` builds the weights, so this mirrors it: the same
-    optimizer, shardings and ``jit_train_step``, on a model built under ``nnx.eval_shape``."""
-    import jax
-    from flax import nnx
-
-    from pv_jax.diffusion import NoiseSchedule
-    from pv_jax.face import FaceResNet
-    from pv_jax.models.clip import CLIPTextModel, CLIPVisionModel
-    from pv_jax.models.unet import UNet2DConditionModel
-    from pv_jax.models.vae import AutoencoderKL
-    from pv_jax.photoverse import (
-        PhotoVerse,
-        PhotoVerseBundle,
-        PhotoVerseConfig,
-        count_params,
-        photoverse_attention_cls,
-        split_trainable,
-    )
-    from pv_jax.photoverse.factory import DTYPES, PRESETS, _tokenizer
-    from pv_jax.train import sharding, trainer
-    from pv_jax.train.step import TrainState
-    from pv_jax.weights.hf_folders import load_tokenizer, load_tokenizer_2
-
-    trainer.check_config(cfg, mesh)
-    pv_cfg = PhotoVerseConfig.from_dict(cfg.model.to_dict())
-    preset = PRESETS[cfg.base.kind.removeprefix("random_")]
-    dtype = DTYPES[cfg.base.dtype]
-    kw = dict(dtype=dtype, attention=cfg.base.attention)
-
-    # Each network in its own trace: a parameter's creation under eval_shape costs time in the
-    # size of the trace so far (library problem, docs/BENCHMARKS.md), so one trace of the whole
-    # model is several times slower than these.
-    def abstract(ctor):
-        return nnx.eval_shape(lambda: ctor(nnx.Rngs(cfg.base.seed)))
-
-    unet = abstract(
-        lambda r: UNet2DConditionModel(
-            preset.unet,
-            remat=cfg.base.remat,
-            cross_attention_cls=photoverse_attention_cls(pv_cfg),
-            rngs=r,
-            **kw,
-        )
-    )
-    nets = dict(
-        unet=unet,
-        vae=abstract(lambda r: AutoencoderKL(preset.vae, rngs=r, **kw)),
-        text_encoder=abstract(lambda r: CLIPTextModel(preset.text, rngs=r, **kw)),
-        image_encoder=abstract(lambda r: CLIPVisionModel(preset.vision, rngs=r, **kw)),
-        face_net=abstract(lambda r: FaceResNet(rngs=r)) if pv_cfg.face_weight else None,
-        text_encoder_2=None
-        if preset.text_2 is None
-        else abstract(lambda r: CLIPTextModel(preset.text_2, with_projection=True, rngs=r, **kw)),
-    )
-
-    def build(nets: dict) -> PhotoVerse:  # random_photoverse's composition (and adapters)
-        return PhotoVerse(
-            pv_cfg,
-            **nets,
-            force_zeros_for_empty_prompt=preset.text_2 is not None,
-            dtype=dtype,
-            rngs=nnx.Rngs(cfg.base.seed),
-        )
-
-    model = nnx.eval_shape(build, nets)
-    tokenizer = _tokenizer(
-        load_tokenizer(),
-        pv_cfg,
-        preset.text.max_position_embeddings,
-        load_tokenizer_2() if preset.text_2 is not None else None,
-    )
-    bundle = PhotoVerseBundle(model, tokenizer, NoiseSchedule(), pv_cfg)
-    # The batch's keys, shapes and dtypes are those of the trainer's own data.
-    batch = {
-        k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-        for k, v in next(trainer.make_data(cfg, bundle)).items()
-    }
-    graphdef, trainable, frozen = split_trainable(model)
-    tx, lr = trainer.make_optimizer_from_config(cfg, with_schedule=True)
-    trainable_sh = sharding.state_shardings(trainable, mesh)
-    frozen_sh = sharding.state_shardings(frozen, mesh)
-    state = jax.eval_shape(
-        lambda t: TrainState.create(t, tx, ema=cfg.train.ema_decay > 0), trainable
-    )
-    state_sh = sharding.train_state_shardings(state, tx, trainable_sh, mesh)
-    jitted = trainer.jit_train_step(cfg, bundle, graphdef, tx, lr, state_sh, frozen_sh, mesh)
-    return jitted, (state, frozen, batch), count_params(trainable), count_params(frozen)
-
-
 def gib(n: float) -> float:
     """Bytes -> GiB, 3 decimals."""
     return round(n / 2**30, 3)
@@ -329,13 +238,13 @@ def run_one(
     cfg.train.grad_accum = grad_accum
     t0 = time.perf_counter()
     mesh = sharding.make_mesh(-1, fsdp)
-    if abstract:
-        step, args, trainable_params, frozen_params = abstract_run(cfg, mesh)
+    run = trainer.setup(cfg, mesh, abstract=abstract)
+    step, trainable_params, frozen_params = run.step, run.trainable_params, run.frozen_params
+    if abstract:  # shapes only: nothing is allocated, the step is lowered and compiled
+        args = (run.host_state, run.frozen, trainer.abstract_batch(run))
     else:
-        run = trainer.setup(cfg, mesh)
         state = sharding.put_global(run.host_state, run.state_sh)
         run.host_state = None
-        step, trainable_params, frozen_params = run.step, run.trainable_params, run.frozen_params
         args = (state, run.frozen, sharding.put_batch(next(run.data), mesh))
     build_s = time.perf_counter() - t0
     compiled, lower_s, compile_s = compile_timed(step, *args)

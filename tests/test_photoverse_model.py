@@ -14,8 +14,7 @@ from conftest import face_batch, tiny_stable_diffusion
 from flax import nnx
 
 from pv_jax.models.attention import dot_attention
-from pv_jax.models.clip import CLIPTextModel, CLIPVisionModel
-from pv_jax.models.layers import abstract_module
+from pv_jax.models.clip import CLIPVisionModel
 from pv_jax.models.presets import (
     SD15_TEXT,
     SD15_UNET,
@@ -26,7 +25,6 @@ from pv_jax.models.presets import (
     random_module,
 )
 from pv_jax.models.unet import UNet2DConditionModel
-from pv_jax.models.vae import AutoencoderKL
 from pv_jax.photoverse import (
     FROZEN,
     TINY_CONFIG,
@@ -38,12 +36,14 @@ from pv_jax.photoverse import (
     PhotoVerse,
     PhotoVerseAttention,
     PhotoVerseConfig,
+    Preset,
     TextAdapter,
     build_photoverse,
     count_params,
     cross_attentions,
     photoverse_attention_cls,
     photoverse_loss,
+    preset_photoverse,
     random_fusion,
     split_trainable,
 )
@@ -111,19 +111,9 @@ def test_trainable_parameter_count_sd15(image_source):
     # Only the text width matters to the trainable part: one layer keeps the build quick.
     text_cfg = dataclasses.replace(SD15_TEXT, num_hidden_layers=1)
 
-    def build(rngs):
-        return PhotoVerse(
-            cfg,
-            unet=UNet2DConditionModel(
-                unet_cfg, cross_attention_cls=photoverse_attention_cls(cfg), rngs=rngs
-            ),
-            vae=AutoencoderKL(TINY_VAE, rngs=rngs),  # frozen, not counted here
-            text_encoder=CLIPTextModel(text_cfg, rngs=rngs),
-            image_encoder=CLIPVisionModel(vision_cfg, rngs=rngs),
-            rngs=rngs,
-        )
-
-    model = abstract_module(build)  # shapes only, fast (layers.ShapeOnlyRngs)
+    # Shapes only, fast; the VAE is frozen, not counted here.
+    preset = Preset(unet_cfg, TINY_VAE, text_cfg, vision_cfg)
+    model = preset_photoverse(cfg, preset, abstract=True, with_face_net=False).model
     _, trainable, _ = split_trainable(model)
     n = count_params(trainable)
 

@@ -16,7 +16,6 @@ from conftest import face_batch
 from flax import nnx
 
 from pv_jax.models.clip import CLIPTextModel, CLIPVisionModel
-from pv_jax.models.layers import abstract_module
 from pv_jax.models.presets import SDXL_TEXT, SDXL_TEXT_2, SDXL_UNET, TINY_VAE, VIT_H14_VISION
 from pv_jax.models.sdxl import encode_sdxl_prompt
 from pv_jax.models.unet import UNet2DConditionModel
@@ -26,10 +25,11 @@ from pv_jax.photoverse import (
     TINY_CONFIG,
     PhotoVerse,
     PhotoVerseConfig,
+    Preset,
     count_params,
     cross_attentions,
-    photoverse_attention_cls,
     photoverse_loss,
+    preset_photoverse,
     split_trainable,
 )
 from pv_jax.photoverse.factory import random_photoverse
@@ -195,20 +195,8 @@ def test_trainable_parameter_count_sdxl(image_source):
     text = dataclasses.replace(SDXL_TEXT, num_hidden_layers=1)
     text_2 = dataclasses.replace(SDXL_TEXT_2, num_hidden_layers=1)
 
-    def build(rngs):
-        return PhotoVerse(
-            cfg,
-            unet=UNet2DConditionModel(
-                SDXL_UNET, cross_attention_cls=photoverse_attention_cls(cfg), rngs=rngs
-            ),
-            vae=AutoencoderKL(TINY_VAE, rngs=rngs),  # frozen, not counted here
-            text_encoder=CLIPTextModel(text, rngs=rngs),
-            text_encoder_2=CLIPTextModel(text_2, with_projection=True, rngs=rngs),
-            image_encoder=CLIPVisionModel(VIT_H14_VISION, rngs=rngs),
-            rngs=rngs,
-        )
-
-    model = abstract_module(build)
+    preset = Preset(SDXL_UNET, TINY_VAE, text, VIT_H14_VISION, text_2)  # the VAE: not counted
+    model = preset_photoverse(cfg, preset, abstract=True, with_face_net=False).model
     _, trainable, _ = split_trainable(model)
     n = count_params(trainable)
 

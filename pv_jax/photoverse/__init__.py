@@ -13,8 +13,10 @@ from pv_jax.photoverse.config import AdapterConfig, PhotoVerseConfig
 from pv_jax.photoverse.factory import (
     TINY_CONFIG,
     PhotoVerseBundle,
+    Preset,
     build_bundle,
     build_photoverse,
+    preset_photoverse,
     random_photoverse,
     tiny_photoverse,
 )
@@ -39,6 +41,7 @@ __all__ = [
     "PhotoVerse",
     "PhotoVerseAttention",
     "PhotoVerseBundle",
+    "Preset",
     "PhotoVerseConfig",
     "PlaceholderTokenizer",
     "PromptError",
@@ -52,6 +55,7 @@ __all__ = [
     "inject_pseudo_words",
     "photoverse_attention_cls",
     "photoverse_loss",
+    "preset_photoverse",
     "random_photoverse",
     "random_fusion",
     "split_trainable",

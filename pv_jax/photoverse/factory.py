@@ -20,8 +20,9 @@ import numpy as np
 from flax import nnx
 
 from pv_jax.diffusion import NoiseSchedule
-from pv_jax.face import load_dlib_face_net
+from pv_jax.face import FaceResNet, load_dlib_face_net
 from pv_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+from pv_jax.models.layers import abstract_module
 from pv_jax.models.presets import (
     SD15_TEXT,
     SD15_UNET,
@@ -170,57 +171,82 @@ PRESETS = {
 }
 
 
-def random_photoverse(
+def preset_photoverse(
     config: PhotoVerseConfig,
-    preset: str = "tiny",
+    preset: str | Preset = "tiny",
     *,
+    abstract: bool = False,
     seed: int = 0,
     with_face_net: bool = True,
     dtype: jnp.dtype = jnp.float32,
     attention: str = "auto",
     remat: bool = False,
 ) -> PhotoVerseBundle:
-    """PhotoVerse on random networks of a preset (:data:`PRESETS`), with the real tokenizer(s)
-    and dlib's real face net: for tests, demos and benchmarks. The weights are untrained."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    p = PRESETS[preset]
-    unet_cfg, vae_cfg, text_cfg, vision_cfg = p.unet, p.vae, p.text, p.vision
-    rng = np.random.default_rng(seed)
+    """PhotoVerse on the networks of a preset (a name in :data:`PRESETS`, or a
+    :class:`Preset`), with the real tokenizer(s): random weights and dlib's real face net, or
+    with ``abstract`` shapes only (no weight allocated: compile-only benchmarks, parameter
+    counts; fill it from weights or lower a step on it). The one place a random or abstract
+    PhotoVerse is assembled; :func:`build_photoverse` assembles it from folders."""
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        preset = PRESETS[preset]
+    p = preset
     kw = dict(dtype=dtype, attention=attention)
-    unet = random_module(
+    rng = np.random.default_rng(seed)
+
+    def make(ctor, skip: nnx.filterlib.Filter = False) -> nnx.Module:
+        # Each network on its own: one abstract trace of the whole model is several times
+        # slower (parameter creation costs time in the size of the trace so far).
+        return abstract_module(ctor) if abstract else random_module(ctor, rng, skip=skip)
+
+    unet = make(
         lambda r: UNet2DConditionModel(
-            unet_cfg,
+            p.unet,
             remat=remat,
             cross_attention_cls=photoverse_attention_cls(config),
             rngs=r,
             **kw,
         ),
-        rng,
         skip=UNET_EXTRAS,
     )
     rngs = nnx.Rngs(seed)
-    _init_extras(unet, config, rngs)
-    model = PhotoVerse(
-        config,
+    if not abstract:
+        _init_extras(unet, config, rngs)
+    nets = dict(
         unet=unet,
-        vae=random_module(lambda r: AutoencoderKL(vae_cfg, rngs=r, **kw), rng),
-        text_encoder=random_module(lambda r: CLIPTextModel(text_cfg, rngs=r, **kw), rng),
-        image_encoder=random_module(lambda r: CLIPVisionModel(vision_cfg, rngs=r, **kw), rng),
-        face_net=load_dlib_face_net() if with_face_net else None,
-        text_encoder_2=None
-        if p.text_2 is None
-        else random_module(
-            lambda r: CLIPTextModel(p.text_2, with_projection=True, rngs=r, **kw), rng
-        ),
-        force_zeros_for_empty_prompt=p.text_2 is not None,  # SDXL base's setting
-        dtype=dtype,
-        rngs=rngs,
+        vae=make(lambda r: AutoencoderKL(p.vae, rngs=r, **kw)),
+        text_encoder=make(lambda r: CLIPTextModel(p.text, rngs=r, **kw)),
+        image_encoder=make(lambda r: CLIPVisionModel(p.vision, rngs=r, **kw)),
+        face_net=None,
+        text_encoder_2=None,
     )
+    if with_face_net:
+        nets["face_net"] = (
+            abstract_module(lambda r: FaceResNet(rngs=r)) if abstract else load_dlib_face_net()
+        )
+    if p.text_2 is not None:
+        nets["text_encoder_2"] = make(
+            lambda r: CLIPTextModel(p.text_2, with_projection=True, rngs=r, **kw)
+        )
+
+    def compose(nets: dict, rngs: nnx.Rngs) -> PhotoVerse:
+        return PhotoVerse(
+            config,
+            **nets,
+            force_zeros_for_empty_prompt=p.text_2 is not None,  # SDXL base's setting
+            dtype=dtype,
+            rngs=rngs,
+        )
+
+    if abstract:
+        model = nnx.eval_shape(lambda n: compose(n, nnx.Rngs(seed)), nets)
+    else:
+        model = compose(nets, rngs)
     tokenizer = _tokenizer(
         load_tokenizer(),
         config,
-        text_cfg.max_position_embeddings,
+        p.text.max_position_embeddings,
         load_tokenizer_2() if p.text_2 is not None else None,
     )
     # SD 1.5's and SDXL's scheduler configs share the defaults (scaled_linear betas 0.00085 to
@@ -230,6 +256,12 @@ def random_photoverse(
     )
 
 
+def random_photoverse(config: PhotoVerseConfig, preset: str = "tiny", **kwargs) -> PhotoVerseBundle:
+    """PhotoVerse on random networks of a preset (:data:`PRESETS`), with the real tokenizer(s)
+    and dlib's real face net: for tests, demos and benchmarks. The weights are untrained."""
+    return preset_photoverse(config, preset, **kwargs)
+
+
 def tiny_photoverse(config: PhotoVerseConfig = TINY_CONFIG, **kwargs) -> PhotoVerseBundle:
     """Tiny random PhotoVerse (:func:`random_photoverse` with the "tiny" preset): milliseconds
     per step on a CPU."""
@@ -237,25 +269,29 @@ def tiny_photoverse(config: PhotoVerseConfig = TINY_CONFIG, **kwargs) -> PhotoVe
 
 
 def build_bundle(
-    cfg: ml_collections.ConfigDict, *, face_net: bool | None = None
+    cfg: ml_collections.ConfigDict, *, face_net: bool | None = None, abstract: bool = False
 ) -> PhotoVerseBundle:
     """The PhotoVerse model of a run config (``base`` and ``model``), on the host (sharded
     placement follows). ``face_net``: build the frozen face net (default: when the face loss is
-    on; sampling needs none)."""
+    on; sampling needs none). ``abstract``: shapes only, for a random-network base (the
+    compile-only benchmarks: ``trainer.setup(..., abstract=True)``)."""
     pv_cfg = PhotoVerseConfig.from_dict(cfg.model.to_dict())
     with_face_net = bool(pv_cfg.face_weight) if face_net is None else face_net
     dtype = DTYPES[cfg.base.dtype]
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
-        if cfg.base.kind != "folders":  # random networks of a preset
-            return random_photoverse(
+        if cfg.base.kind != "folders":  # random (or abstract) networks of a preset
+            return preset_photoverse(
                 pv_cfg,
                 cfg.base.kind.removeprefix("random_"),
+                abstract=abstract,
                 seed=cfg.base.seed,
                 with_face_net=with_face_net,
                 dtype=dtype,
                 attention=cfg.base.attention,
                 remat=cfg.base.remat,
             )
+        if abstract:
+            raise ValueError("an abstract build needs random networks (base.kind != 'folders')")
         return build_photoverse(
             pv_cfg,
             sd_folder=cfg.base.sd_folder,

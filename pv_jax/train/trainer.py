@@ -266,17 +266,26 @@ def jit_train_step(
     )
 
 
-def setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Run:
-    """Check the config, build the model and data, place the frozen networks, jit the step."""
+def setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, abstract=False) -> Run:
+    """Check the config, build the model and data, place the frozen networks, jit the step.
+
+    ``abstract``: shapes only, nothing allocated (random-network bases): ``host_state`` and
+    ``frozen`` are abstract, for lowering and compiling ``step`` alone (MaxText's
+    train_compile; ``bench/train_step.py``'s compile-only rows) with :func:`abstract_batch`.
+    """
     check_config(cfg, mesh)
-    bundle = build_bundle(cfg)
+    bundle = build_bundle(cfg, abstract=abstract)
     data = make_data(cfg, bundle)  # a missing or empty dataset fails here, before compiling
     graphdef, trainable, frozen = split_trainable(bundle.model)
     tx, lr = make_optimizer_from_config(cfg, with_schedule=True)
     trainable_sh = sharding.state_shardings(trainable, mesh)
     frozen_sh = sharding.state_shardings(frozen, mesh)
-    with jax.default_device(jax.local_devices(backend="cpu")[0]):
-        host_state = TrainState.create(trainable, tx, ema=cfg.train.ema_decay > 0)
+    ema = cfg.train.ema_decay > 0
+    if abstract:
+        host_state = jax.eval_shape(lambda t: TrainState.create(t, tx, ema=ema), trainable)
+    else:
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):
+            host_state = TrainState.create(trainable, tx, ema=ema)
     state_sh = sharding.train_state_shardings(host_state, tx, trainable_sh, mesh)
     jitted = jit_train_step(cfg, bundle, graphdef, tx, lr, state_sh, frozen_sh, mesh)
     return Run(
@@ -286,12 +295,17 @@ def setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Run:
         tx=tx,
         host_state=host_state,
         state_sh=state_sh,
-        frozen=sharding.put_global(frozen, frozen_sh),
+        frozen=frozen if abstract else sharding.put_global(frozen, frozen_sh),
         frozen_sh=frozen_sh,
         step=jitted,
         trainable_params=count_params(trainable),
         frozen_params=count_params(frozen),
     )
+
+
+def abstract_batch(run: Run) -> dict[str, jax.ShapeDtypeStruct]:
+    """The keys, shapes and dtypes of the run's global batch (its own data's first one)."""
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in next(run.data).items()}
 
 
 def _mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:
