@@ -32,7 +32,13 @@ import optax
 from flax import nnx
 from PIL import Image
 
-from pv_jax.diffusion import NoiseSchedule, add_noise, ddim_step, ddim_timesteps
+from pv_jax.diffusion import (
+    NoiseSchedule,
+    add_noise,
+    ddim_loop,
+    ddim_prev_timesteps,
+    ddim_timesteps,
+)
 from pv_jax.models.clip import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -113,20 +119,20 @@ def diffusion_loss(unet: UNet2DConditionModel, batch: dict, key: jax.Array, sche
 @functools.lru_cache(maxsize=8)
 def _base_sampler(schedule: NoiseSchedule, steps: int, guidance: float):
     ts = ddim_timesteps(schedule, steps)
-    prev = np.append(ts[1:], -1)
+    prev = ddim_prev_timesteps(schedule, ts)
 
     @jax.jit
     def run(unet, vae, ctx, empty, noise):
         both = jnp.concatenate([jnp.broadcast_to(empty, ctx.shape), ctx])
-
-        def body(x, tt):
-            t, p = tt
-            out = unet(jnp.concatenate([x, x]), t, both)
-            u, cnd = jnp.split(out, 2)
-            x, _ = ddim_step(schedule, u + guidance * (cnd - u), t, p, x)
-            return x, None
-
-        x, _ = jax.lax.scan(body, noise, (jnp.asarray(ts), jnp.asarray(prev)))
+        x = ddim_loop(
+            schedule,
+            lambda x_in, t: unet(x_in, t, both),
+            noise,
+            ts,
+            prev,
+            guidance=guidance,
+            cfg=True,
+        )
         return vae.decode(vae.unscale_latents(x))
 
     return run
