@@ -183,8 +183,9 @@ def identity_by_prompt(
     return out
 
 
-def _fmt(x: float | None, digits: int = 3) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"
+def fmt(x: float | None, digits: int = 3) -> str:
+    """A table cell: ``digits`` decimals, "n/a" for None or NaN (no image had a face)."""
+    return "n/a" if x is None or x != x else f"{x:.{digits}f}"
 
 
 def markdown_table(summary: dict) -> str:
@@ -195,8 +196,8 @@ def markdown_table(summary: dict) -> str:
     ]
     rows = [*summary["per_prompt"].items(), ("**all**", summary["overall"])]
     for prompt, s in rows:
-        identity = f"{_fmt(s['identity_mean'])} ± {_fmt(s['identity_std'])}"
-        clip_t = f"{_fmt(s['clip_t_mean'])} ± {_fmt(s['clip_t_std'])}"
+        identity = f"{fmt(s['identity_mean'])} ± {fmt(s['identity_std'])}"
+        clip_t = f"{fmt(s['clip_t_mean'])} ± {fmt(s['clip_t_std'])}"
         lines.append(f"| {prompt} | {s['images']} | {s['face_rate']:.0%} | {identity} | {clip_t} |")
     return "\n".join(lines) + "\n"
 
@@ -211,9 +212,9 @@ def identification_table(identification: dict) -> str:
     for prompt, m in identification.items():
         lines.append(
             f"| {'**all**' if prompt == 'all' else prompt} | {m['images']} | "
-            f"{m['face_rate']:.0%} | {_fmt(m.get('own_mean'))} | {_fmt(m.get('other_photo_mean'))}"
-            f" | {_fmt(m.get('other_people_mean'))} / {_fmt(m.get('other_people_max'))} | "
-            f"{_fmt(m.get('identification'))} | {m['chance']:.3f} |"
+            f"{m['face_rate']:.0%} | {fmt(m.get('own_mean'))} | {fmt(m.get('other_photo_mean'))}"
+            f" | {fmt(m.get('other_people_mean'))} / {fmt(m.get('other_people_max'))} | "
+            f"{fmt(m.get('identification'))} | {m['chance']:.3f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -403,8 +404,8 @@ def main(argv: list[str] | None = None) -> dict:
     overall = report["summary"]["overall"]
     print(
         f"evaluate: {overall['images']} images from {len(photos)} photos -> {args.out} | "
-        f"identity {_fmt(overall['identity_mean'])} (face found in {overall['face_rate']:.0%}) | "
-        f"CLIP-T {_fmt(overall['clip_t_mean'])} | compile {report['timings']['compile_s']:.1f}s, "
+        f"identity {fmt(overall['identity_mean'])} (face found in {overall['face_rate']:.0%}) | "
+        f"CLIP-T {fmt(overall['clip_t_mean'])} | compile {report['timings']['compile_s']:.1f}s, "
         f"run {report['timings']['run_s']:.1f}s, total {report['total_s']:.1f}s"
     )
     return report

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pv_jax.evaluation.run import fmt
 from pv_jax.train.metrics import read_metrics
 
 PAPER = {"full": 0.696, "no_face": 0.643, "no_image": 0.556}  # ArcFace ID sim, paper Table 3
@@ -112,10 +113,6 @@ def plot_ablation(out: Path, report: dict) -> Path:
     return path
 
 
-def _f(x, d=3):
-    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{d}f}"
-
-
 def tables(report: dict) -> str:
     """Markdown: identity per run (all prompts), then prompt following per run."""
     lines = [
@@ -129,10 +126,10 @@ def tables(report: dict) -> str:
         cfg = f"{sampling['guidance']:g} / {sampling['eta']:g}" if sampling else ""
         lines.append(
             f"| {name} | {cfg} | {m['images']} | {m['face_rate']:.2f} | "
-            f"{_f(m.get('own_mean'))} ± {_f(m.get('own_std'))} | "
-            f"{_f(m.get('other_photo_mean'))} | "
-            f"{_f(m.get('other_people_mean'))} / {_f(m.get('other_people_max'))} | "
-            f"{_f(m.get('identification'))} ({m['chance']:.3f}) | {PAPER.get(name, '')} |"
+            f"{fmt(m.get('own_mean'))} ± {fmt(m.get('own_std'))} | "
+            f"{fmt(m.get('other_photo_mean'))} | "
+            f"{fmt(m.get('other_people_mean'))} / {fmt(m.get('other_people_max'))} | "
+            f"{fmt(m.get('identification'))} ({m['chance']:.3f}) | {PAPER.get(name, '')} |"
         )
     attrs = None
     pf_lines = []
@@ -203,8 +200,8 @@ def tuning_table(tunes: dict[str, dict], release: str | None = None) -> str:
             gap_cell = f"{gap['gap'] * 100:+.2f}%" if gap and chosen else ""
             lines.append(
                 f"| {mark_run} | {'**' + g + '**' if chosen else g} | {m['face_rate']:.2f} | "
-                f"{_f(m.get('own_mean'))} | {_f(m.get('other_people_mean'))} | "
-                f"{_f(m.get('identification'))} ({m['chance']:.3f}) | {words} | "
+                f"{fmt(m.get('own_mean'))} | {fmt(m.get('other_people_mean'))} | "
+                f"{fmt(m.get('identification'))} ({m['chance']:.3f}) | {words} | "
                 f"{gap_cell} |"
             )
     return "\n".join(lines) + "\n"
