@@ -204,6 +204,25 @@ def face_loss(
     return jax.lax.cond(jnp.any(mask), term, lambda: zeros)
 
 
+def batch_shards(sharding: jax.sharding.Sharding | None, batch: int) -> int:
+    """How many devices a batch of ``batch`` is split over by ``sharding`` (1 when None)."""
+    return 1 if sharding is None else batch // sharding.shard_shape((batch,))[0]
+
+
+def total_loss(
+    terms: dict[str, jax.Array], cfg: PhotoVerseConfig, mean_weight: float = 1.0
+) -> jax.Array:
+    """The weighted sum of the loss terms; ``mean_weight`` scales the per-example means
+    (diffusion, text_reg, image_reg) and not the face term (a microbatch's share of a batch
+    weighs its means 1/K, its face term is already its share of the batch's)."""
+    means = (
+        terms["diffusion"]
+        + cfg.text_reg_weight * terms["text_reg"]
+        + cfg.image_reg_weight * terms["image_reg"]
+    )
+    return mean_weight * means + cfg.face_weight * terms["face"]
+
+
 # A training step's per-example random draws (:func:`draw_step_noise`).
 STEP_DRAWS = ("latent_noise", "noise", "timesteps", "gamma", "sigma")
 
@@ -287,7 +306,7 @@ def photoverse_loss(
     b = target.shape[0]
     num_t = schedule.num_train_timesteps
     # The devices the batch (and so the face sub-batch) is split over.
-    shards = 1 if face_sharding is None else b // face_sharding.shard_shape((b,))[0]
+    shards = batch_shards(face_sharding, b)
     subset = face_subset_size(b, cfg, num_t, shards) if cfg.face_weight else b
     if face_subset is not None:
         subset = face_subset
@@ -358,12 +377,7 @@ def photoverse_loss(
         )
     else:
         terms["face"] = jnp.zeros((), jnp.float32)
-    total = (
-        terms["diffusion"]
-        + cfg.face_weight * terms["face"]
-        + cfg.text_reg_weight * terms["text_reg"]
-        + cfg.image_reg_weight * terms["image_reg"]
-    )
+    total = total_loss(terms, cfg)
     # Samples that took the face loss: those with t <= t_face_max among the `subset` smallest t.
     taken = jnp.sum(face_mask)
     if cfg.face_weight and face_count is None:

@@ -18,7 +18,12 @@ from flax import nnx, struct
 
 from pv_jax.diffusion import NoiseSchedule
 from pv_jax.photoverse import PhotoVerseConfig, photoverse_loss
-from pv_jax.photoverse.losses import draw_step_noise, face_subset_size
+from pv_jax.photoverse.losses import (
+    batch_shards,
+    draw_step_noise,
+    face_subset_size,
+    total_loss,
+)
 
 
 @struct.dataclass
@@ -227,7 +232,7 @@ def accumulate_grads(
     batch = {**batch, **draws}
     t = draws["timesteps"]
     num_t = noise_schedule.num_train_timesteps
-    shards = 1 if face_sharding is None else b // face_sharding.shard_shape((b,))[0]
+    shards = batch_shards(face_sharding, b)
     subset = face_subset_size(b, config, num_t, shards) if config.face_weight else b
     by_t = jnp.argsort(t, stable=True)  # the whole batch's face loss takes by_t[:subset]
     rank = jnp.argsort(by_t)
@@ -246,14 +251,9 @@ def accumulate_grads(
         return x
 
     micro = jax.tree.map(split, batch)
-    mb_shards = 1 if face_sharding is None else mb // face_sharding.shard_shape((mb,))[0]
+    mb_shards = batch_shards(face_sharding, mb)
     per_micro = math.ceil(subset / k)  # microbatch j holds ceil((subset - j) / k) of them
     sub = min(mb, math.ceil(per_micro / mb_shards) * mb_shards) if config.face_weight else mb
-    weights = {
-        "diffusion": 1.0,
-        "text_reg": config.text_reg_weight,
-        "image_reg": config.image_reg_weight,
-    }
 
     def micro_loss(params, m):
         _, metrics = photoverse_loss(
@@ -268,8 +268,7 @@ def accumulate_grads(
             face_count=count,
         )
         # Mean terms weigh 1/k; the face term is already this microbatch's share of the sum.
-        share = sum(w * metrics[name] for name, w in weights.items()) / k
-        return share + config.face_weight * metrics["face"], metrics
+        return total_loss(metrics, config, mean_weight=1.0 / k), metrics
 
     def body(acc, m):
         (share, metrics), grads = jax.value_and_grad(micro_loss, has_aux=True)(trainable, m)
