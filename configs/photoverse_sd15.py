@@ -25,18 +25,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The paper's training run; ``arg``: ``fsdp=N``, ``image_source=...``,
     ``identity_tokens=N``, ``grad_accum=K``, comma-separated."""
     a = parse_arg(arg, fsdp=1, grad_accum=1, image_source="encoder", identity_tokens=4)
-    c = default_config()
+    c = default_config()  # the paper's batch 64, 60k steps, lr 1e-4, 512 px
     c.model.image_source = a.image_source
     c.model.identity_tokens = a.identity_tokens
-    c.base.kind = "folders"
     c.base.dtype = "bfloat16"
     c.base.remat = True
-    c.data.source = "records"
-    c.data.resolution = 512
-    c.train.batch_size = 64
-    c.train.steps = 60_000
-    c.optim.lr = 1e-4
-    c.optim.warmup_steps = 1000
     c.train.sample_every = 2000
     c.mesh.fsdp = a.fsdp
     c.train.grad_accum = a.grad_accum

@@ -41,17 +41,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = parse_arg(
         arg, fsdp=None, grad_accum=1, tiny=False, image_source="encoder", identity_tokens=4
     )
-    c = default_config()
+    c = default_config()  # the paper's batch 64, 60k steps, lr 1e-4
     c.model = PhotoVerseConfig(text_layers=SDXL_TEXT_LAYERS).to_dict()
-    c.base.kind = "folders"
     c.base.dtype = "bfloat16"
     c.base.remat = True
-    c.data.source = "records"
     c.data.resolution = 1024
-    c.train.batch_size = 64
-    c.train.steps = 60_000
-    c.optim.lr = 1e-4
-    c.optim.warmup_steps = 1000
     c.train.sample_every = 2000
     c.mesh.fsdp = 4  # one v5p host: 4 chips of 95 GB
     if a.tiny:

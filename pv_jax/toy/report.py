@@ -207,10 +207,6 @@ def tuning_table(tunes: dict[str, dict], release: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 BANDS = ("0-300", "300-600", "600-1000")
 # The rung-0 runs drawn in colour (the others in grey), with their legend.
 RUNG0_NAMED = {
@@ -297,7 +293,7 @@ def plot_ladder(out: Path) -> Path:
 
     d = out / "ladder"
     fig, axes = plt.subplots(1, 4, figsize=(22, 4.6))
-    for r in _jsonl(d / "rung0.jsonl"):
+    for r in read_metrics(d / "rung0.jsonl"):
         h = r["history"]
         named = r["name"] in RUNG0_NAMED
         axes[0].plot(
@@ -316,7 +312,7 @@ def plot_ladder(out: Path) -> Path:
     )
     curves = d / "gap_curves.jsonl"
     if curves.is_file():
-        rows = [r for r in _jsonl(curves) if r["run"].endswith("ladder")]
+        rows = [r for r in read_metrics(curves) if r["run"].endswith("ladder")]
         for split, style in (("val", "-"), ("train", "--")):
             part = sorted((r for r in rows if r["split"] == split), key=lambda r: r["step"])
             for b in BANDS:
@@ -343,7 +339,7 @@ def plot_ladder(out: Path) -> Path:
             ("ladder_aug", "train", "ms--", "+ identity, augmented refs (sd_v2): train t 600-1000"),
         ):
             part = sorted(
-                (r for r in _jsonl(curves) if r["run"].endswith(run) and r["split"] == split),
+                (r for r in read_metrics(curves) if r["run"].endswith(run) and r["split"] == split),
                 key=lambda r: r["step"],
             )
             if part:
@@ -377,7 +373,7 @@ def plot_ladder(out: Path) -> Path:
         )
     for name in ("base_curve.jsonl", "base_curve_eta1.jsonl"):  # DDIM eta 0, then eta 1
         if (d / name).is_file():
-            rows = sorted(_jsonl(d / name), key=lambda r: r["step"])
+            rows = sorted(read_metrics(d / name), key=lambda r: r["step"])
             axes[2].plot(
                 [r["step"] for r in rows],
                 [r["val_face_rate"] for r in rows],
@@ -422,7 +418,7 @@ def plot_people(out: Path, step: int = 5000) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = people_rows(_jsonl(out / "ladder" / "gap_curves.jsonl"), step)
+    rows = people_rows(read_metrics(out / "ladder" / "gap_curves.jsonl"), step)
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     for ax, band in zip(axes[:3], BANDS, strict=True):
         for split, style in (("val", "o-"), ("train", "s--")):
@@ -484,10 +480,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.ladder:
         print(plot_ladder(args.out))
         print(plot_people(args.out))
-        print(ladder_table(_jsonl(args.out / "ladder" / "rung0.jsonl")))
+        print(ladder_table(read_metrics(args.out / "ladder" / "rung0.jsonl")))
         curves = args.out / "ladder" / "gap_curves.jsonl"
         if curves.is_file():
-            print(gap_curve_table(_jsonl(curves)))
+            print(gap_curve_table(read_metrics(curves)))
         return
     from pv_jax.toy.photoverse import CONFIGS, RELEASE
 
