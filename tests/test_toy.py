@@ -277,7 +277,7 @@ def test_fit_learns_resumes_exactly_and_decays_to_end_factor(tmp_path):
     cfg = FitConfig(steps=40, lr=0.1, batch_size=16, warmup=5, log_every=1, save_every=10)
     whole, summary = fit("line", _Line(), _line_loss, _line_batch, cfg, tmp_path / "a")
     assert summary["final"]["loss"] < 0.05 * read_metrics(tmp_path / "a", by_step=True)[0]["loss"]
-    lrs = [r["lr"] for r in read_metrics(tmp_path / "a", by_step=True)]
+    lrs = [r["learning_rate"] for r in read_metrics(tmp_path / "a", by_step=True)]
     np.testing.assert_allclose(max(lrs), 0.1, rtol=1e-5)
     assert lrs[-1] < 0.1 * 0.05 * 1.05  # the cosine ends near end_factor * lr, never above lr
     # Killed during step 26 (after the step-20 save): the resume replays 21..40 exactly.
@@ -291,6 +291,28 @@ def test_fit_learns_resumes_exactly_and_decays_to_end_factor(tmp_path):
     again, s3 = fit("line", _Line(), _line_loss, _line_batch, cfg, tmp_path / "a")
     assert s3 == summary  # finished: nothing is trained again
     np.testing.assert_array_equal(np.asarray(again.w.get_value()), whole_w)
+
+
+def test_fit_skips_non_finite_steps_and_stops_after_a_streak(tmp_path):
+    from pv_jax.toy.fit import FitConfig, fit
+    from pv_jax.train.metrics import read_metrics
+
+    calls = {"n": 0}
+
+    def nan_after_3(rng):
+        calls["n"] += 1
+        batch = _line_batch(rng)
+        return {**batch, "y": batch["y"] * np.nan} if calls["n"] > 3 else batch
+
+    cfg = FitConfig(steps=40, lr=0.1, batch_size=16, warmup=5, log_every=1)
+    with pytest.raises(FloatingPointError, match="10 non-finite steps in a row at step 13"):
+        fit("line", _Line(), _line_loss, nan_after_3, cfg, tmp_path / "n")
+    rows = read_metrics(tmp_path / "n")
+    assert [r["skipped"] for r in rows] == [0.0] * 3 + [1.0] * 10
+    # Skipped steps do not advance the schedule: every one reports step 4's learning rate.
+    assert rows[-1]["nan_total"] == 10
+    assert {r["learning_rate"] for r in rows[3:]} == {rows[3]["learning_rate"]}
+    assert rows[3]["learning_rate"] > rows[2]["learning_rate"]  # still warming up
 
 
 def test_fit_keeps_an_ema_snapshots_and_resumes_it(tmp_path):

@@ -1,10 +1,12 @@
-"""A small resumable training loop for the toy stages (VAE, base UNet, image encoder).
+"""The toy stages' training loop (VAE, base UNet, image encoder) on the library's train step.
 
-One jitted pure step (``params, opt_state, batch, key -> params, opt_state, metrics``) over the
-``wrt`` part of an NNX module, AdamW with warm-up and cosine decay, a tqdm bar, metrics to
-``<dir>/metrics.jsonl``, and the parameters and optimizer state saved to ``<dir>/state.npz``
-every ``save_every`` steps: a killed stage resumes where it stopped, and a finished one
-(``<dir>/done.json``) is not run again.
+The step is the trainer's: ``optax`` AdamW after clipping (:func:`make_optimizer`), warm-up and
+cosine decay (:func:`learning_rate_schedule`), the update, EMA and non-finite skip of
+:func:`apply_gradients` on a :class:`TrainState`; metrics go through :class:`MetricWriter` to
+``<dir>/metrics.jsonl``. What is the toy's own: any ``loss_fn`` over an NNX module, a
+host-side ``make_batch``, and the state saved to ``<dir>/state.npz`` every ``save_every``
+steps, so a killed stage resumes where it stopped and a finished one (``<dir>/done.json``) is
+not run again.
 """
 
 from __future__ import annotations
@@ -19,9 +21,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from tqdm import tqdm
+
+from pv_jax.train.metrics import MetricWriter
+from pv_jax.train.step import TrainState, apply_gradients, learning_rate_schedule, make_optimizer
+
+MAX_NAN_STREAK = 10  # as the trainer's default: stop after this many non-finite steps in a row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,73 +66,71 @@ def fit(
     wrt: nnx.filterlib.Filter = nnx.Param,
 ) -> tuple[nnx.Module, dict]:
     """Train the ``wrt`` parameters of ``module`` on ``loss_fn`` (or resume / reuse a finished
-    run under ``out``); returns the trained module and the run summary."""
+    run under ``out``); returns the trained module (its EMA when kept) and the run summary."""
     out.mkdir(parents=True, exist_ok=True)
     graphdef, params, rest = nnx.split(module, wrt, ...)
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0,
+    schedule = learning_rate_schedule(
         config.lr,
-        max(1, min(config.warmup, config.steps - 1)),
-        config.steps,
-        config.end_factor * config.lr,  # optax takes the final value, not a factor
+        warmup_steps=min(config.warmup, config.steps - 1),
+        total_steps=config.steps,
+        kind="cosine",
+        end_factor=config.end_factor,
     )
-    tx = optax.chain(
-        optax.clip_by_global_norm(config.clip_norm),
-        optax.adamw(schedule, weight_decay=config.weight_decay),
-    )
-    opt_state = tx.init(params)
-    ema = jax.tree.map(jnp.copy, params) if config.ema_decay else None
-    leaves, treedef = jax.tree.flatten((params, opt_state, ema))
+    tx = make_optimizer(schedule, weight_decay=config.weight_decay, clip_norm=config.clip_norm)
+    state = TrainState.create(params, tx, ema=bool(config.ema_decay))
+    leaves, treedef = jax.tree.flatten(state)
     state_path, done_path = out / "state.npz", out / "done.json"
-    start = 0
     if state_path.is_file():
         with np.load(state_path) as f:
-            start = int(f["step"])
-            saved = [f[f"a{i}"] for i in range(len(leaves))]
+            saved = [f[f"a{i}"] for i in range(len(f.files) - 1)]
         if [s.shape for s in saved] != [np.shape(x) for x in leaves]:
             raise ValueError(f"{state_path} was saved by another {name} config: delete {out}")
-        params, opt_state, ema = jax.tree.unflatten(treedef, [jnp.asarray(s) for s in saved])
-    if done_path.is_file() and start >= config.steps:
-        return nnx.merge(graphdef, params if ema is None else ema, rest), json.loads(
-            done_path.read_text()
-        )
+        state = jax.tree.unflatten(treedef, [jnp.asarray(s) for s in saved])
+    start = int(state.step)
 
-    def step(params, opt_state, ema, rest, batch, key):
+    def trained(state: TrainState) -> nnx.Module:
+        return nnx.merge(graphdef, state.trainable if state.ema is None else state.ema, rest)
+
+    if done_path.is_file() and start >= config.steps:
+        return trained(state), json.loads(done_path.read_text())
+
+    def step(state: TrainState, rest, batch):
+        key = jax.random.fold_in(jax.random.key(config.seed), state.step)
+
         def loss(p):
             return loss_fn(nnx.merge(graphdef, p, rest), batch, key)
 
-        (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        metrics = dict(metrics, loss=value, grad_norm=optax.tree.norm(grads))
-        params = optax.apply_updates(params, updates)
-        if ema is not None:
-            ema = optax.incremental_update(params, ema, 1.0 - config.ema_decay)
-        return params, opt_state, ema, metrics
+        (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(state.trainable)
+        state, metrics = apply_gradients(
+            state, tx, value, grads, lr_schedule=schedule, ema_decay=config.ema_decay
+        )
+        return state, dict(aux, **metrics)
 
-    jstep = jax.jit(step, donate_argnums=(0, 1, 2))
+    jstep = jax.jit(step, donate_argnums=0)
     t0, t_compile = time.perf_counter(), None
-    log = (out / "metrics.jsonl").open("a")
+    writer = MetricWriter(out, tensorboard=False)
     metrics_host: dict = {}
     with tqdm(total=config.steps, initial=start, desc=name, unit="step") as bar:
         for i in range(start, config.steps):
             rng = np.random.default_rng([config.seed, i])  # batch i is the same on a resume
-            batch = make_batch(rng)
-            key = jax.random.fold_in(jax.random.key(config.seed), i)
-            params, opt_state, ema, metrics = jstep(params, opt_state, ema, rest, batch, key)
+            state, metrics = jstep(state, rest, make_batch(rng))
             if t_compile is None:
                 t_compile = time.perf_counter() - t0
             if (i + 1) % config.log_every == 0 or i + 1 == config.steps:
                 metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                metrics_host.update(step=i + 1, lr=float(schedule(i)))
-                log.write(json.dumps(metrics_host) + "\n")
-                log.flush()
+                writer.write(i + 1, metrics_host)
                 bar.set_postfix(loss=f"{metrics_host['loss']:.4f}", refresh=False)
+                if metrics_host["nan_streak"] >= MAX_NAN_STREAK:
+                    raise FloatingPointError(
+                        f"{name}: {MAX_NAN_STREAK} non-finite steps in a row at step {i + 1}; "
+                        f"lower FitConfig.lr or check the data (state kept at {state_path})"
+                    )
             if (i + 1) % config.save_every == 0 or i + 1 == config.steps:
-                _save(state_path, jax.tree.leaves((params, opt_state, ema)), i + 1)
-                if ema is not None:
-                    _save(out / f"ema_{i + 1}.npz", jax.tree.leaves(ema), i + 1)
+                _save(state_path, jax.tree.leaves(state), i + 1)
+                if state.ema is not None:
+                    _save(out / f"ema_{i + 1}.npz", jax.tree.leaves(state.ema), i + 1)
             bar.update()
-    log.close()
+    writer.close()
     seconds = time.perf_counter() - t0
     summary = {
         "stage": name,
@@ -136,7 +140,7 @@ def fit(
         "compile_seconds": round(t_compile or 0.0, 1),
         "s_per_step": round(seconds / max(1, config.steps - start), 4),
         "final": metrics_host,
-        "params": int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(params))),
+        "params": int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(state.trainable))),
     }
     done_path.write_text(json.dumps(summary, indent=1))
     print(
@@ -144,7 +148,7 @@ def fit(
         f"({summary['s_per_step']:.3f}s/step, compile {summary['compile_seconds']:.0f}s) | "
         f"loss {metrics_host.get('loss', float('nan')):.4f} | {summary['params']:,} params"
     )
-    return nnx.merge(graphdef, params if ema is None else ema, rest), summary
+    return trained(state), summary
 
 
 def load_snapshot(module: nnx.Module, path: Path, wrt: nnx.filterlib.Filter = nnx.Param):

@@ -40,14 +40,17 @@ class TrainState:
     @classmethod
     def create(cls, trainable: nnx.State, tx: optax.GradientTransformation, ema: bool):
         """A fresh state at step 0."""
-        zero = jnp.zeros((), jnp.int32)
+
+        def zero():  # distinct buffers: the step donates the state
+            return jnp.zeros((), jnp.int32)
+
         return cls(
-            step=zero,
+            step=zero(),
             trainable=trainable,
             opt_state=tx.init(trainable),
             ema=jax.tree.map(jnp.copy, trainable) if ema else None,
-            nan_streak=zero,
-            nan_total=zero,
+            nan_streak=zero(),
+            nan_total=zero(),
         )
 
 
@@ -165,37 +168,55 @@ def make_train_step(
     def step(state: TrainState, frozen: nnx.State, batch: dict) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(jax.random.key(seed), state.step)
         (loss, metrics), grads = grads_of(state.trainable, frozen, batch, key)
-        grad_norm = optax.tree.norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-        trainable = optax.apply_updates(state.trainable, updates)
-
-        def keep_if_ok(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
-        ema = state.ema
-        if ema is not None:
-            ema = keep_if_ok(optax.incremental_update(trainable, ema, 1.0 - ema_decay), ema)
-        new_state = state.replace(
-            step=state.step + 1,
-            trainable=keep_if_ok(trainable, state.trainable),
-            opt_state=keep_if_ok(opt_state, state.opt_state),
-            ema=ema,
-            nan_streak=jnp.where(ok, 0, state.nan_streak + 1),
-            nan_total=state.nan_total + (~ok).astype(jnp.int32),
+        new_state, update_metrics = apply_gradients(
+            state, tx, loss, grads, lr_schedule=lr_schedule, ema_decay=ema_decay
         )
-        metrics = dict(
-            metrics,
-            grad_norm=grad_norm,
-            # optax counts applied updates only: skipped steps do not advance the schedule.
-            learning_rate=lr_schedule(state.step - state.nan_total),
-            skipped=(~ok).astype(jnp.int32),
-            nan_streak=new_state.nan_streak,
-            nan_total=new_state.nan_total,
-        )
-        return new_state, metrics
+        return new_state, dict(metrics, **update_metrics)
 
     return step
+
+
+def apply_gradients(
+    state: TrainState,
+    tx: optax.GradientTransformation,
+    loss: jax.Array,
+    grads: nnx.State,
+    *,
+    lr_schedule: optax.Schedule,
+    ema_decay: float = 0.0,
+) -> tuple[TrainState, dict]:
+    """One optimizer update of ``state`` from ``grads``, and its metrics: a step whose loss or
+    gradient norm is not finite leaves the parameters, optimizer state and EMA unchanged and is
+    counted (``nan_streak``, ``nan_total``); every model's step ends here (the toy's too)."""
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+
+    def keep_if_ok(new, old):
+        return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+    ema = state.ema
+    if ema is not None:
+        ema = keep_if_ok(optax.incremental_update(trainable, ema, 1.0 - ema_decay), ema)
+    new_state = state.replace(
+        step=state.step + 1,
+        trainable=keep_if_ok(trainable, state.trainable),
+        opt_state=keep_if_ok(opt_state, state.opt_state),
+        ema=ema,
+        nan_streak=jnp.where(ok, 0, state.nan_streak + 1),
+        nan_total=state.nan_total + (~ok).astype(jnp.int32),
+    )
+    metrics = dict(
+        loss=loss,
+        grad_norm=grad_norm,
+        # optax counts applied updates only: skipped steps do not advance the schedule.
+        learning_rate=lr_schedule(state.step - state.nan_total),
+        skipped=(~ok).astype(jnp.int32),
+        nan_streak=new_state.nan_streak,
+        nan_total=new_state.nan_total,
+    )
+    return new_state, metrics
 
 
 def accumulate_grads(
