@@ -1,4 +1,4 @@
-"""The PhotoVerse sampler in PyTorch over diffusers components (SD 1.x / 2.x bases).
+"""The PhotoVerse sampler in PyTorch over diffusers components (SD 1.x / 2.x and SDXL bases).
 
     pipe = PhotoVerseTorchPipeline.from_export("photoverse.safetensors")
     out = pipe(reference_crops, "a photo of S* as an astronaut", noise=latents, guidance=3.0)
@@ -15,6 +15,7 @@ noise is ours too when the seeds are given (step by step, as pv_jax draws it), a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -49,18 +50,27 @@ class TorchSample:
 
 class PlaceholderTokenizer:
     """pv_jax's placeholder tokenisation: the placeholder token added to the CLIP tokenizer,
-    each occurrence expanded to m slots holding BOS as a stand-in, padded to the model length."""
+    each occurrence expanded to m slots holding BOS as a stand-in, padded to the model length.
+    SDXL: ``tokenizer_2`` gives tower 2's ids, the same tokens padded with its own pad id."""
 
-    def __init__(self, tokenizer, placeholder: str = "S*", max_length: int = 77):
+    def __init__(self, tokenizer, placeholder: str = "S*", max_length: int = 77, tokenizer_2=None):
         self.tokenizer = copy.deepcopy(tokenizer)
         self.tokenizer.add_tokens([placeholder])
+        self.tokenizer_2 = None
+        if tokenizer_2 is not None:
+            self.tokenizer_2 = copy.deepcopy(tokenizer_2)
+            self.tokenizer_2.add_tokens([placeholder])
         self.placeholder, self.max_length = placeholder, max_length
         self.placeholder_id = self.tokenizer.convert_tokens_to_ids(placeholder)
 
-    def __call__(self, prompts: Sequence[str], m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, slots), each (B, L) int64; slots hold k + 1 where S_(k+1) goes."""
+    def __call__(self, prompts: Sequence[str], m: int) -> tuple[torch.Tensor, ...]:
+        """(input_ids, slots), each (B, L) int64, slots holding k + 1 where S_(k+1) goes; with
+        ``tokenizer_2`` also tower 2's ids (input_ids, slots, input_ids_2)."""
         t, n = self.tokenizer, self.max_length
         ids = torch.full((len(prompts), n), t.pad_token_id, dtype=torch.int64)
+        ids_2 = None
+        if self.tokenizer_2 is not None:
+            ids_2 = torch.full_like(ids, self.tokenizer_2.pad_token_id)
         slots = torch.zeros((len(prompts), n), dtype=torch.int64)
         for b, prompt in enumerate(prompts):
             row, row_slots = [], []
@@ -79,24 +89,54 @@ class PlaceholderTokenizer:
                 row, row_slots = row[: n - 1] + [t.eos_token_id], row_slots[: n - 1] + [0]
             ids[b, : len(row)] = torch.tensor(row)
             slots[b, : len(row)] = torch.tensor(row_slots)
-        return ids, slots
+            if ids_2 is not None:
+                ids_2[b, : len(row)] = torch.tensor(row)
+        return (ids, slots) if ids_2 is None else (ids, slots, ids_2)
 
-    def plain(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Ids of prompts without placeholder handling (the empty guidance prompt)."""
-        out = self.tokenizer(
+    def plain(self, prompts: Sequence[str], tower: int = 1) -> torch.Tensor:
+        """Ids of prompts without placeholder handling (the empty guidance prompt), for text
+        tower 1 or (SDXL) 2."""
+        tokenizer = self.tokenizer if tower == 1 else self.tokenizer_2
+        out = tokenizer(
             list(prompts), padding="max_length", max_length=self.max_length, truncation=True
         )
         return torch.tensor(out.input_ids, dtype=torch.int64)
 
 
 class PhotoVerseTorchPipeline:
-    """A pv_jax export on diffusers / transformers components."""
+    """A pv_jax export on diffusers / transformers components (SDXL: with ``text_encoder_2``
+    and ``tokenizer_2``)."""
 
-    def __init__(self, *, unet, vae, text_encoder, tokenizer, image_encoder, scheduler, export):
+    def __init__(
+        self,
+        *,
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        image_encoder,
+        scheduler,
+        export,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        force_zeros_for_empty_prompt: bool = True,
+    ):
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.image_encoder, self.scheduler, self.export = image_encoder, scheduler, export
+        self.text_encoder_2 = text_encoder_2
+        self.is_xl = text_encoder_2 is not None
+        if self.is_xl != bool(export.base.get("is_xl")):
+            raise ValueError(
+                f"the export was trained on {'an SDXL' if export.base.get('is_xl') else 'an SD'} "
+                f"base, these components are {'SDXL' if self.is_xl else 'SD 1.x / 2.x'}: load "
+                "the base the run trained on (its photoverse_base metadata)"
+            )
+        # SDXL base folders ask for zeros as the unconditional text input (model_index.json).
+        self.force_zeros = self.is_xl and force_zeros_for_empty_prompt
         self.config = export.config
-        self.tokenizer = PlaceholderTokenizer(tokenizer, self.config["placeholder"])
+        self.tokenizer = PlaceholderTokenizer(
+            tokenizer, self.config["placeholder"], tokenizer_2=tokenizer_2
+        )
         self.adapters = PhotoVerseAdapters.from_export(export)
         install(unet, export)
 
@@ -107,13 +147,19 @@ class PhotoVerseTorchPipeline:
         sd_folder: str | os.PathLike | None = None,
         clip_vision_folder: str | os.PathLike | None = None,
     ) -> PhotoVerseTorchPipeline:
-        """Load the export and the base it names (or the folders given), fp32."""
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModel
+        """Load the export and the base it names (or the folders given), fp32; an SDXL base
+        brings its second text tower and tokenizer."""
+        import json
+
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import (
+            CLIPTextModel,
+            CLIPTextModelWithProjection,
+            CLIPTokenizer,
+            CLIPVisionModel,
+        )
 
         export = read_export(str(path))
-        if export.base.get("is_xl"):
-            raise NotImplementedError("SDXL exports: not in photoverse_torch yet (issue 28)")
         sd = Path(sd_folder or export.base.get("sd_folder") or "")
         vision = Path(clip_vision_folder or export.base.get("clip_vision_folder") or "")
         for name, folder in (("sd_folder", sd), ("clip_vision_folder", vision)):
@@ -123,14 +169,31 @@ class PhotoVerseTorchPipeline:
                     f"not a model folder here: pass {name}= the base the run trained on"
                 )
         f32 = torch.float32
+        xl = {}
+        if export.base.get("is_xl"):
+            if not (sd / "text_encoder_2").is_dir():
+                raise ValueError(
+                    f"sd_folder {str(sd)!r} has no text_encoder_2/: the export was trained on "
+                    "SDXL, pass sd_folder= an SDXL pipeline folder"
+                )
+            index = sd / "model_index.json"
+            meta = json.loads(index.read_text()) if index.is_file() else {}
+            xl = dict(
+                text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+                    sd / "text_encoder_2", dtype=f32
+                ).eval(),
+                tokenizer_2=CLIPTokenizer.from_pretrained(sd / "tokenizer_2"),
+                force_zeros_for_empty_prompt=meta.get("force_zeros_for_empty_prompt", True),
+            )
         return cls(
             unet=UNet2DConditionModel.from_pretrained(sd / "unet", torch_dtype=f32).eval(),
             vae=AutoencoderKL.from_pretrained(sd / "vae", torch_dtype=f32).eval(),
             text_encoder=CLIPTextModel.from_pretrained(sd / "text_encoder", dtype=f32).eval(),
             tokenizer=CLIPTokenizer.from_pretrained(sd / "tokenizer"),
             image_encoder=CLIPVisionModel.from_pretrained(vision, dtype=f32).eval(),
-            scheduler=DDIMScheduler.from_pretrained(sd / "scheduler"),
+            scheduler=_scheduler(export, sd),
             export=export,
+            **xl,
         )
 
     def _context(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -140,6 +203,36 @@ class PhotoVerseTorchPipeline:
             return out.last_hidden_state
         tower = getattr(self.text_encoder, "text_model", self.text_encoder)  # transformers < 5
         return tower.final_layer_norm(out.hidden_states[layer])
+
+    def _xl_text(
+        self, ids: torch.Tensor, ids_2: torch.Tensor, slots=None, words=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL's context (B, L, D1 + D2) and pooled embedding (B, P): each tower's penultimate
+        state (no final LayerNorm), with the pseudo-words (split at tower 1's width) injected
+        when given."""
+        width = self.text_encoder.config.hidden_size
+        parts = (
+            (None, None)
+            if words is None
+            else torch.split(words, [width, words.shape[-1] - width], -1)
+        )
+        states, pooled = [], None
+        for tower, tower_ids, w in zip(
+            (self.text_encoder, self.text_encoder_2), (ids, ids_2), parts, strict=True
+        ):
+            with contextlib.ExitStack() as stack:
+                if w is not None:
+                    stack.enter_context(inject_words(tower, slots, w))
+                out = tower(tower_ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+            pooled = getattr(out, "text_embeds", None)
+        return torch.cat(states, dim=-1), pooled
+
+    def _time_ids(self, b: int, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """SDXL's inference time ids (B, 6): original = target = the image size, crop (0, 0)."""
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        h, w = (int(n) * factor for n in latent_hw)
+        return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).expand(b, 6)
 
     @torch.no_grad()
     def __call__(
@@ -190,21 +283,18 @@ class PhotoVerseTorchPipeline:
         words, tokens = self.adapters(states, m, descs)
         words, tokens = words.mean(0, keepdim=True), tokens.mean(0, keepdim=True)
         b = noise.shape[0]
-        ids, slots = self.tokenizer([prompt] * b, m)
-        with inject_words(self.text_encoder, slots, words.expand(b, -1, -1)):
-            cond = self._context(ids)
-        image_tokens = tokens.expand(b, -1, -1)
-        uncond_ctx = self._context(self.tokenizer.plain([""] * b))
+        words_b, image_tokens = words.expand(b, -1, -1), tokens.expand(b, -1, -1)
+        cond, uncond_text = self._text(prompt, b, m, words_b, tuple(noise.shape[-2:]))
         self.scheduler.set_timesteps(steps)
         x = noise.float()
         for i, t in enumerate(self.scheduler.timesteps):
             eps_c = self.unet(
-                x, t, cond, cross_attention_kwargs=knobs(image_tokens, gamma, sigma, alpha)
+                x, t, **cond, cross_attention_kwargs=knobs(image_tokens, gamma, sigma, alpha)
             ).sample
             if guidance == 1.0:
                 eps = eps_c
             else:
-                eps_u = self._uncond(x, t, uncond_ctx, uncond, gamma + sigma, alpha)
+                eps_u = self._uncond(x, t, uncond_text, uncond, gamma + sigma, alpha)
                 eps = eps_u + guidance * (eps_c - eps_u)
             x = self.scheduler.step(
                 eps,
@@ -219,20 +309,60 @@ class PhotoVerseTorchPipeline:
         images = (self.vae.decode(raw).sample / 2 + 0.5).clamp(0, 1)
         return TorchSample(images.permute(0, 2, 3, 1).numpy(), x, words, tokens)
 
-    def _uncond(self, x, t, context, rule: str, text_weight: float, alpha: float):
+    def _text(
+        self, prompt: str, b: int, m: int, words: torch.Tensor, latent_hw: tuple[int, int]
+    ) -> tuple[dict, dict]:
+        """The UNet's text keywords for the prompt with the pseudo-words ``words`` (B, m, D) and
+        for the unconditional pass: the context, and on SDXL the pooled embedding and time ids."""
+        if not self.is_xl:
+            ids, slots = self.tokenizer([prompt] * b, m)
+            with inject_words(self.text_encoder, slots, words):
+                context = self._context(ids)
+            uncond = self._context(self.tokenizer.plain([""] * b))
+            return {"encoder_hidden_states": context}, {"encoder_hidden_states": uncond}
+        ids, slots, ids_2 = self.tokenizer([prompt] * b, m)
+        context, pooled = self._xl_text(ids, ids_2, slots, words)
+        if self.force_zeros:
+            u_context, u_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
+        else:
+            empty = [""] * b
+            u_context, u_pooled = self._xl_text(
+                self.tokenizer.plain(empty), self.tokenizer.plain(empty, tower=2)
+            )
+        time_ids = self._time_ids(b, latent_hw)
+        return tuple(
+            {
+                "encoder_hidden_states": c,
+                "added_cond_kwargs": {"text_embeds": p, "time_ids": time_ids},
+            }
+            for c, p in ((context, pooled), (u_context, u_pooled))
+        )
+
+    def _uncond(self, x, t, text: dict, rule: str, text_weight: float, alpha: float):
         """The unconditional prediction: the frozen base (LoRA off, no image branch), or the
         trained LoRA at text weight gamma + sigma."""
         if rule == "base":
             self.unet.disable_lora()
             try:
                 return self.unet(
-                    x, t, context, cross_attention_kwargs=knobs(None, 1.0, 0.0, 1.0)
+                    x, t, **text, cross_attention_kwargs=knobs(None, 1.0, 0.0, 1.0)
                 ).sample
             finally:
                 self.unet.enable_lora()
         return self.unet(
-            x, t, context, cross_attention_kwargs=knobs(None, text_weight, 0.0, alpha)
+            x, t, **text, cross_attention_kwargs=knobs(None, text_weight, 0.0, alpha)
         ).sample
+
+
+def _scheduler(export: Export, sd: Path):
+    """DDIM with the noise schedule the run trained with (the export records it: the folder's
+    settings with pv_jax's SD defaults for any it omits, which diffusers' own defaults are
+    not); an older export without it: the folder's scheduler."""
+    from diffusers import DDIMScheduler
+
+    if "scheduler" in export.base:
+        return DDIMScheduler.from_config(export.base["scheduler"])
+    return DDIMScheduler.from_pretrained(sd / "scheduler")
 
 
 def export_defaults(export: Export) -> dict:

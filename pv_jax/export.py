@@ -18,7 +18,8 @@ layout (a Linear's ``weight`` is (out, in)), named after diffusers where it has 
 
 The safetensors metadata holds ``photoverse_config`` (the model config: m, layers, adapter
 widths, LoRA rank and targets, gamma / sigma / alpha, image-token source), ``photoverse_base``
-(the base model the run trained on), ``photoverse_run`` (workdir, step, which weights) and
+(the base model the run trained on, with its noise schedule as the run read it: a diffusers
+``DDIMScheduler`` config), ``photoverse_run`` (workdir, step, which weights) and
 ``photoverse_sampling`` (the run's tuned sampling settings). The file is written tensor by tensor
 (``write_safetensors``); :func:`import_photoverse` reads it back into a model exactly.
 """
@@ -106,7 +107,11 @@ def write_export(bundle, out: str | os.PathLike) -> dict[str, Any]:
         "format": "pt",
         "pv_jax_format": FORMAT,
         "photoverse_config": json.dumps(bundle.config.to_dict()),
-        "photoverse_base": json.dumps(src["base"] | {"is_xl": bundle.model.is_xl}),
+        # The noise schedule as the run read it (the folder's settings, ours for any it omits):
+        # a diffusers DDIMScheduler config, so that a PyTorch sampler steps exactly as ours.
+        "photoverse_base": json.dumps(
+            src["base"] | {"is_xl": bundle.model.is_xl, "scheduler": bundle.schedule.to_diffusers()}
+        ),
         "photoverse_run": json.dumps({k: src[k] for k in ("workdir", "step", "weights")}),
         "photoverse_sampling": json.dumps(tuned_settings(src["workdir"])),
         PEFT_METADATA: json.dumps(_lora_metadata(bundle.config)),
