@@ -256,6 +256,7 @@ def test_bad_input_is_a_message_and_the_server_keeps_serving(server, client, tmp
     assert "2 images in" in status and len(results) == 2
 
 
+@pytest.mark.slow  # a 20-request soak of the server; make test-all (CI)
 def test_twenty_queued_requests_are_all_answered_with_flat_memory(server, client):
     """20 requests queued at once (the server runs one at a time): every one answered with its
     own seeds, none lost; the server's resident memory after the 20th is within 64 MiB of its

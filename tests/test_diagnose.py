@@ -40,6 +40,7 @@ def _direct_x0_mse(model, schedule, tokenizer, target, ref, t, noise):
     return jnp.mean((x0 - latents) ** 2)
 
 
+@pytest.mark.slow  # about 45 s: every draw recomputed by hand; make test-all (CI)
 def test_x0_gap_equals_a_direct_computation(tiny_pv):
     model, schedule, tok = tiny_pv.model, tiny_pv.schedule, tiny_pv.tokenizer
     targets, refs = _photos(3)
@@ -152,6 +153,7 @@ def test_branch_outputs_per_layer(tiny_pv):
     assert all(r["image_share"] == 0.0 for r in branch_outputs(*args, refs, 500, gamma=1, sigma=0))
 
 
+@pytest.mark.slow  # about 40 s: decode and face net by hand; make test-all (CI)
 def test_rollout_identity_own_vs_shuffled(tiny_pv):
     """The identity diagnostic: one step of rollout is the single-step x0 written out (decode,
     chip by the landmarks, the face net, cosine to the target's descriptor); one reference for

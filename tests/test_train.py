@@ -108,8 +108,13 @@ def test_multi_device_meshes_agree_and_restore_onto_another_mesh():
 def test_kill_and_sigterm_resume_exactly_from_a_bucket(tmp_path, gcs_bucket):
     """The uninterrupted run on local disk, the interrupted one in gs://bucket/run (a real GCS
     API on localhost): SIGTERM saves, kill -9 loses nothing past the last checkpoint, every
-    replayed step equals the uninterrupted one, and sample.py samples from the bucket."""
-    steps = ["--config.train.steps=9", "--config.train.checkpoint_every=3"]
+    replayed step equals the uninterrupted one, and sample.py samples from the bucket. Both runs
+    accumulate two microbatches (grad_accum=2): a resumed accumulating run is exact too."""
+    steps = [
+        "--config.train.steps=9",
+        "--config.train.checkpoint_every=3",
+        "--config.train.grad_accum=2",
+    ]
     ref = tmp_path / "uninterrupted"
     subprocess.run(_train_cmd(ref, *NO_FACE, *steps), check=True, env=_env(), timeout=600)
     want = _by_step(ref)
@@ -265,13 +270,17 @@ def _tiny_cfg(**train):
 def test_nan_batch_is_skipped_and_repeated_nans_stop(tmp_path, monkeypatch):
     # One config for both halves, so that trainer.train's step is the one compiled here (the
     # session's compilation cache); max_nan_streak and checkpoint_every live on the host.
-    cfg = _tiny_cfg(ema_decay=0.75, max_nan_streak=3, checkpoint_every=2)
+    # Two microbatches of one (grad_accum=2), one example NaN: one microbatch's gradient is not
+    # finite, and the whole step is skipped.
+    cfg = _tiny_cfg(ema_decay=0.75, max_nan_streak=3, checkpoint_every=2, grad_accum=2)
     cfg.optim.warmup_steps = 0  # the first applied update must move the weights
     mesh = sharding.make_mesh(1, 1)
     run = trainer.setup(cfg, mesh)
     state = sharding.put_global(run.host_state, run.state_sh)
     good = next(run.data)
-    bad = dict(good, target=np.full(good["target"].shape, np.nan, np.float32))
+    bad_target = np.array(good["target"], np.float32)
+    bad_target[0] = np.nan
+    bad = dict(good, target=bad_target)
     before = jax.tree.map(np.asarray, state.trainable)
     state, m = run.step(state, run.frozen, sharding.put_batch(bad, mesh))
     assert int(m["skipped"]) == 1 and int(m["nan_streak"]) == 1 and int(state.nan_total) == 1
