@@ -15,11 +15,8 @@ import pytest
 from conftest import face_batch
 from flax import nnx
 
-from pv_jax.models.clip import CLIPTextModel, CLIPVisionModel
 from pv_jax.models.presets import SDXL_TEXT, SDXL_TEXT_2, SDXL_UNET, TINY_VAE, VIT_H14_VISION
 from pv_jax.models.sdxl import encode_sdxl_prompt
-from pv_jax.models.unet import UNet2DConditionModel
-from pv_jax.models.vae import AutoencoderKL
 from pv_jax.photoverse import (
     FROZEN,
     TINY_CONFIG,
@@ -311,43 +308,14 @@ def test_train_sample_and_evaluate_an_sdxl_run(tmp_path):
 def test_build_photoverse_from_an_sdxl_folder(xl, tmp_path):
     """An SDXL pipeline folder (our export, which StableDiffusionXLPipeline loads) and a CLIP
     vision folder -> PhotoVerse on SDXL: both towers, tokenizer 2, the zero-uncond setting."""
-    from pv_jax.models.presets import (
-        TINY_SDXL_UNET,
-        TINY_SDXL_VAE,
-        TINY_TEXT,
-        TINY_TEXT_2,
-        TINY_VISION,
-        random_module,
-    )
-    from pv_jax.photoverse import build_photoverse
-    from pv_jax.weights.hf_folders import (
-        StableDiffusion,
-        load_tokenizer,
-        load_tokenizer_2,
-        save_clip_vision,
-        save_stable_diffusion,
-    )
+    from conftest import tiny_sdxl_folders
 
-    rng = np.random.default_rng(5)
-    sd = StableDiffusion(
-        unet=random_module(lambda r: UNet2DConditionModel(TINY_SDXL_UNET, rngs=r), rng),
-        vae=random_module(lambda r: AutoencoderKL(TINY_SDXL_VAE, rngs=r), rng),
-        text_encoder=random_module(lambda r: CLIPTextModel(TINY_TEXT, rngs=r), rng),
-        tokenizer=load_tokenizer(),
-        scheduler_config={"_class_name": "DDIMScheduler"},
-        text_encoder_2=random_module(
-            lambda r: CLIPTextModel(TINY_TEXT_2, with_projection=True, rngs=r), rng
-        ),
-        tokenizer_2=load_tokenizer_2(),
-        force_zeros_for_empty_prompt=True,
-    )
-    folder = save_stable_diffusion(sd, tmp_path / "sdxl")
-    vision = random_module(lambda r: CLIPVisionModel(TINY_VISION, rngs=r), rng)
+    from pv_jax.models.presets import TINY_TEXT, TINY_TEXT_2
+    from pv_jax.photoverse import build_photoverse
+
+    sd, folder, vision = tiny_sdxl_folders(tmp_path, seed=5)
     bundle = build_photoverse(
-        TINY_CONFIG,
-        sd_folder=folder,
-        clip_vision_folder=save_clip_vision(vision, tmp_path / "vision"),
-        with_face_net=False,
+        TINY_CONFIG, sd_folder=folder, clip_vision_folder=vision, with_face_net=False
     )
     model = bundle.model
     assert model.is_xl and model.force_zeros_for_empty_prompt

@@ -23,45 +23,14 @@ PROMPT = "a photo of S* in a garden"
 def xl_export(tmp_path_factory):
     """(our bundle, the export's path, the SDXL folder, the vision folder, references (2, 224,
     224, 3) uint8, their descriptors (2, 128))."""
+    from conftest import tiny_sdxl_folders
+
     from pv_jax.export import write_export
-    from pv_jax.models.clip import CLIPTextModel, CLIPVisionModel
-    from pv_jax.models.presets import (
-        TINY_SDXL_UNET,
-        TINY_SDXL_VAE,
-        TINY_TEXT,
-        TINY_TEXT_2,
-        TINY_VISION,
-        random_module,
-    )
-    from pv_jax.models.unet import UNet2DConditionModel
-    from pv_jax.models.vae import AutoencoderKL
     from pv_jax.photoverse import TINY_CONFIG, build_photoverse, split_trainable
-    from pv_jax.weights.hf_folders import (
-        StableDiffusion,
-        load_tokenizer,
-        load_tokenizer_2,
-        save_clip_vision,
-        save_stable_diffusion,
-    )
 
     tmp = tmp_path_factory.mktemp("xl_export")
+    _, folder, vision = tiny_sdxl_folders(tmp, seed=11)
     rng = np.random.default_rng(11)
-    sd = StableDiffusion(
-        unet=random_module(lambda r: UNet2DConditionModel(TINY_SDXL_UNET, rngs=r), rng),
-        vae=random_module(lambda r: AutoencoderKL(TINY_SDXL_VAE, rngs=r), rng),
-        text_encoder=random_module(lambda r: CLIPTextModel(TINY_TEXT, rngs=r), rng),
-        tokenizer=load_tokenizer(),
-        scheduler_config={"_class_name": "DDIMScheduler"},
-        text_encoder_2=random_module(
-            lambda r: CLIPTextModel(TINY_TEXT_2, with_projection=True, rngs=r), rng
-        ),
-        tokenizer_2=load_tokenizer_2(),
-        force_zeros_for_empty_prompt=True,
-    )
-    folder = save_stable_diffusion(sd, tmp / "sdxl")
-    vision = save_clip_vision(
-        random_module(lambda r: CLIPVisionModel(TINY_VISION, rngs=r), rng), tmp / "vision"
-    )
     config = dataclasses.replace(TINY_CONFIG, image_source="both", identity_tokens=2)
     bundle = build_photoverse(
         config, sd_folder=folder, clip_vision_folder=vision, with_face_net=False

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import skimage.data
@@ -267,20 +268,29 @@ def _tiny_cfg(**train):
     return cfg
 
 
-def test_nan_batch_is_skipped_and_repeated_nans_stop(tmp_path, monkeypatch):
-    # One config for both halves, so that trainer.train's step is the one compiled here (the
-    # session's compilation cache); max_nan_streak and checkpoint_every live on the host.
+def _nan_cfg():
     # Two microbatches of one (grad_accum=2), one example NaN: one microbatch's gradient is not
     # finite, and the whole step is skipped.
     cfg = _tiny_cfg(ema_decay=0.75, max_nan_streak=3, checkpoint_every=2, grad_accum=2)
     cfg.optim.warmup_steps = 0  # the first applied update must move the weights
+    return cfg
+
+
+def _nan_batch(good: dict) -> dict:
+    target = np.array(good["target"], np.float32)
+    target[0] = np.nan
+    return dict(good, target=target)
+
+
+def test_nan_batch_is_skipped_then_training_goes_on():
+    """A step with a non-finite loss changes no weight, moment or EMA and is counted; the next
+    good step applies its update and the EMA blends it."""
+    cfg = _nan_cfg()
     mesh = sharding.make_mesh(1, 1)
     run = trainer.setup(cfg, mesh)
     state = sharding.put_global(run.host_state, run.state_sh)
     good = next(run.data)
-    bad_target = np.array(good["target"], np.float32)
-    bad_target[0] = np.nan
-    bad = dict(good, target=bad_target)
+    bad = _nan_batch(good)
     before = jax.tree.map(np.asarray, state.trainable)
     state, m = run.step(state, run.frozen, sharding.put_batch(bad, mesh))
     assert int(m["skipped"]) == 1 and int(m["nan_streak"]) == 1 and int(state.nan_total) == 1
@@ -302,6 +312,15 @@ def test_nan_batch_is_skipped_and_repeated_nans_stop(tmp_path, monkeypatch):
         strict=True,
     ):
         np.testing.assert_allclose(ema, 0.75 * old + 0.25 * new, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow  # trainer.train to the stop and a checkpoint restore, 45 s; make test-all (CI)
+def test_repeated_nans_stop_the_run_with_only_good_states_saved(tmp_path, monkeypatch):
+    cfg = _nan_cfg()
+    mesh = sharding.make_mesh(1, 1)
+    run = trainer.setup(cfg, mesh)
+    before = jax.tree.map(np.asarray, run.host_state.trainable)
+    bad = _nan_batch(next(run.data))
 
     class NaNs(type(run.data)):
         def __next__(self):
@@ -485,6 +504,26 @@ def _whole_vs_accumulated(ks: tuple[int, ...], batch_size: int = 8) -> dict:
     return out
 
 
+def test_microbatch_plan_spreads_the_face_selection_evenly():
+    """The split that makes accumulation exact: every example once, microbatch j holding the
+    t-ranks j, j + K, ..., and the whole batch's face selection (the subset smallest t, stable
+    on ties, of those t <= 500) spread so that no microbatch holds more than ceil(subset / K)."""
+    from pv_jax.train.step import microbatch_plan
+
+    t = np.random.default_rng(0).integers(0, 1000, 16)
+    t[3] = t[5]  # a tie
+    order, mask = map(np.asarray, microbatch_plan(jnp.asarray(t), 4, 6, 500))
+    assert sorted(order) == list(range(16))
+    by_t = np.argsort(t, kind="stable")
+    np.testing.assert_array_equal(order.reshape(4, 4), by_t.reshape(4, 4).T)
+    want = np.zeros(16, bool)
+    want[by_t[:6]] = True
+    np.testing.assert_array_equal(mask, want & (t <= 500))
+    per_micro = [int(np.isin(row, by_t[:6]).sum()) for row in order.reshape(4, 4)]
+    assert per_micro == [2, 2, 1, 1]
+
+
+@pytest.mark.slow  # two compiles of the tiny step with the face loss, 130 s; make test-all (CI)
 def test_grad_accumulation_gives_the_whole_batch_update():
     """4 microbatches of 2 (scan) give the 8-example batch's loss, every metric and every
     gradient: the same per-example draws, and the face loss's sub-batch (4 samples of t <= 500)

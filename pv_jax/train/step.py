@@ -219,6 +219,19 @@ def apply_gradients(
     return new_state, metrics
 
 
+def microbatch_plan(
+    t: jax.Array, k: int, subset: int, t_face_max: int
+) -> tuple[jax.Array, jax.Array]:
+    """How :func:`accumulate_grads` splits a batch of timesteps ``t`` (B,) into ``k``
+    microbatches: ``order`` (B,), the examples of microbatch j being ``order[j * B/k :
+    (j + 1) * B/k]`` (t-ranks j, j + k, j + 2k, ...), and ``face_mask`` (B,), the whole batch's
+    face-loss selection (the ``subset`` smallest t, stable, of those with t <= t_face_max)."""
+    by_t = jnp.argsort(t, stable=True)
+    rank = jnp.argsort(by_t)
+    face_mask = (rank < subset) & (t <= t_face_max)
+    return by_t.reshape(-1, k).T.reshape(-1), face_mask
+
+
 def accumulate_grads(
     graphdef: nnx.GraphDef,
     trainable: nnx.State,
@@ -255,11 +268,8 @@ def accumulate_grads(
     num_t = noise_schedule.num_train_timesteps
     shards = batch_shards(face_sharding, b)
     subset = face_subset_size(b, config, num_t, shards) if config.face_weight else b
-    by_t = jnp.argsort(t, stable=True)  # the whole batch's face loss takes by_t[:subset]
-    rank = jnp.argsort(by_t)
-    batch["face_mask"] = (rank < subset) & (t <= config.t_face_max)
+    order, batch["face_mask"] = microbatch_plan(t, k, subset, config.t_face_max)
     count = jnp.sum(batch["face_mask"])
-    order = by_t.reshape(mb, k).T.reshape(-1)  # microbatch j: t-ranks j, j + k, j + 2k, ...
     micro_sharding = None
     if isinstance(face_sharding, jax.sharding.NamedSharding):
         spec = jax.sharding.PartitionSpec(None, *face_sharding.spec)
