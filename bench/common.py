@@ -45,6 +45,11 @@ def peak_rss_gib() -> float:
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def reset_peak_rss() -> None:
+    """Start a new peak: VmHWM := VmRSS (Linux), so the next :func:`peak_rss_gib` is a phase's."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def current_rss_gib() -> float:
     """Resident memory of this process now (GiB)."""
     now = _status_gib("VmRSS")

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import current_rss_gib, peak_rss_gib
+from common import current_rss_gib, peak_rss_gib, reset_peak_rss
 
 
 def _export(unet, writer: str, out: str) -> dict:
@@ -38,7 +38,7 @@ def _export(unet, writer: str, out: str) -> dict:
     from pv_jax.weights.hf_folders import save_unet
 
     loaded = current_rss_gib()
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    reset_peak_rss()
     t0 = time.perf_counter()
     if writer == "stream":
         save_unet(unet, out)

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import median_time, peak_rss_gib
+from common import current_rss_gib, median_time, peak_rss_gib, reset_peak_rss
 
 PROMPT = "a photo of an astronaut riding a horse"
 PV_PROMPT = "a photo of S* as an astronaut"
@@ -109,7 +109,9 @@ def _fill(shape: tuple[int, ...], name: str, rng: np.random.Generator) -> np.nda
     if name == "bias":
         return np.zeros(shape, np.float32)
     fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else shape[0]
-    return rng.standard_normal(shape).astype(np.float32) / np.sqrt(fan_in)
+    # The division is in float64 (NumPy 2: a float64 scalar is not weak), then rounded to
+    # float32: what random_module's jnp.asarray stores.
+    return (rng.standard_normal(shape).astype(np.float32) / np.sqrt(fan_in)).astype(np.float32)
 
 
 def write_random_unet(folder: Path, config, rng: np.random.Generator) -> int:
@@ -222,21 +224,41 @@ def run_ours(folder: Path, out: Path, args) -> dict:
     from pv_jax.weights.hf_folders import load_stable_diffusion
 
     timer = CompileTimer()
+    phases = {}  # peak resident memory of each phase (GiB), VmHWM reset between them
+
+    def phase(name: str) -> None:
+        phases[name] = {
+            "peak_gib": round(peak_rss_gib(), 2),
+            "after_gib": round(current_rss_gib(), 2),
+        }
+        reset_peak_rss()
+
+    reset_peak_rss()
     t0 = time.perf_counter()
     sd = load_stable_diffusion(folder)
     load_s = time.perf_counter() - t0
+    phase("load")
     noise = noise_nhwc(args.seed, args.resolution, vae_scale_factor(sd))
 
+    def denoise():
+        return txt2img_latents(sd, PROMPT, noise=noise, steps=args.steps, guidance=args.guidance)
+
     def generate():
-        latents = txt2img_latents(sd, PROMPT, noise=noise, steps=args.steps, guidance=args.guidance)
+        latents = denoise()
         return latents, decode_latents(sd, latents)
 
     timer.total = 0.0  # (loading compiles small programs)
     t0 = time.perf_counter()
-    latents, images = jax.block_until_ready(generate())
+    latents = jax.block_until_ready(denoise())
+    phase("denoise_first_call")  # the loop's compile and one run
+    jax.block_until_ready(denoise())
+    phase("denoise_run")
+    images = jax.block_until_ready(decode_latents(sd, latents))
+    phase("decode_first_call")
     first_s = time.perf_counter() - t0
     compile_s = timer.total
     s_per_image = median_time(args.repeats, generate)  # the same noise: the same images
+    phase("timed_calls")
     np.savez(out, latents=np.asarray(latents), images=np.asarray(images))
     return {
         "compile_s": round(compile_s, 2),
@@ -244,7 +266,19 @@ def run_ours(folder: Path, out: Path, args) -> dict:
         "s_per_image": round(s_per_image, 3),
         "load_s": round(load_s, 1),
         "device": jax.devices()[0].device_kind,
+        "weights_gib": round(weights_gib(sd), 2),
+        "memory_phases": phases,
+        "peak_rss_gib": max(p["peak_gib"] for p in phases.values()),  # the whole run's
     }
+
+
+def weights_gib(sd) -> float:
+    """The loaded networks' parameter bytes (GiB)."""
+    import jax
+    from flax import nnx
+
+    nets = [sd.unet, sd.vae, sd.text_encoder, sd.text_encoder_2]
+    return sum(x.nbytes for net in nets for x in jax.tree.leaves(nnx.state(net))) / 2**30
 
 
 # ----------------------------------------------------------------------------- stage: torch
@@ -419,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
             row = run_torch(folder, out, args)
         else:
             row = run_photoverse(args)
-        row.update(peak_rss_gib=round(peak_rss_gib(), 2))
+        row.setdefault("peak_rss_gib", round(peak_rss_gib(), 2))
         print(json.dumps(row), flush=True)
         return
 
