@@ -32,6 +32,7 @@ Batch 1, no negative prompt (SDXL's zero unconditional embeddings), fp32.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import shutil
@@ -227,6 +228,8 @@ def run_ours(folder: Path, out: Path, args) -> dict:
     phases = {}  # peak resident memory of each phase (GiB), VmHWM reset between them
 
     def phase(name: str) -> None:
+        if args.malloc_trim:  # hand glibc's free heap back first: what is left is really held
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
         phases[name] = {
             "peak_gib": round(peak_rss_gib(), 2),
             "after_gib": round(current_rss_gib(), 2),
@@ -416,7 +419,7 @@ def _common(args) -> list[str]:
         "--seed", str(args.seed),
         "--cache", str(args.cache),
         "--preset", args.preset,
-    ]  # fmt: skip
+    ] + (["--malloc-trim"] if args.malloc_trim else [])  # fmt: skip
 
 
 def parser() -> argparse.ArgumentParser:
@@ -434,6 +437,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min-free-gib", type=float, default=18.0, help="before a heavy stage")
     p.add_argument("--max-wait-s", type=float, default=1200.0)
     p.add_argument("--stage", choices=["all", "make", "ours", "torch", "photoverse"])
+    p.add_argument(
+        "--malloc-trim", action="store_true", help="ours: malloc_trim(0) after each phase"
+    )
     return p
 
 

@@ -276,9 +276,15 @@ SHARED_FIXTURE_GROUPS = {
 }
 
 
-# The slowest tests (tens of seconds each, measured) run first, so that the last tests a worker
-# takes are short ones and the two workers finish together.
+# The slowest tests (tens of seconds each, measured) and the shared-fixture groups (one worker
+# runs each whole: a minute or more) go first, so that the last tests a worker takes are short
+# ones and the two workers finish together.
 SLOW_FIRST = (
+    "tests/test_toy.py",
+    "tests/test_torch_sdxl.py",
+    "tests/test_app.py",
+    "tests/test_export.py",
+    "tests/test_torch_port.py",
     "tests/test_train.py::test_nan_batch_is_skipped_then_training_goes_on",
     "tests/test_sdxl_photoverse.py::test_loss_and_gradients_on_sdxl",
     "tests/test_photoverse_model.py::test_trainable_partition_and_gradients",
