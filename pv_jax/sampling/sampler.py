@@ -29,6 +29,7 @@ from pv_jax.diffusion import (
     step_keys,
 )
 from pv_jax.errors import InputError
+from pv_jax.host_memory import release_freed_memory
 from pv_jax.photoverse.model import PhotoVerse, default_time_ids
 
 UNCOND_MODES = ("base", "lora")
@@ -262,6 +263,7 @@ class Sampler:
             if signature not in self._compiled:
                 t0 = time.perf_counter()
                 executable = self._jitted.lower(*args, **statics).compile()
+                release_freed_memory()  # the compiler's freed working memory
                 self._last.compile_s, self._last.compiled = time.perf_counter() - t0, 1
                 with self._lock:
                     self._compiled[signature] = executable

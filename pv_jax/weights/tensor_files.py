@@ -17,6 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from pv_jax.errors import InputError
+from pv_jax.host_memory import release_freed_memory
 from pv_jax.weights.convert import LazyTensor, TensorSource
 
 
@@ -77,7 +78,10 @@ def open_tensors(files: list[Path]) -> Iterator[TensorSource]:
                 source.update(_safetensors_source(path, handle))
             else:
                 source.update(_torch_bin(path))
-        yield source
+        try:
+            yield source
+        finally:
+            release_freed_memory()  # each tensor was read into its own host buffer
 
 
 def _torch_bin(path: Path) -> dict[str, Callable[[], np.ndarray]]:
