@@ -32,7 +32,6 @@ Batch 1, no negative prompt (SDXL's zero unconditional embeddings), fp32.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import shutil
@@ -221,6 +220,7 @@ def run_ours(folder: Path, out: Path, args) -> dict:
     """Load the folder, compile and time our txt2img (latents + decode)."""
     import jax
 
+    from pv_jax.host_memory import release_freed_memory
     from pv_jax.sampling.txt2img import decode_latents, txt2img_latents, vae_scale_factor
     from pv_jax.weights.hf_folders import load_stable_diffusion
 
@@ -229,7 +229,7 @@ def run_ours(folder: Path, out: Path, args) -> dict:
 
     def phase(name: str) -> None:
         if args.malloc_trim:  # hand glibc's free heap back first: what is left is really held
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            release_freed_memory()
         phases[name] = {
             "peak_gib": round(peak_rss_gib(), 2),
             "after_gib": round(current_rss_gib(), 2),
