@@ -135,6 +135,16 @@ def test_identity_of_a_real_face_end_to_end(tiny_pv):
     assert [r["seed"] for r in own["results"]] == [0, 1, 2, 3]
 
 
+def test_image_descriptors_mark_faceless_images_with_nan():
+    from pv_jax.face.references import face_descriptor, image_descriptors
+
+    face = load_reference(ASTRONAUT).target
+    got = image_descriptors([face, np.full_like(face, 128)])
+    chex.assert_shape(got, (2, 128))
+    np.testing.assert_array_equal(got[0], face_descriptor(face))
+    assert np.isnan(got[1]).all()
+
+
 def test_evaluation_command_writes_json_and_markdown(clip_folder, tmp_path):
     folder, _ = clip_folder
     noise = np.random.RandomState(0).randint(0, 256, (200, 200, 3), dtype=np.uint8)

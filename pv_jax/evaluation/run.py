@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from pv_jax.errors import InputError, MissingPathError, ReferencePhotoError, run_command
 from pv_jax.face import descriptor_cosine, unit_rows
-from pv_jax.face.references import check_reference, face_descriptor, reference_descriptor
+from pv_jax.face.references import check_reference, image_descriptors, reference_descriptor
 from pv_jax.sampling.cli import check_model_args, pipeline_from_args
 from pv_jax.sampling.options import (
     SamplingOptions,
@@ -258,8 +258,8 @@ def evaluate(
         meta = result.metadata
         ref_desc = reference_descriptor(result.references)
         used.append((photo, ref_desc))
-        found = [face_descriptor(image) for image in result.images]
-        descriptors += [np.full(128, np.nan) if d is None else d for d in found]
+        found = image_descriptors(result.images)  # NaN rows: no face
+        descriptors += list(found)
         if keep_images:
             images.append(result.images)
         for key in timings:
@@ -274,7 +274,7 @@ def evaluate(
                 "prompt": meta["prompts"][i],
                 "seed": meta["seeds"][i],
                 "identity": (
-                    None if found[i] is None else float(descriptor_cosine(found[i], ref_desc))
+                    None if np.isnan(found[i, 0]) else float(descriptor_cosine(found[i], ref_desc))
                 ),
                 "clip_t": clip_t[i],
             }

@@ -131,6 +131,12 @@ def face_descriptor(image: np.ndarray) -> np.ndarray | None:
     return target_descriptor(image, face_landmarks(image, box), 0)
 
 
+def image_descriptors(images: Sequence[np.ndarray]) -> np.ndarray:
+    """(N, 128) :func:`face_descriptor` of each image; a row of NaN where no face is found."""
+    found = [face_descriptor(image) for image in images]
+    return np.stack([np.full(128, np.nan) if d is None else d for d in found])
+
+
 def identity_of(image: np.ndarray, descriptor: np.ndarray) -> float | None:
     """Cosine between the dlib descriptor of the largest face in ``image`` and ``descriptor``
     (see :func:`reference_descriptor`); None when no face is found (e.g. untrained weights)."""
