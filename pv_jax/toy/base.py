@@ -19,7 +19,6 @@ Saved through the project's exporter as a diffusers SD folder (``sd/``) and a tr
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 import time
@@ -32,13 +31,7 @@ import optax
 from flax import nnx
 from PIL import Image
 
-from pv_jax.diffusion import (
-    NoiseSchedule,
-    add_noise,
-    ddim_loop,
-    ddim_prev_timesteps,
-    ddim_timesteps,
-)
+from pv_jax.diffusion import NoiseSchedule, add_noise
 from pv_jax.models.clip import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -52,7 +45,7 @@ from pv_jax.models.unet import UNet2DConditionModel, UNetConfig
 from pv_jax.models.vae import AutoencoderKL
 from pv_jax.toy import attributes
 from pv_jax.toy.fit import FitConfig, fit
-from pv_jax.toy.vae import batched, to_uint8
+from pv_jax.toy.vae import batched
 
 TOY_TEXT = CLIPTextConfig(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
@@ -114,59 +107,6 @@ def diffusion_loss(unet: UNet2DConditionModel, batch: dict, key: jax.Array, sche
     noise = jax.random.normal(k2, x0.shape)
     pred = unet(add_noise(schedule, x0, noise, t), t, ctx)
     return jnp.mean((pred - noise) ** 2), {}
-
-
-@functools.lru_cache(maxsize=8)
-def _base_sampler(schedule: NoiseSchedule, steps: int, guidance: float):
-    ts = ddim_timesteps(schedule, steps)
-    prev = ddim_prev_timesteps(schedule, ts)
-
-    @jax.jit
-    def run(unet, vae, ctx, empty, noise):
-        both = jnp.concatenate([jnp.broadcast_to(empty, ctx.shape), ctx])
-        x = ddim_loop(
-            schedule,
-            lambda x_in, t: unet(x_in, t, both),
-            noise,
-            ts,
-            prev,
-            guidance=guidance,
-            cfg=True,
-        )
-        return vae.decode(vae.unscale_latents(x))
-
-    return run
-
-
-def sample_base(
-    unet: UNet2DConditionModel,
-    vae: AutoencoderKL,
-    context: np.ndarray,
-    empty: np.ndarray,
-    seeds: list[int],
-    *,
-    schedule: NoiseSchedule,
-    steps: int = 25,
-    guidance: float = 5.0,
-    batch: int = 32,
-) -> np.ndarray:
-    """Plain text-to-image DDIM with classifier-free guidance: (N, 77, D) contexts -> uint8.
-
-    Image i starts from the noise of ``seeds[i]``; compiled once per (schedule, steps,
-    guidance), run ``batch`` images at a time (the last batch padded)."""
-    run = _base_sampler(schedule, steps, float(guidance))
-    c = unet.config
-    shape = (c.sample_size, c.sample_size, c.in_channels)
-    noise = np.stack([np.asarray(jax.random.normal(jax.random.key(s), shape)) for s in seeds])
-    context = np.asarray(context)
-    out = []
-    for i in range(0, len(seeds), batch):
-        n = min(batch, len(seeds) - i)
-        pad = [0] * (batch - n) if len(seeds) > batch else []
-        x = np.concatenate([noise[i : i + n], noise[pad]])
-        ctx = np.concatenate([context[i : i + n], context[pad]])
-        out.append(to_uint8(run(unet, vae, ctx, jnp.asarray(empty), x))[:n])
-    return np.concatenate(out)
 
 
 def train_unet(
@@ -307,6 +247,7 @@ def train_base(
 ) -> dict:
     """Stage 1: base UNet + frozen text tower + SSL image encoder, exported to ``out/sd`` and
     ``out/clip_vision`` (reused when they exist), with a report on held-out data."""
+    from pv_jax.toy.base_eval import sample_plain
     from pv_jax.toy.data import save_grid, split_arrays
     from pv_jax.weights.hf_folders import StableDiffusion, save_clip_vision, save_stable_diffusion
 
@@ -326,17 +267,9 @@ def train_base(
     t0 = time.perf_counter()
     thresholds = attributes.calibrate(split_arrays(work, "train", vae.config.sample_size)["target"])
     names = list(attributes.ATTRIBUTES)
-    contexts = caption_contexts(text, tokenizer, [attributes.caption(a) for a in names] + [""])
+    # DDIM, 25 steps, CFG 5 against the empty caption; image i from seed i.
     images = {
-        a: sample_base(
-            unet,
-            vae,
-            np.repeat(contexts[i : i + 1], samples, 0),
-            contexts[-1:],
-            list(range(samples)),
-            schedule=schedule,
-        )
-        for i, a in enumerate(names)
+        a: sample_plain(sd, attributes.caption(a), range(samples), guidance=5.0) for a in names
     }
     report = {
         "unet": unet_summary,

@@ -115,7 +115,7 @@ def evaluate_runs(
     image its own seed; False: seeds 0..7 for every reference (the paired design of the first
     evaluation)."""
     from pv_jax.evaluation.run import identity_by_prompt
-    from pv_jax.face.references import face_descriptor
+    from pv_jax.face.references import image_descriptors
     from pv_jax.sampling.pipeline import PhotoVersePipeline
     from pv_jax.toy.base_eval import sample_plain
     from pv_jax.toy.diagnose import x0_gap_curve
@@ -171,7 +171,7 @@ def evaluate_runs(
         if base_images is None:
             base_images = np.empty((len(prompts), *drawn.shape[1:]), np.uint8)
         base_images[rows] = drawn
-    base_desc = _descriptors(base_images, face_descriptor)
+    base_desc = image_descriptors(base_images)
     report["runs"]["base model (no PhotoVerse)"] = {
         "sampling": {"guidance": BASE_GUIDANCE, "eta": BASE_ETA},
         "identity": identity_by_prompt(base_desc, ref_index, ref_desc, person, prompts),
@@ -179,7 +179,7 @@ def evaluate_runs(
     }
     # Baseline 2: copying the reference: its own 64 px target crop, once per reference.
     held = split_arrays_of(work, photos)
-    copy_desc = _descriptors(held["crops"], face_descriptor)
+    copy_desc = image_descriptors(held["crops"])
     report["runs"]["copy the reference"] = {
         "identity": identity_by_prompt(
             copy_desc, np.arange(len(photos)), ref_desc, person, [PROMPTS[0]] * len(photos)
@@ -202,11 +202,6 @@ def split_arrays_of(work: Path, photos: list[Path]) -> dict:
     held = split_arrays(work, "heldout", 64)
     by_name = dict(zip(list(held["source"]), held["target"], strict=True))
     return {"crops": np.stack([by_name[p.name] for p in photos]), "by_name": by_name}
-
-
-def _descriptors(images: np.ndarray, face_descriptor) -> np.ndarray:
-    found = [face_descriptor(im) for im in images]
-    return np.stack([np.full(128, np.nan) if d is None else d for d in found])
 
 
 def _grids(

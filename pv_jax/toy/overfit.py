@@ -59,14 +59,11 @@ def photo_batch(
 ):
     """The first ``n`` photos of a split as one training batch, each ``repeat`` times."""
     tokens = bundle.tokenizer([prompt] * n * repeat, bundle.config.words)
-    return {
-        "reference": jnp.asarray(np.tile(arrays["reference"][:n], (repeat, 1, 1, 1))),
-        "target": jnp.asarray(np.tile(arrays["target"][:n], (repeat, 1, 1, 1))),
-        "landmarks": jnp.asarray(np.tile(arrays["landmarks"][:n], (repeat, 1, 1))),
-        "descriptor": jnp.asarray(np.tile(arrays["descriptor"][:n], (repeat, 1))),
-        "input_ids": jnp.asarray(tokens.input_ids),
-        "slots": jnp.asarray(tokens.slots),
+    batch = {
+        k: jnp.asarray(np.tile(arrays[k][:n], (repeat,) + (1,) * (arrays[k].ndim - 1)))
+        for k in ("reference", "target", "landmarks", "descriptor")
     }
+    return dict(batch, input_ids=jnp.asarray(tokens.input_ids), slots=jnp.asarray(tokens.slots))
 
 
 def overfit(bundle, arrays: dict[str, np.ndarray], cfg: Any, oc: OverfitConfig) -> dict:
@@ -243,9 +240,12 @@ def main(argv: list[str] | None = None) -> dict:
     """``python -m pv_jax.toy.overfit``: one rung-0 run; appends its row to ``--into``."""
     import argparse
     import ast
+    import contextlib
 
+    from pv_jax.photoverse import split_trainable
     from pv_jax.photoverse.factory import build_bundle
     from pv_jax.toy.data import split_arrays
+    from pv_jax.toy.diagnose import branch_outputs, rollout_identity
 
     p = argparse.ArgumentParser(prog="python -m pv_jax.toy.overfit")
     p.add_argument("--work", type=Path, default=Path("toy_work"))
@@ -269,13 +269,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--set", action="append", default=[], help="group.field=value (Python literal)")
     p.add_argument("--into", type=Path, default=Path("toy_work/overfit.jsonl"))
     args = p.parse_args(argv)
-    overrides = {}
-    for s in args.set:
-        k, v = s.split("=", 1)
-        try:
+    overrides = dict(s.split("=", 1) for s in args.set)
+    for k, v in overrides.items():
+        with contextlib.suppress(ValueError, SyntaxError):  # else a plain string
             overrides[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            overrides[k] = v
     cfg = rung0_config(overrides)
     cfg.base.sd_folder = str(args.models / "sd")
     cfg.base.clip_vision_folder = str(args.models / "clip_vision")
@@ -283,54 +280,23 @@ def main(argv: list[str] | None = None) -> dict:
     if args.oracle:
         use_oracle_tokens(bundle.model)
     arrays = split_arrays(args.work, "train", 64)
-    oc = OverfitConfig(
-        photos=args.photos,
-        steps=args.steps,
-        eval_every=args.eval_every,
-        fusion=args.fusion,
-        repeat=args.repeat,
-        seed=args.seed,
-    )
+    fields = ("photos", "steps", "eval_every", "fusion", "repeat", "seed")
+    oc = OverfitConfig(**{f: getattr(args, f) for f in fields})
     r = overfit(bundle, arrays, cfg, oc)
+    graphdef, _, frozen = split_trainable(bundle.model)
+    trained, pv = nnx.merge(graphdef, r["trainable"], frozen), bundle.config
+    head = (trained, bundle.schedule, bundle.tokenizer)
     if args.branch:
-        from pv_jax.photoverse import split_trainable
-        from pv_jax.toy.diagnose import branch_outputs
-
-        graphdef, _, frozen = split_trainable(bundle.model)
-        pv = bundle.config
-        r["branch_t500"] = branch_outputs(
-            nnx.merge(graphdef, r["trainable"], frozen),
-            bundle.schedule,
-            bundle.tokenizer,
-            arrays["target"][: args.photos],
-            arrays["reference"][: args.photos],
-            500,
-            gamma=pv.gamma,
-            sigma=pv.sigma,
-        )
+        refs = arrays["reference"][: args.photos]
+        targets = arrays["target"][: args.photos]
+        r["branch_t500"] = branch_outputs(*head, targets, refs, 500, gamma=pv.gamma, sigma=pv.sigma)
     if args.identity:
-        from pv_jax.photoverse import split_trainable
-        from pv_jax.toy.diagnose import rollout_identity
-
-        graphdef, _, frozen = split_trainable(bundle.model)
-        r["rollout_identity"] = rollout_identity(
-            nnx.merge(graphdef, r["trainable"], frozen),
-            bundle.schedule,
-            bundle.tokenizer,
-            {k: v[: args.photos] for k, v in arrays.items()},
-            gamma=bundle.config.gamma,
-            sigma=bundle.config.sigma,
-        )
+        photos = {k: v[: args.photos] for k, v in arrays.items()}
+        r["rollout_identity"] = rollout_identity(*head, photos, gamma=pv.gamma, sigma=pv.sigma)
         print(f"rollout identity: {r['rollout_identity']}")
-    row = {
-        "name": args.name,
-        "overrides": overrides,
-        "fusion": args.fusion,
-        "repeat": args.repeat,
-        "oracle": args.oracle,
-        "seed": args.seed,
-        **{k: v for k, v in r.items() if k != "trainable"},
-    }
+    row = dict(name=args.name, overrides=overrides, oracle=args.oracle)
+    row.update({f: getattr(args, f) for f in ("fusion", "repeat", "seed")})
+    row.update({k: v for k, v in r.items() if k != "trainable"})
     args.into.parent.mkdir(parents=True, exist_ok=True)
     with args.into.open("a") as f:
         f.write(json.dumps(row) + "\n")

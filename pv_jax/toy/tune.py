@@ -113,6 +113,7 @@ def sweep_guidance(
     scores them) with prompt following, and the images (reference-major, then prompt, then
     image). ``own_seeds``: every image its own seed; False: every reference the same seeds.
     ``eta``: DDIM's eta at sampling."""
+    from pv_jax.evaluation.run import fmt
     from pv_jax.toy.evaluate import sample_and_score
 
     photos, people = val_references(work, num_references)
@@ -138,12 +139,10 @@ def sweep_guidance(
             identification_by_prompt={p: m.get("identification") for p, m in per_prompt.items()},
         )
         images[str(g)] = r["arrays"]["images"]
-        m = rows[str(g)]
+        m = {k: rows[str(g)].get(k) for k in ("face_rate", "identification", "chance")}
         print(
-            f"guidance {g}: face rate {m['face_rate']:.2f}, identification "
-            f"{m.get('identification', 0):.3f} (chance {m['chance']:.3f}), own "
-            f"{m.get('own_mean', float('nan')):.3f} vs other people "
-            f"{m.get('other_people_mean', float('nan')):.3f}"
+            f"guidance {g}: {m}, own {fmt(rows[str(g)].get('own_mean'))} vs other people "
+            f"{fmt(rows[str(g)].get('other_people_mean'))}"
         )
     return photos, rows, images
 
@@ -228,6 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
     import argparse
 
     from pv_jax.sampling.pipeline import PhotoVersePipeline
+    from pv_jax.toy.data import save_grid, split_arrays
+    from pv_jax.toy.evaluate import PROMPTS
 
     p = argparse.ArgumentParser(prog="python -m pv_jax.toy.tune")
     p.add_argument("--run", type=Path, required=True, help="a train_tpu.py workdir")
@@ -236,30 +237,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--references", type=int, help="the first N validation photos (default: all)")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--images", type=int, default=1, help="images per reference and prompt")
-    p.add_argument(
-        "--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM's variance"
-    )
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM's")
     p.add_argument(
         "--own-seeds",
         action="store_true",
         help="every image its own seed (default: every reference the same seeds 0..)",
     )
     for name, what in (("gamma", "text-branch"), ("sigma", "image-branch"), ("alpha", "LoRA")):
-        p.add_argument(
-            f"--{name}", type=float, help=f"{what} weight at sampling (default: the run's config)"
-        )
+        p.add_argument(f"--{name}", type=float, help=f"{what} weight (default: the run's config)")
     p.add_argument("--work", type=Path, default=Path("toy_work"))
     p.add_argument("--models", type=Path, default=Path("models/toy_faces"))
     p.add_argument("--into", type=Path, help="a JSON-lines file collecting the results")
-    p.add_argument(
-        "--grid", type=Path, help="a PNG of the best guidance: 8 people x (crop, each prompt)"
-    )
+    p.add_argument("--grid", type=Path, help="a PNG of the best guidance: 8 people x prompts")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     thresholds = json.loads((args.models / "base_report.json").read_text())["thresholds"]
-    from pv_jax.toy.data import save_grid, split_arrays
-    from pv_jax.toy.evaluate import PROMPTS
-
     weights = {k: getattr(args, k) for k in ("gamma", "sigma", "alpha")}
     overrides = {k: v for k, v in weights.items() if v is not None} or None
     pipe = PhotoVersePipeline.from_checkpoint(args.run, step=args.step, model_overrides=overrides)
@@ -274,23 +266,15 @@ def main(argv: list[str] | None = None) -> dict:
         own_seeds=args.own_seeds,
         eta=args.eta,
     )
-    size = next(iter(images.values())).shape[1]
-    val = split_arrays(args.work, "val", size)
-    sources = list(val["source"])
-    targets = val["target"][[sources.index(photo.name) for photo in photos]]
+    val = split_arrays(args.work, "val", next(iter(images.values())).shape[1])
+    targets = val["target"][[list(val["source"]).index(photo.name) for photo in photos]]
     per_ref = len(PROMPTS) * args.images
     for g, m in rows.items():  # the plain prompt's images: the attribute words recolour the rest
         plain = np.concatenate(
             [images[g][i * per_ref :][: args.images] for i in range(len(photos))]
         )
         a = m["appearance"] = appearance_identification(plain, targets)
-        print(
-            f"guidance {g}: appearance identification {a['identification']:.3f} (chance "
-            f"{a['chance']:.3f}), own target nearer than another {a['own_closer']:.3f} "
-            f"{np.round(a['own_closer_ci95'], 3).tolist()} (chance 0.5), thumbnail distance own "
-            f"{a['own_distance']:.3f} vs others "
-            f"{a['other_distance']:.3f}"
-        )
+        print(f"guidance {g}: appearance {json.dumps(a)} (chance of own_closer 0.5)")
     row = {
         "run": str(args.run),
         "step": pipe.bundle.source["step"],  # the latest when --step is not given
@@ -306,17 +290,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.into:
         with args.into.open("a") as f:
             f.write(json.dumps(row) + "\n")
-    best_g = max(rows, key=lambda g: rows[g].get("identification", 0.0))
-    best = rows[best_g]
-    if args.grid:
+    best = max(rows, key=lambda g: rows[g].get("identification", 0.0))
+    if args.grid:  # each of the first 8 people: the target, then each prompt's first image
         tiles = []
-        for i in range(min(8, len(photos))):  # the first image of each prompt
-            tiles.append(targets[i])
-            tiles.extend(images[best_g][i * per_ref : (i + 1) * per_ref : args.images])
+        for i in range(min(8, len(photos))):
+            tiles += [targets[i], *images[best][i * per_ref : (i + 1) * per_ref : args.images]]
         save_grid(np.stack(tiles), args.grid, cols=1 + len(PROMPTS))
     print(
-        f"val identification: best {best.get('identification', 0):.3f} (chance "
-        f"{best['chance']:.3f}) over guidances {args.guidance}, {row['seconds']:.0f}s"
+        f"val identification: best {rows[best].get('identification', 0):.3f} (chance "
+        f"{rows[best]['chance']:.3f}) over guidances {args.guidance}, {row['seconds']:.0f}s"
     )
     return row
 
