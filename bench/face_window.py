@@ -81,7 +81,7 @@ def descriptor_part(part: str, faces: int) -> dict:
     def both(image01, landmarks):
         mean, _ = vae.encode(image01 * 2.0 - 1.0)
         z = vae.scale_latents(mean)
-        full = jnp.clip(vae.decode(vae.unscale_latents(z)) / 2 + 0.5, 0.0, 1.0)
+        full = vae.decode_images(z)
         factor = size // z.shape[1]
         win = max(1, int(np.ceil(WINDOW * z.shape[1])))
         window, lms, fit = decode_face_windows(model, z, landmarks, win, factor)

@@ -291,3 +291,7 @@ class AutoencoderKL(nnx.Module):
         """The diffusion model's latents -> raw VAE latents (inverse of ``scale_latents``)."""
         shift = self.config.shift_factor or 0.0
         return z / self.config.scaling_factor + shift
+
+    def decode_images(self, z: jax.Array) -> jax.Array:
+        """The diffusion model's latents -> images in [0, 1] (unscaled, decoded, clipped)."""
+        return jnp.clip(self.decode(self.unscale_latents(z)) / 2 + 0.5, 0.0, 1.0)

@@ -129,12 +129,12 @@ def decode_face_windows(
     crops = jax.vmap(lambda z, o: jax.lax.dynamic_slice(z, (o[1], o[0], 0), (window, window, c)))(
         x0, origin
     )
-    decoded = model.vae.decode(model.vae.unscale_latents(crops))
+    images = model.vae.decode_images(crops)
     offset = (origin * factor).astype(jnp.float32)[:, None, :]
     support = chip_support(landmarks, (h * factor, w * factor)) - jnp.tile(offset[:, 0], 2)
     side = window * factor
     fits = jnp.all((support[:, :2] >= 0) & (support[:, 2:] <= side - 1), axis=-1)
-    return jnp.clip(decoded / 2 + 0.5, 0.0, 1.0), landmarks - offset, fits
+    return images, landmarks - offset, fits
 
 
 def face_loss(
@@ -187,8 +187,7 @@ def face_loss(
         if window < 1.0 and win < side:
             images, lms, fits = decode_face_windows(model, x0, landmarks, win, factor)
         else:
-            decoded = model.vae.decode(model.vae.unscale_latents(x0))
-            images, lms = jnp.clip(decoded / 2 + 0.5, 0.0, 1.0), landmarks
+            images, lms = model.vae.decode_images(x0), landmarks
             fits = jnp.ones(mask.shape, bool)
         chips = align_faces(
             images * 255.0,

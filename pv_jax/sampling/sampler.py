@@ -244,8 +244,7 @@ class Sampler:
         )
         if not decode:
             return latents
-        images = model.vae.decode(model.vae.unscale_latents(latents))
-        return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+        return model.vae.decode_images(latents)
 
     def _executable(self, args: tuple, statics: dict):
         leaves, treedef = jax.tree.flatten(args)

@@ -223,8 +223,7 @@ def txt2img_latents(
 
 @jax.jit
 def _decode(vae, latents: jax.Array) -> jax.Array:
-    images = vae.decode(vae.unscale_latents(latents))
-    return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+    return vae.decode_images(latents)
 
 
 def decode_latents(sd: StableDiffusion, latents: jax.Array) -> jax.Array:
