@@ -167,26 +167,35 @@ def _unet_inputs(b: int = 2):
 _unet = jax.jit(lambda m, x, t, c, kw: m(x, t, c, cross_attention_kwargs=kw))
 
 
+def _knobs(image_tokens, gamma=1.0, sigma=1.0, alpha=1.0) -> dict:
+    """cross_attention_kwargs with per-sample (2,) knobs: one pytree shape (one compile of
+    ``_unet``) with image tokens and one without, whatever the values."""
+    knobs = dict(gamma=gamma, sigma=sigma, alpha=alpha)
+    return dict(image_tokens=image_tokens, **{k: jnp.full(2, v) for k, v in knobs.items()})
+
+
 def test_unet_equals_plain_unet_without_image_branch_and_zero_lora():
     pv, plain = _unet_pair()
     x, t, ctx, f = _unet_inputs()
     want = np.asarray(_unet(plain, x, t, ctx, None))
     # No image tokens, gamma = 1, LoRA B = 0: bit-identical to the plain UNet.
-    got = _unet(pv, x, t, ctx, dict(image_tokens=None, gamma=1.0, sigma=0.0))
+    got = _unet(pv, x, t, ctx, _knobs(None, gamma=1.0, sigma=0.0))
     np.testing.assert_array_equal(np.asarray(got), want)
     # Image tokens present but sigma = 0 (per sample): still identical.
-    got = _unet(pv, x, t, ctx, dict(image_tokens=f, gamma=jnp.ones(2), sigma=jnp.zeros(2)))
+    got = _unet(pv, x, t, ctx, _knobs(f, gamma=1.0, sigma=0.0))
     np.testing.assert_array_equal(np.asarray(got), want)
     # Non-zero LoRA changes the output; alpha = 0 switches it off exactly.
     for attn in cross_attentions(pv):
         for lora in (attn.lora_k, attn.lora_v):
-            lora.lora_b.set_value(jnp.full(lora.lora_b.shape, 0.05))
-    lora_on = np.asarray(_unet(pv, x, t, ctx, dict(image_tokens=None, sigma=0.0)))
+            lora.lora_b.set_value(
+                jnp.full(lora.lora_b.shape, 0.05, jnp.float32)
+            )  # not weak-typed: no recompile
+    lora_on = np.asarray(_unet(pv, x, t, ctx, _knobs(None, sigma=0.0)))
     assert np.abs(lora_on - want).max() > 1e-3
-    got = _unet(pv, x, t, ctx, dict(image_tokens=None, sigma=0.0, alpha=0.0))
+    got = _unet(pv, x, t, ctx, _knobs(None, sigma=0.0, alpha=0.0))
     np.testing.assert_array_equal(np.asarray(got), want)
     # sigma > 0 with image tokens changes it too.
-    with_image = _unet(pv, x, t, ctx, dict(image_tokens=f, sigma=1.0, alpha=0.0))
+    with_image = _unet(pv, x, t, ctx, _knobs(f, sigma=1.0, alpha=0.0))
     assert np.abs(np.asarray(with_image) - want).max() > 1e-3
 
 
@@ -256,7 +265,7 @@ def test_zero_image_branch_init_starts_silent():
         assert not np.asarray(attn.to_v_s.kernel.get_value()).any()
     x, t, ctx, f = _unet_inputs()
     want = np.asarray(_unet(plain, x, t, ctx, None))
-    got = _unet(pv, x, t, ctx, dict(image_tokens=f, gamma=1.0, sigma=2.0))
+    got = _unet(pv, x, t, ctx, _knobs(f, gamma=1.0, sigma=2.0))
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
 
     graphdef, extras, rest = nnx.split(pv, UNET_EXTRAS, ...)

@@ -276,8 +276,14 @@ def _nan_cfg():
     return cfg
 
 
+def _float_target(batch: dict) -> dict:
+    """The batch with its uint8 target as float32 in [0, 1] (the step reads either), so that a
+    batch with a NaN has the good batch's types and the step compiles once for both."""
+    return dict(batch, target=np.asarray(batch["target"], np.float32) / 255.0)
+
+
 def _nan_batch(good: dict) -> dict:
-    target = np.array(good["target"], np.float32)
+    target = np.array(_float_target(good)["target"])
     target[0] = np.nan
     return dict(good, target=target)
 
@@ -289,7 +295,7 @@ def test_nan_batch_is_skipped_then_training_goes_on():
     mesh = sharding.make_mesh(1, 1)
     run = trainer.setup(cfg, mesh)
     state = sharding.put_global(run.host_state, run.state_sh)
-    good = next(run.data)
+    good = _float_target(next(run.data))
     bad = _nan_batch(good)
     before = jax.tree.map(np.asarray, state.trainable)
     state, m = run.step(state, run.frozen, sharding.put_batch(bad, mesh))

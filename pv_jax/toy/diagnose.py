@@ -190,6 +190,22 @@ def x0_gap(
     return out
 
 
+@nnx.jit
+def _branches(model, ref, desc, x_t, ts, ids, slots, gamma, sigma) -> list:
+    """Each PhotoVerse cross-attention layer's (O_T, O_S) in one forward, by graph order."""
+    from pv_jax.photoverse.attention import PhotoVerseAttention
+
+    def forward(model):
+        pseudo, image_tokens = model.encode_reference(ref, descriptors=desc)
+        text = model.encode_text(ids, slots, pseudo)
+        model.denoise(x_t, ts, text, image_tokens, gamma=gamma, sigma=sigma)
+
+    capture = nnx.capture(forward, nnx.Intermediate, method_outputs=nnx.Intermediate)
+    outputs = dict(nnx.to_flat_state(capture(model)[1]))
+    paths = [p for p, m in nnx.iter_modules(model.unet) if isinstance(m, PhotoVerseAttention)]
+    return [outputs[("unet", *p, "branches")].get_value()[0] for p in paths]
+
+
 def branch_outputs(
     model,
     schedule,
@@ -204,32 +220,20 @@ def branch_outputs(
     descriptors: np.ndarray | None = None,
 ) -> list[dict]:
     """Per cross-attention layer (graph order): how much of its output the image branch makes,
-    and how much the reference changes it, at timestep ``t`` (run eagerly: it reads every
-    layer's two branches; ``descriptors``: the photos' dlib descriptors, for identity tokens).
+    and how much the reference changes it, at timestep ``t`` (``descriptors``: the photos' dlib
+    descriptors, for identity tokens).
 
     ``image_share``: ||sigma O_S|| / (||gamma O_T|| + ||sigma O_S||); ``reference_effect``:
     ||O_S(own) - O_S(shuffled)|| / ||O_S(own)||, on the same x_t."""
-    from pv_jax.photoverse.attention import PhotoVerseAttention
-
     n, ts = len(targets), jnp.full((len(targets),), t)
     latents = _latents(model, targets)
     x_t = add_noise(schedule, latents, jax.random.normal(jax.random.key(seed), latents.shape), ts)
-    ids, slots = _prompt(tokenizer, n, model.config.words)
-    # Each cross-attention layer's two branches (PhotoVerseAttention.branches), by its path.
-    paths = [p for p, m in nnx.iter_modules(model.unet) if isinstance(m, PhotoVerseAttention)]
-
-    def forward(model, ref, desc):
-        pseudo, image_tokens = model.encode_reference(jnp.asarray(ref), descriptors=desc)
-        text = model.encode_text(ids, slots, pseudo)
-        model.denoise(x_t, ts, text, image_tokens, gamma=gamma, sigma=sigma)
-
-    capture = nnx.capture(forward, nnx.Intermediate, method_outputs=nnx.Intermediate)
-    runs = []
-    for ref, desc in ((references, descriptors), (_shuffled(references), _shuffled(descriptors))):
-        outputs = dict(nnx.to_flat_state(capture(model, ref, desc)[1]))
-        runs.append([outputs[("unet", *p, "branches")].get_value()[0] for p in paths])
+    gamma, sigma = float(gamma), float(sigma)  # one program for every value
+    inputs = (x_t, ts, *_prompt(tokenizer, n, model.config.words), gamma, sigma)
+    own = _branches(model, jnp.asarray(references), descriptors, *inputs)
+    shuffled = _branches(model, jnp.asarray(_shuffled(references)), _shuffled(descriptors), *inputs)
     rows = []
-    for (out_t, out_s), (_, out_s_shuffled) in zip(*runs, strict=True):
+    for (out_t, out_s), (_, out_s_shuffled) in zip(own, shuffled, strict=True):
         norm_t, norm_s = (
             float(jnp.linalg.norm(gamma * out_t)),
             float(jnp.linalg.norm(sigma * out_s)),
@@ -289,8 +293,9 @@ def rollout_identity(
             return model.denoise(z, ts, text, image_tokens, gamma=gamma, sigma=sigma)
 
         x0 = rollout_x0(schedule, predict, predict(x_t, tt), x_t, tt, steps)
-        images = jnp.clip(model.vae.decode(model.vae.unscale_latents(x0)) / 2 + 0.5, 0.0, 1.0)
-        found = face_descriptors(model, images, jnp.asarray(arrays["landmarks"]))
+        found = face_descriptors(
+            model, model.vae.decode_images(x0), jnp.asarray(arrays["landmarks"])
+        )
         return cosine_similarity(found, target_desc)
 
     own = np.asarray(similarity(state, arrays["reference"], target_desc), np.float64)
