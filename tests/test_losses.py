@@ -148,12 +148,12 @@ def test_face_loss_zero_for_an_image_compared_with_itself(tiny_pv):
     assert float(rolled(noise * 0.5, lambda x, tt, idx: 0.5 * oracle(x, tt, idx))) > 1e-3
 
 
-@pytest.mark.parametrize("rollout", [1, pytest.param(2, marks=pytest.mark.slow)])
-def test_face_gradients_reach_the_adapters(tiny_pv, rollout):
-    # rollout 2 (slow tier; rollout_x0's own gradient is checked in test_schedules.py): x0 by a
-    # 2-step DDIM rollout, gradients through both UNet calls.
+@pytest.mark.slow  # one-step x0: test_photoverse_model.py's gradient test, in make test
+def test_face_gradients_reach_the_adapters_through_a_rollout(tiny_pv):
+    # x0 by a 2-step DDIM rollout, gradients through both UNet calls (rollout_x0's own gradient
+    # is checked in test_schedules.py).
     graphdef, trainable, frozen = split_trainable(tiny_pv.model)
-    cfg = dataclasses.replace(tiny_pv.config, face_rollout_steps=rollout)
+    cfg = dataclasses.replace(tiny_pv.config, face_rollout_steps=2)
     batch = face_batch(tiny_pv.tokenizer)
     batch["timesteps"] = np.array([100, 250])
 
