@@ -17,6 +17,9 @@ chips runs as ``grad_accum=K`` microbatches of one example per chip (the same up
     slice (v5p chips)   v5p-8 (4)   v5p-16 (8)   v5p-32 (16)   v5p-64 (32)   v5p-128 (64)
     grad_accum          16          8            4             2             1
 
+Compiled (XLA's CPU estimate per chip, docs/BENCHMARKS.md): v5p-8 with K = 16, 58.8 GiB; v5p-32
+with K = 4, 86.2 GiB of 95 GB (tight: its data axis of 4 costs 26 GiB more even at K = 1).
+
 ``grad_accum=K`` after the colon, or ``--config.train.grad_accum=K``. The dataset must be built
 at 1024 px (``--target-size 1024``) so that targets are not upsampled.
 ``get_config("tiny")``: the same run on tiny random SDXL-shaped networks and synthetic faces.
