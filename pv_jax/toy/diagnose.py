@@ -391,7 +391,7 @@ def encoder_probe(model, work: Path, *, pool: int = 4, train_count: int = 709) -
 
     train, val = split_features("train", train_count), split_features("val", 10_000)
     out = {"pool": pool, "train_photos": len(train["_y"]), "val_photos": len(val["_y"])}
-    for name in set(train) - {"_y"}:
+    for name in [k for k in train if k != "_y"]:
         r2, lam = ridge_r2(train[name], train["_y"], val[name], val["_y"])
         out[name] = {"val_r2": r2, "lambda": lam}
     return out
