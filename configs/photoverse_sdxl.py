@@ -18,7 +18,8 @@ chips runs as ``grad_accum=K`` microbatches of one example per chip (the same up
     grad_accum          16          8            4             2             1
 
 Compiled (XLA's CPU estimate per chip, docs/BENCHMARKS.md): v5p-8 with K = 16, 58.8 GiB; v5p-32
-with K = 4, 86.2 GiB of 95 GB (tight: its data axis of 4 costs 26 GiB more even at K = 1).
+with K = 4, 86.2 GiB of 95 GB (79.7 with ``fsdp=16``): on 16 chips the step holds about 25 GiB
+more per chip at the same one example per chip, a cause not yet found.
 
 ``grad_accum=K`` after the colon, or ``--config.train.grad_accum=K``. The dataset must be built
 at 1024 px (``--target-size 1024``) so that targets are not upsampled.
