@@ -281,9 +281,9 @@ def rollout_identity(
     target_desc = jnp.asarray(arrays["descriptor"], jnp.float32)
 
     @jax.jit
-    def similarity(state, ref, desc):
+    def similarity(state, target, landmarks, target_desc, ref, desc):
         model = nnx.merge(graphdef, state)
-        latents, tt = _latents(model, arrays["target"]), jnp.full((n,), t)
+        latents, tt = _latents(model, target), jnp.full((n,), t)
         noise = jax.random.normal(jax.random.key(seed), latents.shape)
         x_t = add_noise(schedule, latents, noise, tt)
         pseudo, image_tokens = model.encode_reference(ref, descriptors=desc)
@@ -293,13 +293,13 @@ def rollout_identity(
             return model.denoise(z, ts, text, image_tokens, gamma=gamma, sigma=sigma)
 
         x0 = rollout_x0(schedule, predict, predict(x_t, tt), x_t, tt, steps)
-        found = face_descriptors(
-            model, model.vae.decode_images(x0), jnp.asarray(arrays["landmarks"])
-        )
+        found = face_descriptors(model, model.vae.decode_images(x0), landmarks)
         return cosine_similarity(found, target_desc)
 
-    own = np.asarray(similarity(state, arrays["reference"], target_desc), np.float64)
-    shuffled = similarity(state, _shuffled(arrays["reference"]), _shuffled(target_desc))
+    # The photos as arguments, not constants of the program.
+    photos = (state, arrays["target"], arrays["landmarks"], target_desc)
+    own = np.asarray(similarity(*photos, arrays["reference"], target_desc), np.float64)
+    shuffled = similarity(*photos, _shuffled(arrays["reference"]), _shuffled(target_desc))
     diff = own - np.asarray(shuffled, np.float64)
     return {
         "t": t,

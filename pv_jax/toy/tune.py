@@ -139,10 +139,11 @@ def sweep_guidance(
             identification_by_prompt={p: m.get("identification") for p, m in per_prompt.items()},
         )
         images[str(g)] = r["arrays"]["images"]
-        m = {k: rows[str(g)].get(k) for k in ("face_rate", "identification", "chance")}
+        m = rows[str(g)]
         print(
-            f"guidance {g}: {m}, own {fmt(rows[str(g)].get('own_mean'))} vs other people "
-            f"{fmt(rows[str(g)].get('other_people_mean'))}"
+            f"guidance {g}: face rate {m['face_rate']:.2f}, identification "
+            f"{fmt(m.get('identification'))} (chance {m['chance']:.3f}), own "
+            f"{fmt(m.get('own_mean'))} vs other people {fmt(m.get('other_people_mean'))}"
         )
     return photos, rows, images
 

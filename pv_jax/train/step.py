@@ -303,7 +303,7 @@ def accumulate_grads(
 
     def body(acc, m):
         # The weights tied to this microbatch: otherwise XLA hoists their FSDP all-gathers out
-        # of the loop and keeps the whole gathered model alive through the scan (+13.2 GiB per
+        # of the loop and keeps the whole gathered model alive through the scan (+13.7 GiB per
         # chip for SDXL at 1024 px, whatever K); here they are gathered per microbatch, as the
         # unaccumulated step gathers them once.
         params, frozen_m, m = jax.lax.optimization_barrier((trainable, frozen, m))
