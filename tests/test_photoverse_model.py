@@ -106,6 +106,34 @@ def test_trainable_partition_and_gradients(tiny_pv):
         assert max(float(np.abs(x).max()) for x in leaves) > 0, name
 
 
+@pytest.mark.slow
+def test_remat_gives_the_same_loss_and_gradients(tiny_pv):
+    """The whole loss (image branch, LoRA, random fusion, the face loss through the decoder)
+    with remat: UNet layers and VAE decoder blocks recomputed (pv_jax.models.remat)."""
+    from pv_jax.photoverse import tiny_photoverse
+
+    plain = _perturbed(tiny_pv.model)
+    remat = _perturbed(tiny_photoverse(seed=0, remat=True).model)
+    assert remat.unet.remat and remat.vae.remat and not plain.vae.remat
+    batch = face_batch(tiny_pv.tokenizer)
+    batch["timesteps"] = np.array([100, 700])
+
+    def value_and_grad(model):
+        graphdef, trainable, frozen = split_trainable(model)
+
+        def loss(tr):
+            m = nnx.merge(graphdef, tr, frozen)
+            return photoverse_loss(m, batch, jax.random.key(0), schedule=tiny_pv.schedule)
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(trainable)
+
+    (va, ma), ga = value_and_grad(plain)
+    (vb, mb), gb = value_and_grad(remat)
+    assert float(ma["face"]) > 0
+    np.testing.assert_allclose(float(vb), float(va), rtol=1e-5)
+    chex.assert_trees_all_close(gb, ga, rtol=1e-4, atol=1e-7)
+
+
 def _adapter_params(d_in: int, d_out: int, hidden: int, blocks: int) -> int:
     dims = [d_in] + [hidden] * blocks
     per_block = sum(a * b + b + 2 * b for a, b in zip(dims[:-1], dims[1:], strict=True))

@@ -24,6 +24,7 @@ from flax import nnx
 
 from pv_jax.models import layers
 from pv_jax.models.blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D
+from pv_jax.models.remat import maybe_checkpoint
 
 CROSS_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
@@ -303,15 +304,22 @@ class Transformer2DModel(nnx.Module):
         )
 
     def __call__(
-        self, x: jax.Array, context: jax.Array, cross_attention_kwargs: dict | None = None
+        self,
+        x: jax.Array,
+        context: jax.Array,
+        cross_attention_kwargs: dict | None = None,
+        *,
+        remat: bool = False,
     ) -> jax.Array:
-        """x: (B, H, W, C) -> same shape."""
+        """x: (B, H, W, C) -> same shape. ``remat``: recompute each transformer layer in the
+        backward pass, in order (:mod:`pv_jax.models.remat`)."""
         b, h, w, c = x.shape
         hs = self.norm(x)
         # 1x1 conv and linear projection are the same map; only the parameter layout differs.
         hs = self.proj_in(hs).reshape(b, h * w, -1)
+        layer = maybe_checkpoint(remat, lambda m, a, c, k: m(a, c, k))
         for block in self.transformer_blocks:
-            hs = block(hs, context, cross_attention_kwargs)
+            hs = layer(block, hs, context, cross_attention_kwargs)
         hs = self.proj_out(hs.reshape(b, h, w, -1))
         return hs + x
 
@@ -525,12 +533,12 @@ class UNet2DConditionModel(nnx.Module):
         return self.add_embedding(added.astype(self.dtype))
 
     def _resnet(self, block: ResnetBlock2D, x: jax.Array, temb: jax.Array) -> jax.Array:
-        return _maybe_remat(self.remat, lambda m, a, b: m(a, b))(block, x, temb)
+        return maybe_checkpoint(self.remat, lambda m, a, b: m(a, b))(block, x, temb)
 
     def _transformer(
         self, block: Transformer2DModel, x: jax.Array, ctx: jax.Array, kw: dict | None
     ) -> jax.Array:
-        return _maybe_remat(self.remat, lambda m, a, c, k: m(a, c, k))(block, x, ctx, kw)
+        return block(x, ctx, kw, remat=self.remat)
 
     def __call__(
         self,
@@ -601,10 +609,3 @@ def _block_kind(kind: str, cross: str, plain: str) -> bool:
     if kind not in (cross, plain):
         raise ValueError(f"unsupported block type {kind!r}; expected {cross!r} or {plain!r}")
     return kind == cross
-
-
-def _maybe_remat(enabled: bool, fn):
-    # Rematerialise per block: activations inside a block are recomputed in the backward pass.
-    # NNX modules are pytrees, so plain jax.checkpoint applies (nnx.remat would try to write
-    # state back across trace levels when the caller is itself a jax transform).
-    return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable) if enabled else fn

@@ -11,6 +11,7 @@ from flax import nnx
 
 from pv_jax.models import layers
 from pv_jax.models.blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D
+from pv_jax.models.remat import maybe_checkpoint
 
 _UNSUPPORTED_DEFAULTS: dict[str, Any] = {"latents_mean": None, "latents_std": None}
 
@@ -107,12 +108,13 @@ class MidBlock(nnx.Module):
             else None
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """(B, H, W, C) -> same shape."""
-        x = self.resnets[0](x)
+    def __call__(self, x: jax.Array, remat: bool = False) -> jax.Array:
+        """(B, H, W, C) -> same shape; ``remat``: each part recomputed in the backward pass."""
+        run = maybe_checkpoint(remat, lambda m, a: m(a))
+        x = run(self.resnets[0], x)
         if self.attentions is not None:
-            x = self.attentions[0](x)
-        return self.resnets[1](x)
+            x = run(self.attentions[0], x)
+        return run(self.resnets[1], x)
 
 
 class CoderBlock(nnx.Module):
@@ -145,14 +147,16 @@ class CoderBlock(nnx.Module):
             nnx.List([Upsample2D(out_ch, dtype=dtype, rngs=rngs)]) if resample == "up" else None
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Resnets, then down- or up-sampling."""
+    def __call__(self, x: jax.Array, remat: bool = False) -> jax.Array:
+        """Resnets, then down- or up-sampling; ``remat``: each part recomputed in the backward
+        pass."""
+        run = maybe_checkpoint(remat, lambda m, a: m(a))
         for resnet in self.resnets:
-            x = resnet(x)
+            x = run(resnet, x)
         if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
+            x = run(self.downsamplers[0], x)
         if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
+            x = run(self.upsamplers[0], x)
         return x
 
 
@@ -219,12 +223,14 @@ class Decoder(nnx.Module):
         self.act = layers.activation(cfg.act_fn)
         self.conv_out = layers.conv(rboc[-1], cfg.out_channels, 3, rngs=rngs, dtype=dtype)
 
-    def __call__(self, z: jax.Array) -> jax.Array:
-        """Decode latents to images in [-1, 1] (not clipped)."""
-        x = self.mid_block(self.conv_in(z))
+    def __call__(self, z: jax.Array, remat: bool = False) -> jax.Array:
+        """Decode latents to images in [-1, 1] (not clipped); ``remat``: each resnet, attention
+        and upsampler recomputed in the backward pass (:mod:`pv_jax.models.remat`)."""
+        x = self.mid_block(self.conv_in(z), remat)
         for block in self.up_blocks:
-            x = block(x)
-        return self.conv_out(self.act(self.conv_norm_out(x)))
+            x = block(x, remat)
+        out = maybe_checkpoint(remat, lambda norm, conv, a: conv(self.act(norm(a))))
+        return out(self.conv_norm_out, self.conv_out, x)
 
 
 class AutoencoderKL(nnx.Module):
@@ -237,12 +243,15 @@ class AutoencoderKL(nnx.Module):
         dtype: jnp.dtype = jnp.float32,
         attention: str = "auto",
         upcast: bool | None = None,
+        remat: bool = False,
         rngs: nnx.Rngs,
     ):
         """``upcast``: compute in float32 whatever ``dtype`` (None: diffusers' rule, i.e. when
-        ``config.force_upcast`` and ``dtype`` is float16)."""
+        ``config.force_upcast`` and ``dtype`` is float16). ``remat``: the decoder's blocks are
+        recomputed in the backward pass (a loss on decoded images, such as the face loss)."""
         cfg = config
         self.config = cfg
+        self.remat = remat
         if upcast is None:
             upcast = cfg.force_upcast and jnp.dtype(dtype) == jnp.float16
         dtype = jnp.float32 if upcast else dtype
@@ -270,7 +279,7 @@ class AutoencoderKL(nnx.Module):
         z = latents.astype(self.dtype)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        return self.decoder(z).astype(jnp.float32)
+        return self.decoder(z, self.remat).astype(jnp.float32)
 
     def sample_latents(
         self, images: jax.Array, key: jax.Array | None = None, *, noise: jax.Array | None = None

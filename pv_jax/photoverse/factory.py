@@ -215,7 +215,7 @@ def preset_photoverse(
         _init_extras(unet, config, rngs)
     nets = dict(
         unet=unet,
-        vae=make(lambda r: AutoencoderKL(p.vae, rngs=r, **kw)),
+        vae=make(lambda r: AutoencoderKL(p.vae, remat=remat, rngs=r, **kw)),
         text_encoder=make(lambda r: CLIPTextModel(p.text, rngs=r, **kw)),
         image_encoder=make(lambda r: CLIPVisionModel(p.vision, rngs=r, **kw)),
         face_net=None,

@@ -34,7 +34,7 @@ def default_config() -> ml_collections.ConfigDict:
         variant="",  # "fp16" for *.fp16.safetensors files
         dtype="float32",  # compute dtype: "bfloat16" keeps fp32 master weights
         attention="auto",
-        remat=False,  # rematerialise UNet blocks in the backward pass
+        remat=False,  # recompute UNet layers and VAE decoder blocks in the backward pass
         seed=0,  # initialisation of the new parameters
     )
     c.data = dict(

@@ -133,13 +133,15 @@ def load_vae(
     *,
     dtype: jnp.dtype = jnp.float32,
     attention: str = "auto",
+    remat: bool = False,
     variant: str | None = None,
 ) -> AutoencoderKL:
-    """A diffusers ``AutoencoderKL`` folder as our NNX VAE."""
+    """A diffusers ``AutoencoderKL`` folder as our NNX VAE (``remat``: its decoder's blocks
+    recomputed in the backward pass)."""
     folder = Path(folder)
     cfg = VAEConfig.from_diffusers(read_config(folder, "diffusers AutoencoderKL"))
     return _build(
-        lambda r: AutoencoderKL(cfg, dtype=dtype, attention=attention, rngs=r),
+        lambda r: AutoencoderKL(cfg, dtype=dtype, attention=attention, remat=remat, rngs=r),
         find_weights(folder, (DIFFUSERS_WEIGHTS,), variant),
         rules=DEFAULT_RULES,
         what=f"VAE in {folder}",
@@ -348,7 +350,7 @@ def load_stable_diffusion(
         tokenizer_2 = load_tokenizer_2(folder / "tokenizer_2")
     return StableDiffusion(
         unet=load_unet(folder / "unet", remat=remat, **kw, **unet_kwargs),
-        vae=load_vae(folder / "vae", **kw),
+        vae=load_vae(folder / "vae", remat=remat, **kw),
         text_encoder=load_clip_text(folder / "text_encoder", **kw),
         tokenizer=load_tokenizer(folder / "tokenizer"),
         scheduler_config=json.loads(sched.read_text()),
