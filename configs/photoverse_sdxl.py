@@ -10,16 +10,17 @@ Our choices: bf16 compute with fp32 master weights, remat, FSDP over the 4 chips
 (``get_config("fsdp=N")`` to change it), OpenCLIP ViT-H/14 as the image encoder (IP-Adapter's
 for SDXL; 32 layers, so the text branch reads hidden states 32, 5, 11, 16, 21: SD 1.5's 24, 4,
 8, 12, 16 at the same relative depths) and SDXL's micro-conditioning from each face square's
-size (``pv_jax.train.data.micro_conditioning_ids``). One example per chip at 1024 px fits in
-59 GiB (docs/BENCHMARKS.md), two most likely not, so the paper's batch of 64 on fewer than 64
-chips runs as ``grad_accum=K`` microbatches of one example per chip (the same update):
+size (``pv_jax.train.data.micro_conditioning_ids``). Two examples per chip at 1024 px take
+about 31 GiB of a v5p chip's 95 GB (docs/BENCHMARKS.md, "Remat that holds"), and cost a quarter
+less per example than one (the face sub-batch, half of a microbatch, is then not rounded up to
+every sample), so the paper's batch of 64 on fewer than 32 chips runs as ``grad_accum=K``
+microbatches of two examples per chip (the same update):
 
     slice (v5p chips)   v5p-8 (4)   v5p-16 (8)   v5p-32 (16)   v5p-64 (32)   v5p-128 (64)
-    grad_accum          16          8            4             2             1
+    grad_accum          8           4            2             1             1 (one per chip)
 
-Compiled (XLA's CPU estimate per chip, docs/BENCHMARKS.md): v5p-8 with K = 16, 58.8 GiB; v5p-32
-with K = 4, 86.2 GiB of 95 GB (79.7 with ``fsdp=16``): on 16 chips the step holds about 25 GiB
-more per chip at the same one example per chip, a cause not yet found.
+Compiled (XLA's CPU estimate per chip): v5p-8 with K = 8, 30.2 GiB, 3.40 s per step at 40% MFU
+(57 hours for the 60k steps); v5p-32 with K = 2, 30.9 GiB.
 
 ``grad_accum=K`` after the colon, or ``--config.train.grad_accum=K``. The dataset must be built
 at 1024 px (``--target-size 1024``) so that targets are not upsampled.
