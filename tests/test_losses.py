@@ -118,6 +118,9 @@ def test_face_loss_zero_for_an_image_compared_with_itself(tiny_pv):
     assert float(other) > 1e-3
     none = run(noise * 0.5, x_t, t, batch["landmarks"], own, jnp.zeros(2, bool))
     assert float(none) == 0.0
+    # No sample selected: the term is still computed (no lax.cond), with zero gradients.
+    g = jax.jit(jax.grad(run))(noise * 0.5, x_t, t, batch["landmarks"], own, jnp.zeros(2, bool))
+    assert np.all(np.asarray(g) == 0.0)
 
     # A 3-step rollout whose later predictions are the true noise of whatever they are fed
     # recovers the clean latents too; from a wrong first prediction, only with them.
