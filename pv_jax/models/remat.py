@@ -43,7 +43,9 @@ def after(tree: Any, anchor: jax.Array) -> Any:
 
 def checkpoint(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` (positional pytree arguments, NNX modules included) recomputed in the backward
-    pass, after the cotangent of its output (the module docstring)."""
+    pass, after the cotangent of its output (the module docstring). NNX modules are pytrees, so
+    they pass as plain arguments (``nnx.remat`` would try to write state back across trace
+    levels when the caller is itself a JAX transform)."""
 
     @jax.custom_vjp
     def run(*args):
