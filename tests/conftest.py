@@ -57,8 +57,11 @@ def _diffusers_kwargs(config, **changes) -> dict:
 
 # The parity tests' configs: the presets of pv_jax.models.presets (which keep every structural
 # feature of the SD networks), varied where a test needs a case the preset does not cover.
-# Cross-attention widths unlike the UNet's own catch transposed context projections.
-TINY_UNET_SD1 = _diffusers_kwargs(TINY_UNET, attention_head_dim=2, cross_attention_dim=24)
+# Cross-attention widths unlike the UNet's own catch transposed context projections; SD 1.5's two
+# layers per block (the tiny preset has one: a quarter less to compile in every PhotoVerse test).
+TINY_UNET_SD1 = _diffusers_kwargs(
+    TINY_UNET, layers_per_block=2, attention_head_dim=2, cross_attention_dim=24
+)
 # SD 2.x style: per-block heads, linear projections, upcast attention, other time embedding.
 TINY_UNET_SD2 = _diffusers_kwargs(
     TINY_UNET,
@@ -155,6 +158,40 @@ def face_batch(tokenizer, prompts=("a photo of S* as an astronaut", "S* in a gar
         landmarks=np.stack([lm] * b),
         **tokens.arrays(),  # input_ids, slots (and SDXL's input_ids_2)
     )
+
+
+_LOSS_PROGRAMS: dict = {}
+
+
+def tiny_loss_and_grads(bundle):
+    """The tiny PhotoVerse's loss with the gradients of the total and of the face term alone:
+    one jitted program of (trainable, frozen, batch, key) -> (total, metrics, grads, face grads),
+    shared by the tests that need them, so that it compiles once (in this process, or through the
+    persistent cache in the other worker). Random fusion off (gamma = sigma = 1) and the whole
+    image decoded for the face loss (``face_window`` 1: the window has its own test); the batch
+    carries the target's ``descriptor``, as the training data do."""
+    if id(bundle) not in _LOSS_PROGRAMS:
+        from flax import nnx
+
+        from pv_jax.photoverse import photoverse_loss, split_trainable
+
+        config = dataclasses.replace(bundle.config, face_window=1.0)
+        graphdef = split_trainable(bundle.model)[0]
+
+        def loss_and_grads(trainable, frozen, batch, key):
+            def terms(tr):
+                model = nnx.merge(graphdef, tr, frozen)
+                total, metrics = photoverse_loss(
+                    model, batch, key, schedule=bundle.schedule, fusion=False, config=config
+                )
+                return (total, metrics["face"]), metrics
+
+            (total, _), pullback, metrics = jax.vjp(terms, trainable, has_aux=True)
+            one, zero = jax.numpy.ones((), jax.numpy.float32), jax.numpy.zeros((), total.dtype)
+            return total, metrics, pullback((one, zero))[0], pullback((zero, one))[0]
+
+        _LOSS_PROGRAMS[id(bundle)] = (bundle, config, jax.jit(loss_and_grads))
+    return _LOSS_PROGRAMS[id(bundle)][1:]
 
 
 def tiny_sdxl_folders(out: Path, seed: int = 0):
@@ -254,6 +291,38 @@ def gcs_bucket(monkeypatch, tmp_path):
     proc.kill()
     proc.wait()
     log.close()
+
+
+# PV_JAX_TEST_PROFILE=FILE: one JSON line per test (wall seconds, and the seconds and counts of
+# jax's compile events: tracing, lowering, XLA's backend compile, cache hits) appended to FILE,
+# from every worker; bench/test_profile.py sums them and compares two runs (docs/testing.md).
+_PROFILE = os.environ.get("PV_JAX_TEST_PROFILE")
+_EVENTS: dict = {}
+if _PROFILE:
+    import jax.monitoring
+
+    def _on_event(name: str, secs: float, **_) -> None:
+        seconds, count = _EVENTS.get(name, (0.0, 0))
+        _EVENTS[name] = (seconds + secs, count + 1)
+
+    jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With PV_JAX_TEST_PROFILE: time each test (setup, call, teardown) and its compile events."""
+    if not _PROFILE:
+        yield
+        return
+    import json
+    import time
+
+    _EVENTS.clear()
+    start = time.perf_counter()
+    yield
+    row = {"test": item.nodeid, "wall": time.perf_counter() - start, "events": dict(_EVENTS)}
+    with open(_PROFILE, "a") as f:  # one short line per write: workers may append at once
+        f.write(json.dumps(row) + "\n")
 
 
 def pytest_sessionfinish(session, exitstatus):

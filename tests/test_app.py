@@ -263,6 +263,9 @@ def test_twenty_queued_requests_are_all_answered_with_flat_memory(server, client
     memory after the 5th."""
     from gradio_client import handle_file
 
+    # The shape compiled before the soak (test_generation_... compiles it when it runs first; with
+    # -m slow alone this request does), so that each of the 20 must reuse it.
+    _generate(client, [ASTRONAUT])
     jobs = [
         client.submit(
             photos=[handle_file(ASTRONAUT)],

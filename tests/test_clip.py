@@ -17,7 +17,6 @@ from conftest import (
     to_nhwc,
     torch_source,
 )
-from flax import nnx
 from transformers import CLIPTextConfig as TorchTextConfig
 from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 from transformers import CLIPVisionConfig as TorchVisionConfig
@@ -30,6 +29,7 @@ from pv_jax.models.clip import (
     encode_prompt_states,
     preprocess_images,
 )
+from pv_jax.models.layers import abstract_module
 from pv_jax.weights.convert import (
     CLIP_IGNORE,
     CLIP_RULES,
@@ -61,8 +61,8 @@ def _text_pair(act: str, eos: int, prefixed: bool, dtype=jnp.float32):
         for k, v in src.items()
     }
     ours_cfg = CLIPTextConfig.from_hf(cfg.to_dict())
-    abstract = nnx.eval_shape(
-        lambda: CLIPTextModel(ours_cfg, with_projection=True, dtype=dtype, rngs=nnx.Rngs(0))
+    abstract = abstract_module(
+        lambda r: CLIPTextModel(ours_cfg, with_projection=True, dtype=dtype, rngs=r)
     )
     ours = load_into(
         abstract,
@@ -130,9 +130,9 @@ def _vision_pair():
     torch.manual_seed(0)
     cfg = TorchVisionConfig(**TINY_CLIP_VISION)
     ref = perturb_(CLIPVisionModelWithProjection(cfg))
-    abstract = nnx.eval_shape(
-        lambda: CLIPVisionModel(
-            CLIPVisionConfig.from_hf(cfg.to_dict()), with_projection=True, rngs=nnx.Rngs(0)
+    abstract = abstract_module(
+        lambda r: CLIPVisionModel(
+            CLIPVisionConfig.from_hf(cfg.to_dict()), with_projection=True, rngs=r
         )
     )
     ours = load_into(
@@ -187,7 +187,7 @@ def test_clip_missing_and_misshaped_keys():
     src["vision_model.embeddings.class_embedding"] = lambda: np.zeros(7, np.float32)
     with pytest.raises(WeightImportError) as e:
         load_into(
-            nnx.eval_shape(lambda: CLIPVisionModel(cfg, with_projection=True, rngs=nnx.Rngs(0))),
+            abstract_module(lambda r: CLIPVisionModel(cfg, with_projection=True, rngs=r)),
             src,
             CLIP_RULES,
             what="CLIP vision",
@@ -216,8 +216,8 @@ def test_parity_clip_text_pooler_first_eos_without_projection():
         eos_token_id=999,
     )
     ref = perturb_(TorchTextModel(cfg))
-    abstract = nnx.eval_shape(
-        lambda: CLIPTextModel(CLIPTextConfig.from_hf(cfg.to_dict()), rngs=nnx.Rngs(0))
+    abstract = abstract_module(
+        lambda r: CLIPTextModel(CLIPTextConfig.from_hf(cfg.to_dict()), rngs=r)
     )
     ours = load_into(
         abstract,

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 import skimage.data
-from conftest import face_batch
+from conftest import face_batch, tiny_loss_and_grads
 from flax import nnx
 
 from pv_jax.data import preprocess as pp
@@ -29,28 +29,20 @@ from pv_jax.photoverse import (
 from pv_jax.photoverse.losses import draw_timesteps, face_descriptors, face_loss, face_subset_size
 
 
-@pytest.fixture(scope="module")
-def pv(tiny_pv):
-    """The shared tiny model and its jitted loss (fixed gamma = sigma = 1)."""
-    loss = jax.jit(functools.partial(photoverse_loss, schedule=tiny_pv.schedule, fusion=False))
-    return tiny_pv, loss
-
-
 def _cos(a, b):
     return np.sum(a * b, -1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 
 
-def test_loss_terms_match_direct_computation(pv):
-    (bundle, _) = pv
-    model, sched = bundle.model, bundle.schedule
+def test_loss_terms_match_direct_computation(tiny_pv):
+    model, sched = tiny_pv.model, tiny_pv.schedule
     # The whole image decoded (the window is tested against the full decode separately); the
-    # default sub-batch of round(2 * 0.501) = 1 sample keeps the one with t <= 500.
-    cfg = dataclasses.replace(bundle.config, face_window=1.0)
-    loss_fn = jax.jit(functools.partial(photoverse_loss, schedule=sched, fusion=False, config=cfg))
-    batch = face_batch(bundle.tokenizer)
+    # default sub-batch of round(2 * 0.501) = 1 sample keeps the one with t <= 500. The loss is
+    # test_photoverse_model.py's program (with gradients): compiled once for both tests.
+    cfg, loss_and_grads = tiny_loss_and_grads(tiny_pv)
+    _, trainable, frozen = split_trainable(model)
+    batch = face_batch(tiny_pv.tokenizer)
     batch["timesteps"] = np.array([200, 800])  # one sample inside the face-loss range, one not
     key = jax.random.key(3)
-    total, m = loss_fn(model, batch, key)
 
     @jax.jit
     def direct(model, batch):
@@ -72,6 +64,8 @@ def test_loss_terms_match_direct_computation(pv):
 
     abar = sched.alphas_cumprod[batch["timesteps"]][:, None, None, None]
     pred, noise, words, f, (desc, target_desc) = jax.tree.map(np.asarray, direct(model, batch))
+    # The training data's precomputed descriptor of the target (the direct one here).
+    total, m, _, _ = loss_and_grads(trainable, frozen, dict(batch, descriptor=target_desc), key)
     np.testing.assert_allclose(m["diffusion"], np.mean((pred - noise) ** 2), rtol=1e-5)
     np.testing.assert_allclose(m["text_reg"], np.abs(words).mean(), rtol=1e-5)
     per_layer = [
@@ -93,8 +87,8 @@ def test_loss_terms_match_direct_computation(pv):
     np.testing.assert_allclose(total, want, rtol=1e-6)
     assert cfg.face_weight == 0.01 and cfg.text_reg_weight == 0.01
     assert cfg.image_reg_weight == 0.001
-    # The dataset's precomputed descriptor is used when given.
-    batch["descriptor"] = target_desc
+    # Without a descriptor in the batch the loss computes it from the target (the same value).
+    loss_fn = jax.jit(functools.partial(photoverse_loss, schedule=sched, fusion=False, config=cfg))
     np.testing.assert_allclose(loss_fn(model, batch, key)[1]["face"], m["face"], atol=1e-5)
 
 
@@ -110,16 +104,16 @@ def test_face_loss_zero_for_an_image_compared_with_itself(tiny_pv):
             m, jnp.clip(m.vae.decode(m.vae.unscale_latents(z)) / 2 + 0.5, 0, 1), lm
         )
     )(model, latents, batch["landmarks"])
-    run = jax.jit(lambda *a: face_loss(model, sched, *a, image_hw=(32, 32))[0], static_argnums=())
+    # The loss and its gradient in the prediction: one program for the three cases.
+    run = jax.jit(jax.value_and_grad(lambda *a: face_loss(model, sched, *a, image_hw=(32, 32))[0]))
     # The true noise as prediction: x0_hat is the clean latent, decoded to the same image.
-    loss = run(noise, x_t, t, batch["landmarks"], own, jnp.array([True, True]))
+    loss, _ = run(noise, x_t, t, batch["landmarks"], own, jnp.array([True, True]))
     assert abs(float(loss)) < 1e-5
-    other = run(noise * 0.5, x_t, t, batch["landmarks"], own, jnp.ones(2, bool))
-    assert float(other) > 1e-3
-    none = run(noise * 0.5, x_t, t, batch["landmarks"], own, jnp.zeros(2, bool))
+    other, g = run(noise * 0.5, x_t, t, batch["landmarks"], own, jnp.ones(2, bool))
+    assert float(other) > 1e-3 and np.abs(np.asarray(g)).max() > 0
+    none, g = run(noise * 0.5, x_t, t, batch["landmarks"], own, jnp.zeros(2, bool))
     assert float(none) == 0.0
     # No sample selected: the term is still computed (no lax.cond), with zero gradients.
-    g = jax.jit(jax.grad(run))(noise * 0.5, x_t, t, batch["landmarks"], own, jnp.zeros(2, bool))
     assert np.all(np.asarray(g) == 0.0)
 
     # A 3-step rollout whose later predictions are the true noise of whatever they are fed
@@ -130,8 +124,9 @@ def test_face_loss_zero_for_an_image_compared_with_itself(tiny_pv):
         lat = latents if idx is None else latents[idx]
         return (x - jnp.sqrt(abar(tt)) * lat) / jnp.sqrt(1 - abar(tt))
 
+    # scale 1: the oracle, 0.5: a wrong one (a traced factor: one program for both).
     rolled = jax.jit(
-        lambda p, predict: face_loss(
+        lambda p, scale: face_loss(
             model,
             sched,
             p,
@@ -142,13 +137,12 @@ def test_face_loss_zero_for_an_image_compared_with_itself(tiny_pv):
             jnp.ones(2, bool),
             image_hw=(32, 32),
             rollout_steps=3,
-            predict=predict,
+            predict=lambda x, tt, idx: scale * oracle(x, tt, idx),
             subset=1,
-        )[0],
-        static_argnums=1,
+        )[0]
     )
-    assert abs(float(rolled(noise * 0.5, oracle))) < 1e-5
-    assert float(rolled(noise * 0.5, lambda x, tt, idx: 0.5 * oracle(x, tt, idx))) > 1e-3
+    assert abs(float(rolled(noise * 0.5, 1.0))) < 1e-5
+    assert float(rolled(noise * 0.5, 0.5)) > 1e-3
 
 
 @pytest.mark.slow  # one-step x0: test_photoverse_model.py's gradient test, in make test

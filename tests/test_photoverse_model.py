@@ -10,11 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import face_batch, tiny_stable_diffusion
+from conftest import face_batch, tiny_loss_and_grads, tiny_stable_diffusion
 from flax import nnx
 
 from pv_jax.models.attention import dot_attention
 from pv_jax.models.clip import CLIPVisionModel
+from pv_jax.models.layers import abstract_module
 from pv_jax.models.presets import (
     SD15_TEXT,
     SD15_UNET,
@@ -56,8 +57,8 @@ def _perturbed(model: PhotoVerse, scale: float = 0.05, seed: int = 1) -> PhotoVe
     would be zero at initialisation)."""
     graphdef, trainable, frozen = split_trainable(model)
     leaves, tree = jax.tree.flatten(trainable)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    leaves = [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    r = np.random.RandomState(seed)  # numpy: one jax.random program per shape took a second
+    leaves = [x + scale * r.randn(*x.shape).astype(np.float32) for x in leaves]
     return nnx.merge(graphdef, jax.tree.unflatten(tree, leaves), frozen)
 
 
@@ -76,23 +77,11 @@ def test_trainable_partition_and_gradients(tiny_pv):
 
     batch = face_batch(tiny_pv.tokenizer)
     batch["timesteps"] = np.array([100, 250])  # <= t_face_max: every loss term is active
-
-    @jax.jit
-    def grads(trainable, frozen, batch):
-        """Gradients of the total loss and of the face term alone: one program, two pullbacks."""
-
-        def terms(tr):
-            m = nnx.merge(graphdef, tr, frozen)
-            total, metrics = photoverse_loss(
-                m, batch, jax.random.key(0), schedule=tiny_pv.schedule, fusion=False
-            )
-            return (total, metrics["face"]), metrics
-
-        _, pullback, metrics = jax.vjp(terms, trainable, has_aux=True)
-        one, zero = jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
-        return pullback((one, zero))[0], pullback((zero, one))[0], metrics
-
-    g, g_face, metrics = grads(trainable, frozen, batch)
+    batch["descriptor"] = np.random.RandomState(0).randn(2, 128).astype(np.float32)
+    # One program, two pullbacks: the total loss and the face term alone (test_losses.py checks
+    # the terms' values with the same program).
+    _, loss_and_grads = tiny_loss_and_grads(tiny_pv)
+    _, metrics, g, g_face = loss_and_grads(trainable, frozen, batch, jax.random.key(0))
     assert float(metrics["face"]) > 0
     # Gradients exist for the trainable state only (same tree), and none of them is zero.
     chex.assert_trees_all_equal_structs(g, trainable)
@@ -191,7 +180,7 @@ def _unet_pair(seed: int = 0):
     )
     for attn in cross_attentions(pv):
         attn.reset_photoverse_params(nnx.Rngs(seed))
-    plain = nnx.eval_shape(lambda: UNet2DConditionModel(TINY_UNET, rngs=nnx.Rngs(0)))
+    plain = abstract_module(lambda r: UNet2DConditionModel(TINY_UNET, rngs=r))
     base = export_state(pv, skip=UNET_EXTRAS)
     plain = load_into(plain, {k: (lambda v=v: v) for k, v in base.items()}, what="UNet")
     return pv, plain
@@ -386,7 +375,7 @@ def test_model_checks_layers_and_widths(tiny_pv):
             rngs=nnx.Rngs(0),
             **parts,
         )
-    plain = nnx.eval_shape(lambda: UNet2DConditionModel(TINY_UNET, rngs=nnx.Rngs(0)))
+    plain = abstract_module(lambda r: UNet2DConditionModel(TINY_UNET, rngs=r))
     with pytest.raises(ValueError, match="no PhotoVerse cross-attention"):
         PhotoVerse(TINY_CONFIG, unet=plain, rngs=nnx.Rngs(0), **parts)
 
@@ -471,7 +460,8 @@ def test_per_group_learning_rates(tiny_pv):
 
     def updates(**kw):
         tx = make_optimizer(1e-3, weight_decay=0.0, **kw)
-        u, _ = tx.update(grads, tx.init(trainable), trainable)
+        # Jitted: op by op the update compiled 130 small programs.
+        u, _ = jax.jit(tx.update)(grads, jax.jit(tx.init)(trainable), trainable)
         return {str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(u)}
 
     plain, scaled = updates(), updates(lr_multipliers={"image_adapter": 4.0, "to_v_s": 0.5})

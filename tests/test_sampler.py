@@ -180,13 +180,19 @@ def test_one_trace_for_repeated_calls_seeds_and_knobs(setup):
     assert np.abs(np.asarray(a) - np.asarray(d)).max() > 1e-3  # the knobs act
 
 
+# The guided specs below are the row test's (4 steps, eta 0.5, CFG): one compilation for them.
 def test_guidance_scale_one_equals_the_conditional_pass(setup):
     _, sampler, batch, refs, empty, noise = setup
-    guided = _sample(
-        sampler, batch, refs, empty, noise, spec=SamplerSpec(steps=4), guidance=1.0, decode=False
-    )
+    spec = SamplerSpec(steps=4, eta=0.5)
+    guided = _sample(sampler, batch, refs, empty, noise, spec=spec, guidance=1.0, decode=False)
     plain = _sample(
-        sampler, batch, refs, empty, noise, spec=SamplerSpec(steps=4, cfg=False), decode=False
+        sampler,
+        batch,
+        refs,
+        empty,
+        noise,
+        spec=SamplerSpec(steps=4, eta=0.5, cfg=False),
+        decode=False,
     )
     np.testing.assert_allclose(np.asarray(guided), np.asarray(plain), atol=1e-5)
 
@@ -197,7 +203,7 @@ def test_unconditional_pass_is_the_frozen_base_or_the_lora(setup):
     _, sampler, batch, refs, empty, noise = setup
 
     def uncond(mode, gamma, sigma, alpha=1.0):
-        spec = SamplerSpec(steps=4, uncond=mode)
+        spec = SamplerSpec(steps=4, eta=0.5, uncond=mode)
         kw = dict(guidance=0.0, gamma=gamma, sigma=sigma, alpha=alpha, decode=False, spec=spec)
         return np.asarray(_sample(sampler, batch, refs, empty, noise, **kw))
 

@@ -100,8 +100,10 @@ def test_pseudo_words_go_into_both_towers(xl):
 def test_time_ids_reach_the_unet(xl):
     model = xl.model
     batch = face_batch(xl.tokenizer, ("a photo of S*",))
-    words, f = model.encode_reference(batch["reference"])
-    text = model.encode_text(batch["input_ids"], batch["slots"], words, batch["input_ids_2"])
+    words, f = jax.jit(lambda m, r: m.encode_reference(r))(model, batch["reference"])
+    text = jax.jit(lambda m, *a: m.encode_text(*a))(
+        model, batch["input_ids"], batch["slots"], words, batch["input_ids_2"]
+    )
     x = jax.random.normal(jax.random.key(0), (1, 16, 16, 4))
     run = jax.jit(lambda m, ids: m.denoise(x, 500, text, f, gamma=1.0, sigma=1.0, time_ids=ids))
     default = default_time_ids(1, (16, 16), model.latent_factor)
@@ -163,7 +165,7 @@ def test_sampler_sdxl_one_compile_and_zero_uncond(xl):
     assert np.abs(np.asarray(a - g0)).max() > 1e-4
     assert xl.model.force_zeros_for_empty_prompt
     model = xl.model
-    words, f = encode_references(model, jnp.asarray(refs), 5)
+    words, f = jax.jit(encode_references, static_argnums=2)(model, jnp.asarray(refs), 5)
     zeros = TextConditioning(jnp.zeros((1, 77, 160)), jnp.zeros((1, 48)))
     from pv_jax.diffusion import ddim_prev_timesteps, ddim_step, ddim_timesteps
 

@@ -74,7 +74,10 @@ def test_sdxl_adapters_and_both_towers_match_ours(xl_export, pipe):
     np.testing.assert_allclose(
         pipe.scheduler.alphas_cumprod.numpy(), bundle.schedule.alphas_cumprod, rtol=1e-6
     )
-    words, tokens = model.encode_reference(jnp.asarray(refs), m, jnp.asarray(descs))
+    # Jitted (op by op: 240 small compilations).
+    words, tokens = jax.jit(lambda mod, r, d: mod.encode_reference(r, m, d))(
+        model, jnp.asarray(refs), jnp.asarray(descs)
+    )
     pixels = preprocess_reference(torch.from_numpy(refs), pipe.image_encoder.config.image_size)
     with torch.no_grad():
         states = pipe.image_encoder(pixels, output_hidden_states=True).hidden_states
@@ -89,7 +92,9 @@ def test_sdxl_adapters_and_both_towers_match_ours(xl_export, pipe):
     np.testing.assert_array_equal(slots.numpy(), ours.slots)
     np.testing.assert_array_equal(ids_2.numpy(), ours.input_ids_2)
     assert (ids_2 != ids).any()  # tower 2 pads with its own id
-    want = model.encode_text(ours.input_ids, ours.slots, words, ours.input_ids_2)
+    want = jax.jit(lambda mod, *a: mod.encode_text(*a))(
+        model, ours.input_ids, ours.slots, words, ours.input_ids_2
+    )
     with torch.no_grad():
         context, pooled = pipe._xl_text(ids, ids_2, slots, torch.from_numpy(np.array(words)))
     np.testing.assert_allclose(context.numpy(), np.asarray(want.context), atol=1e-5, rtol=0)

@@ -12,6 +12,8 @@ from conftest import TINY_UNET_SD1, TINY_UNET_SD2, apply, perturb_, to_nchw, to_
 from diffusers import UNet2DConditionModel as TorchUNet
 from flax import nnx
 
+from pv_jax.models.layers import abstract_module
+from pv_jax.models.presets import random_module
 from pv_jax.models.unet import UNet2DConditionModel, UNetConfig
 from pv_jax.weights.convert import (
     DEFAULT_RULES,
@@ -29,7 +31,7 @@ def _pair(cfg: dict, seed: int = 0, **kwargs) -> tuple[TorchUNet, UNet2DConditio
     torch.manual_seed(seed)
     ref = perturb_(TorchUNet(**cfg), seed=seed)
     ours_cfg = UNetConfig.from_diffusers(dict(ref.config))
-    abstract = nnx.eval_shape(lambda: UNet2DConditionModel(ours_cfg, rngs=nnx.Rngs(0), **kwargs))
+    abstract = abstract_module(lambda r: UNet2DConditionModel(ours_cfg, rngs=r, **kwargs))
     return ref, load_into(abstract, torch_source(ref), what="UNet")
 
 
@@ -69,9 +71,9 @@ def test_unet_scalar_timestep_broadcasts():
 
 def test_unet_bf16_close_to_fp32():
     ref, ours32 = _pair(TINY_UNET_SD1)
-    abstract = nnx.eval_shape(
-        lambda: UNet2DConditionModel(
-            UNetConfig.from_diffusers(dict(ref.config)), dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
+    abstract = abstract_module(
+        lambda r: UNet2DConditionModel(
+            UNetConfig.from_diffusers(dict(ref.config)), dtype=jnp.bfloat16, rngs=r
         )
     )
     ours16 = load_into(abstract, torch_source(ref), what="UNet")
@@ -86,8 +88,15 @@ def test_unet_bf16_close_to_fp32():
 
 
 def test_unet_remat_same_value_and_grad():
-    # One resnet and one transformer layer per block: remat's wiring, at half the compile.
-    cfg = dict(TINY_UNET_SD1, layers_per_block=1)
+    # One level of one resnet and one transformer layer per block: remat's wiring (per resnet and
+    # per transformer layer, down, mid and up), at a third of the two-level UNet's compile.
+    cfg = dict(
+        TINY_UNET_SD1,
+        block_out_channels=(32,),
+        down_block_types=("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",),
+        layers_per_block=1,
+    )
     _, plain = _pair(cfg)
     _, remat = _pair(cfg, remat=True)
     x, t, ctx = _inputs(cfg)
@@ -96,9 +105,9 @@ def test_unet_remat_same_value_and_grad():
     def loss(m, ctx):
         return jnp.mean(m(x, t, ctx) ** 2)
 
-    # Each of the 8 resnets and 4 transformer layers is a custom-VJP call (pv_jax.models.remat).
+    # Each of the 5 resnets and 4 transformer layers is a custom-VJP call (pv_jax.models.remat).
     calls = [str(jax.make_jaxpr(loss)(m, ctx)).count("custom_vjp_call") for m in (plain, remat)]
-    assert calls == [0, 8 + 4], calls
+    assert calls == [0, 5 + 4], calls
     va, ga = jax.jit(jax.value_and_grad(loss, argnums=1))(plain, ctx)
     vb, gb = jax.jit(jax.value_and_grad(loss, argnums=1))(remat, ctx)
     np.testing.assert_allclose(float(va), float(vb), rtol=1e-5)
@@ -117,7 +126,10 @@ def test_cross_attention_kwargs_reach_every_cross_attention():
             return super().__call__(x, context) * scale
 
     cfg = UNetConfig.from_diffusers(TINY_UNET_SD1)
-    m = UNet2DConditionModel(cfg, cross_attention_cls=Scaled, rngs=nnx.Rngs(0))
+    m = random_module(
+        lambda r: UNet2DConditionModel(cfg, cross_attention_cls=Scaled, rngs=r),
+        np.random.default_rng(0),
+    )
     x, t, ctx = _inputs(TINY_UNET_SD1)
     x, ctx = jnp.asarray(to_nhwc(x)), jnp.asarray(ctx)
     half = apply(m, x, t, ctx, cross_attention_kwargs={"scale": 0.5})
@@ -129,7 +141,7 @@ def test_cross_attention_kwargs_reach_every_cross_attention():
 
 def test_unet_params_carry_logical_axes():
     cfg = UNetConfig.from_diffusers(TINY_UNET_SD1)
-    abstract = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_module(lambda r: UNet2DConditionModel(cfg, rngs=r))
     specs = nnx.get_partition_spec(nnx.state(abstract, nnx.Param))
     flat = dict(nnx.to_flat_state(specs))
     assert tuple(flat[("conv_in", "kernel")].get_value()) == (None, None, "conv_in", "conv_out")
@@ -142,7 +154,7 @@ def test_unet_params_carry_logical_axes():
 def test_sd15_structure_matches_diffusers():
     """The full SD1.5 UNet, built abstractly: diffusers' parameter count and every shape."""
     cfg = UNetConfig()  # defaults are SD 1.5
-    abstract = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_module(lambda r: UNet2DConditionModel(cfg, rngs=r))
     params = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
     total = sum(int(np.prod(v.get_value().shape)) for _, v in params)
     assert total == 859_520_964
@@ -160,7 +172,7 @@ def test_sd15_structure_matches_diffusers():
 def test_import_errors_list_keys():
     ref, _ = _pair(TINY_UNET_SD1)
     cfg = UNetConfig.from_diffusers(dict(ref.config))
-    abstract = lambda: nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)))
+    abstract = lambda: abstract_module(lambda r: UNet2DConditionModel(cfg, rngs=r))
     src = torch_source(ref)
     missing = dict(src)
     del missing["conv_in.weight"]

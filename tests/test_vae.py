@@ -12,6 +12,7 @@ from conftest import TINY_VAE, perturb_, to_nchw, to_nhwc, torch_source
 from diffusers import AutoencoderKL as TorchVAE
 from flax import nnx
 
+from pv_jax.models.layers import abstract_module
 from pv_jax.models.vae import AutoencoderKL, VAEConfig
 from pv_jax.weights.convert import load_into
 
@@ -25,7 +26,7 @@ def pair():
     ref = perturb_(TorchVAE(**TINY_VAE))
     cfg = VAEConfig.from_diffusers(dict(ref.config))
     ours = load_into(
-        nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0))), torch_source(ref), what="VAE"
+        abstract_module(lambda r: AutoencoderKL(cfg, rngs=r)), torch_source(ref), what="VAE"
     )
     return ref, ours
 

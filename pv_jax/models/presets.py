@@ -33,11 +33,14 @@ TINY_VISION = CLIPVisionConfig(
     patch_size=8,
     projection_dim=16,
 )
+# One layer per block (SD has two; tests/conftest.py's SD1 parity config keeps two): the tiny
+# models' programs compile a quarter faster, and the tests compile hundreds of them.
 TINY_UNET = UNetConfig(
     sample_size=16,
     block_out_channels=(32, 64),
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=1,
     attention_head_dim=4,
     cross_attention_dim=64,
     norm_num_groups=8,
@@ -129,11 +132,14 @@ TINY_TEXT_2 = CLIPTextConfig(
     bos_token_id=0,
     eos_token_id=2,
 )
+# One layer per block, as TINY_UNET; the two transformer layers of the second level keep SDXL's
+# transformer_layers_per_block.
 TINY_SDXL_UNET = UNetConfig(
     sample_size=16,
     block_out_channels=(32, 64),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=1,
     attention_head_dim=(2, 4),
     transformer_layers_per_block=(1, 2),
     cross_attention_dim=TINY_TEXT.hidden_size + TINY_TEXT_2.hidden_size,

@@ -22,7 +22,7 @@ from flax import nnx
 from pv_jax.diffusion import NoiseSchedule
 from pv_jax.face import FaceResNet, load_dlib_face_net
 from pv_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
-from pv_jax.models.layers import abstract_module
+from pv_jax.models.layers import ShapeOnlyRngs, abstract_module
 from pv_jax.models.presets import (
     SD15_TEXT,
     SD15_UNET,
@@ -240,7 +240,8 @@ def preset_photoverse(
         )
 
     if abstract:
-        model = nnx.eval_shape(lambda n: compose(n, nnx.Rngs(seed)), nets)
+        # ShapeOnlyRngs: nnx.Rngs under a trace costs time in the size of the trace so far.
+        model = nnx.eval_shape(lambda n: compose(n, ShapeOnlyRngs(seed)), nets)
     else:
         model = compose(nets, rngs)
     tokenizer = _tokenizer(
