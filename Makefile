@@ -22,7 +22,7 @@ lint: $(STAMP)
 # Tests spread over PYTEST_WORKERS pytest-xdist processes, one by one, except the modules named in
 # tests/conftest.py's SHARED_FIXTURE_GROUPS (their costly module fixture is built once); the
 # conftest also shares one XLA compilation cache among the workers and the processes they start.
-#   make test      every test but those marked slow: every parity test (pytest 8-15 min, 2 cores)
+#   make test      every test but those marked slow: every parity test (pytest 6-10 min, 2 cores)
 #   make test-all  every test, the slow end-to-end runs too (train_tpu.py kill/resume in a
 #                  bucket, multi-device and multi-process runs, the toy pipeline, make demo);
 #                  .ci/run runs this one, then make test-browser
