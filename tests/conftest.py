@@ -187,7 +187,7 @@ def tiny_loss_and_grads(bundle):
                 return (total, metrics["face"]), metrics
 
             (total, _), pullback, metrics = jax.vjp(terms, trainable, has_aux=True)
-            one, zero = jax.numpy.ones((), jax.numpy.float32), jax.numpy.zeros((), total.dtype)
+            one, zero = jax.numpy.ones_like(total), jax.numpy.zeros_like(total)
             return total, metrics, pullback((one, zero))[0], pullback((zero, one))[0]
 
         _LOSS_PROGRAMS[id(bundle)] = (bundle, config, jax.jit(loss_and_grads))

@@ -64,7 +64,7 @@ def _perturbed(model: PhotoVerse, scale: float = 0.05, seed: int = 1) -> PhotoVe
 
 def test_trainable_partition_and_gradients(tiny_pv):
     model = _perturbed(tiny_pv.model)
-    graphdef, trainable, frozen = split_trainable(model)
+    _, trainable, frozen = split_trainable(model)
     paths = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(trainable)]
     groups = ("text_adapter.", "image_adapter.", ".lora_", ".to_k_s.", ".to_v_s.")
     assert all(any(g in "." + p for g in groups) for p in paths)
