@@ -34,6 +34,7 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     ).strip()
 
 import jax  # noqa: E402
+import jax.monitoring  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -293,13 +294,31 @@ def gcs_bucket(monkeypatch, tmp_path):
     log.close()
 
 
+# Programs jax lowered in this process (every new jit program is lowered, whether or not its
+# executable then comes from the persistent cache): a test that input fails "before any work"
+# asserts this count does not move, which a wall-clock bound cannot assert on a loaded machine.
+_LOWERINGS = [0]
+
+
+def _count_lowering(name: str, secs: float, **_) -> None:
+    if name == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+        _LOWERINGS[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_lowering)
+
+
+def lowerings() -> int:
+    """How many programs jax has lowered in this process so far."""
+    return _LOWERINGS[0]
+
+
 # PV_JAX_TEST_PROFILE=FILE: one JSON line per test (wall seconds, and the seconds and counts of
 # jax's compile events: tracing, lowering, XLA's backend compile, cache hits) appended to FILE,
 # from every worker; bench/test_profile.py sums them and compares two runs (docs/testing.md).
 _PROFILE = os.environ.get("PV_JAX_TEST_PROFILE")
 _EVENTS: dict = {}
 if _PROFILE:
-    import jax.monitoring
 
     def _on_event(name: str, secs: float, **_) -> None:
         seconds, count = _EVENTS.get(name, (0.0, 0))
