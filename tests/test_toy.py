@@ -354,12 +354,12 @@ def test_standardized_vae_decodes_the_same_and_has_unit_latents():
 
     from pv_jax.models.presets import random_module
     from pv_jax.models.vae import AutoencoderKL
-    from pv_jax.toy.vae import TOY_VAE, standardize_latents, to_unit
+    from pv_jax.toy.vae import TOY_VAE, from_uint8, standardize_latents
 
     cfg = dataclasses.replace(TOY_VAE, sample_size=16)
     vae = random_module(lambda r: AutoencoderKL(cfg, rngs=r), np.random.default_rng(0))
     images = np.random.default_rng(1).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
-    x = jnp.asarray(to_unit(images))
+    x = jnp.asarray(from_uint8(images))
     z = jax.random.normal(jax.random.key(0), (3, 4, 4, 4))
     # Jitted: op by op the encoder and decoder compiled 350 small programs (10 s).
     encode, decode = jax.jit(lambda v, x: v.encode(x)[0]), jax.jit(lambda v, z: v.decode(z))

@@ -38,8 +38,8 @@ TOY_VAE = VAEConfig(
 VAE_FIT = FitConfig(steps=1200, lr=1.5e-3, batch_size=12, warmup=100)
 
 
-def to_unit(images: np.ndarray) -> np.ndarray:
-    """uint8 -> float32 in [-1, 1]."""
+def from_uint8(images: np.ndarray) -> np.ndarray:
+    """uint8 -> float32 in [-1, 1] (the inverse of :func:`to_uint8`)."""
     return images.astype(np.float32) / 127.5 - 1.0
 
 
@@ -73,7 +73,7 @@ def batched(fn, vae: AutoencoderKL, images: np.ndarray, batch: int = 64) -> np.n
     jitted = jax.jit(fn)
     return np.concatenate(
         [
-            np.asarray(jitted(vae, to_unit(images[i : i + batch])))
+            np.asarray(jitted(vae, from_uint8(images[i : i + batch])))
             for i in range(0, len(images), batch)
         ]
     )
@@ -144,7 +144,7 @@ def train_vae(
     vae = random_module(lambda r: AutoencoderKL(config, rngs=r), np.random.default_rng(0))
 
     def make_batch(rng):
-        return {"image": to_unit(flip_batch(train, rng, fit_config.batch_size))}
+        return {"image": from_uint8(flip_batch(train, rng, fit_config.batch_size))}
 
     vae, summary = fit("vae", vae, vae_loss, make_batch, fit_config, work / "vae")
     vae = standardize_latents(vae, train)
