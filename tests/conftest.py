@@ -295,8 +295,9 @@ def gcs_bucket(monkeypatch, tmp_path):
 
 
 # Programs jax lowered in this process (every new jit program is lowered, whether or not its
-# executable then comes from the persistent cache): a test that input fails "before any work"
-# asserts this count does not move, which a wall-clock bound cannot assert on a loaded machine.
+# executable then comes from the persistent cache). A bad-input test asserts that the count does
+# not move while the input is checked: nothing was built before the error, which a wall-clock
+# bound cannot show on a loaded machine.
 _LOWERINGS = [0]
 
 
