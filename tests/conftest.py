@@ -294,38 +294,31 @@ def gcs_bucket(monkeypatch, tmp_path):
     log.close()
 
 
-# Programs jax lowered in this process (every new jit program is lowered, whether or not its
-# executable then comes from the persistent cache). A bad-input test asserts that the count does
-# not move while the input is checked: nothing was built before the error, which a wall-clock
-# bound cannot show on a loaded machine.
-_LOWERINGS = [0]
+# jax's compile events in this process, cumulative: name -> (seconds, count). One listener
+# serves both readers below:
+# - lowerings(): every new jit program is lowered, whether or not its executable then comes from
+#   the persistent cache. A bad-input test asserts that the count does not move while the input
+#   is checked: nothing was built before the error, which a wall-clock bound cannot show on a
+#   loaded machine.
+# - PV_JAX_TEST_PROFILE=FILE: one JSON line per test (wall seconds, and the seconds and counts of
+#   the events within it: tracing, lowering, XLA's backend compile, cache hits) appended to FILE,
+#   from every worker; bench/test_profile.py sums them and compares two runs (docs/testing.md).
+_EVENTS: dict[str, tuple[float, int]] = {}
+_LOWER_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+_PROFILE = os.environ.get("PV_JAX_TEST_PROFILE")
 
 
-def _count_lowering(name: str, secs: float, **_) -> None:
-    if name == "/jax/core/compile/jaxpr_to_mlir_module_duration":
-        _LOWERINGS[0] += 1
+def _on_event(name: str, secs: float, **_) -> None:
+    seconds, count = _EVENTS.get(name, (0.0, 0))
+    _EVENTS[name] = (seconds + secs, count + 1)
 
 
-jax.monitoring.register_event_duration_secs_listener(_count_lowering)
+jax.monitoring.register_event_duration_secs_listener(_on_event)
 
 
 def lowerings() -> int:
     """How many programs jax has lowered in this process so far."""
-    return _LOWERINGS[0]
-
-
-# PV_JAX_TEST_PROFILE=FILE: one JSON line per test (wall seconds, and the seconds and counts of
-# jax's compile events: tracing, lowering, XLA's backend compile, cache hits) appended to FILE,
-# from every worker; bench/test_profile.py sums them and compares two runs (docs/testing.md).
-_PROFILE = os.environ.get("PV_JAX_TEST_PROFILE")
-_EVENTS: dict = {}
-if _PROFILE:
-
-    def _on_event(name: str, secs: float, **_) -> None:
-        seconds, count = _EVENTS.get(name, (0.0, 0))
-        _EVENTS[name] = (seconds + secs, count + 1)
-
-    jax.monitoring.register_event_duration_secs_listener(_on_event)
+    return _EVENTS.get(_LOWER_EVENT, (0.0, 0))[1]
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -337,10 +330,16 @@ def pytest_runtest_protocol(item, nextitem):
     import json
     import time
 
-    _EVENTS.clear()
+    before = dict(_EVENTS)
     start = time.perf_counter()
     yield
-    row = {"test": item.nodeid, "wall": time.perf_counter() - start, "events": dict(_EVENTS)}
+    wall = time.perf_counter() - start
+    events = {}
+    for name, (seconds, count) in _EVENTS.items():
+        seconds_before, count_before = before.get(name, (0.0, 0))
+        if count > count_before:
+            events[name] = (seconds - seconds_before, count - count_before)
+    row = {"test": item.nodeid, "wall": wall, "events": events}
     with open(_PROFILE, "a") as f:  # one short line per write: workers may append at once
         f.write(json.dumps(row) + "\n")
 
